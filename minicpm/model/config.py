@@ -1,0 +1,182 @@
+"""ModelConfig with the official HF `config.json` field names, and the presets (paper Tables 2 and 8)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from minicpm.errors import MiniCPMError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a MiniCPM decoder; field names follow the official HF config.json."""
+
+    vocab_size: int = 122753
+    """Number of token ids (embedding rows)."""
+    hidden_size: int = 2304
+    """Width d of the residual stream."""
+    intermediate_size: int = 5760
+    """SwiGLU hidden width (2.5·d in every MiniCPM model)."""
+    num_hidden_layers: int = 40
+    """Number of decoder blocks L."""
+    num_attention_heads: int = 36
+    """Query heads; head_dim = hidden_size / num_attention_heads."""
+    num_key_value_heads: int = 36
+    """Key/value heads (GQA when fewer than the query heads)."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is meant for."""
+    rope_theta: float = 10000.0
+    """RoPE base; raising it is the ABF long-context change."""
+    rope_scaling: Optional[dict] = None
+    """None, or {"type": "linear"|"ntk"|"yarn", "factor": f, ...} (see model/rope.py)."""
+    rms_norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    scale_emb: float = 12.0
+    """muP: the embedding output is multiplied by this (paper Table 7)."""
+    scale_depth: float = 1.4
+    """muP: each residual branch is multiplied by scale_depth/sqrt(L) (paper Table 7)."""
+    dim_model_base: int = 256
+    """muP: base width; logits are divided by hidden_size/dim_model_base."""
+    initializer_range: float = 0.1
+    """muP: init std of 2-D weights at the base width (divided by sqrt(width multiplier))."""
+    tie_word_embeddings: bool = True
+    """Share the input embedding with the output head (both released dense models do)."""
+    num_experts: int = 0
+    """MoE experts per layer; 0 means a dense MLP."""
+    num_experts_per_tok: int = 2
+    """MoE top-k routing."""
+    torch_dtype: str = "float32"
+    """Dtype the weights are stored in (HF field)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "dim_model_base"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise MiniCPMError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise MiniCPMError(f"model config: hidden_size {self.hidden_size} is not divisible by "
+                               f"num_attention_heads {self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise MiniCPMError(f"model config: num_attention_heads {self.num_attention_heads} is not divisible by "
+                               f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise MiniCPMError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def width_multiplier(self) -> float:
+        """m = d / dim_model_base: the muP width ratio (DESIGN section 3)."""
+        return self.hidden_size / self.dim_model_base
+
+    @property
+    def residual_scale(self) -> float:
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+
+    # --- parameter counts (the paper's N excludes the embedding) ---
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+
+    def non_embedding_params(self) -> int:
+        d, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
+        attn = 2 * d * d + 2 * d * kv
+        mlp = 3 * d * self.intermediate_size * max(1, self.num_experts)
+        router = d * self.num_experts
+        return self.num_hidden_layers * (attn + mlp + router + 2 * d) + d
+
+    def total_params(self) -> int:
+        return self.non_embedding_params() + self.embedding_params()
+
+    def active_non_embedding_params(self) -> int:
+        """Non-embedding parameters a token passes through (top-k experts for MoE)."""
+        if not self.num_experts:
+            return self.non_embedding_params()
+        inactive = 3 * self.hidden_size * self.intermediate_size * (self.num_experts - self.num_experts_per_tok)
+        return self.non_embedding_params() - self.num_hidden_layers * inactive
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6·N_active (+ the head) plus attention scores, as in PaLM's MFU appendix."""
+        head = 6 * self.hidden_size * self.vocab_size
+        attention = 12 * self.num_hidden_layers * self.hidden_size * seq_len
+        return 6 * self.active_non_embedding_params() + head + attention
+
+    # --- HF config.json ---
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu",
+                 bos_token_id=1, eos_token_id=2, use_cache=True, attention_bias=False, attention_dropout=0.0)
+        if not self.num_experts:
+            d.pop("num_experts")
+            d.pop("num_experts_per_tok")
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], source: str = "config.json") -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in d]
+        if missing:
+            raise MiniCPMError(f"{source}: missing field {missing[0]!r}")
+        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        if "intermediate_size" not in kwargs:
+            raise MiniCPMError(f"{source}: missing field 'intermediate_size'")
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise MiniCPMError(f"{source}: {e}") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MiniCPMError(f"{path}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise MiniCPMError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(d, source=str(path))
+
+
+def _proxy(d: int, layers: int, vocab: int = 122753) -> ModelConfig:
+    # paper Table 8: d_ff = 2.5·d, head_dim 64, multi-head attention
+    return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=d * 5 // 2, num_hidden_layers=layers,
+                       num_attention_heads=d // 64, num_key_value_heads=d // 64)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+    # paper Table 8 (wind-tunnel / scaling-curve proxies)
+    "proxy-9m": _proxy(320, 8),
+    "proxy-30m": _proxy(512, 12),
+    "proxy-70m": _proxy(640, 14),
+    "proxy-0.1b": _proxy(768, 16),
+    "proxy-0.17b": _proxy(896, 18),
+    "proxy-0.2b": _proxy(1024, 20),
+    "proxy-0.5b": _proxy(1344, 24),
+    # paper Table 2
+    "minicpm-1.2b": ModelConfig(vocab_size=73440, hidden_size=1536, intermediate_size=3840, num_hidden_layers=52,
+                                num_attention_heads=24, num_key_value_heads=8),
+    "minicpm-2.4b": ModelConfig(vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
+                                num_attention_heads=36, num_key_value_heads=36),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    """A fresh copy of a named preset."""
+    if name not in PRESETS:
+        raise MiniCPMError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])

@@ -1,0 +1,158 @@
+"""The MiniCPM decoder: a Llama-style transformer with the three muP multipliers where they act.
+
+Module names match the official HF checkpoint keys (model.embed_tokens, model.layers.{i}.self_attn.q_proj, ...),
+so a state_dict is the official layout with no renaming. The model knows nothing of training or devices.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpm.model.config import ModelConfig
+from minicpm.model.rope import apply_rope, rope_cos_sin
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # variance in fp32, as the official rms_layernorm
+        normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return self.weight * normed
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values for one layer: (batch, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked for position {end - 1}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                        config.head_dim)
+        d, kv = config.hidden_size, self.n_kv_heads * self.head_dim
+        self.q_proj = nn.Linear(d, d, bias=False)
+        self.k_proj = nn.Linear(d, kv, bias=False)
+        self.v_proj = nn.Linear(d, kv, bias=False)
+        self.o_proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(k, v, start_pos)
+            if T == 1:
+                causal = False  # one new token attends to everything cached
+            elif start_pos > 0:
+                # queries sit at positions start_pos.. : bottom-right aligned causal mask
+                causal = False
+                mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        if self.n_kv_heads != self.n_heads:
+            repeat = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        # paper section 3.1: the standard 1/sqrt(head_dim) attention scale, no muP 1/d
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.num_experts:
+            from minicpm.model.moe import MoE  # MoE models only
+
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size)
+        # paper Table 7: each residual branch is scaled by scale_depth/sqrt(L)
+        self.residual_scale = config.residual_scale
+
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+        x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        return x
+
+
+class MiniCPM(nn.Module):
+    """MiniCPM decoder-only language model.
+
+    forward(input_ids) -> fp32 logits (B, T, vocab). For losses that never materialise the logits,
+    `hidden_states(input_ids)` returns the final normed, muP-scaled hidden state and `head_weight` the output
+    matrix, so that logits = hidden_states @ head_weight.T.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(config.vocab_size, config.hidden_size),
+            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
+        ))
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None,
+                      start_pos: int = 0) -> torch.Tensor:
+        cfg = self.config
+        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        # paper Table 7: embedding output x scale_emb
+        h = self.model.embed_tokens(input_ids) * cfg.scale_emb
+        for i, layer in enumerate(self.model.layers):
+            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
+        # paper Table 7: logits divided by the width multiplier d/dim_model_base
+        return self.model.norm(h) / cfg.width_multiplier
+
+    def forward(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None,
+                start_pos: int = 0) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, start_pos)
+        return F.linear(h, self.head_weight).float()
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:
+        cfg, ref = self.config, self.model.embed_tokens.weight
+        return [KVCache(batch, cfg.num_key_value_heads, max_len, cfg.head_dim, dtype or ref.dtype, device or ref.device)
+                for _ in range(cfg.num_hidden_layers)]
