@@ -12,20 +12,36 @@ from minicpm.errors import MiniCPMError
 
 # ---------------------------------------------------------------- model: info, init, export, import, generate
 
+def register_model_commands(sub) -> None:
+    """info, init, export, import, generate (model issue)."""
+
 
 # ---------------------------------------------------------------- data: tokenizer, prepare, data inspect
+
+def register_data_commands(sub) -> None:
+    """tokenizer train, prepare, data inspect (data issue)."""
 
 
 # ---------------------------------------------------------------- training: train, quickstart, report
 
+def register_training_commands(sub) -> None:
+    """train, quickstart, report (trainer issue)."""
+
 
 # ---------------------------------------------------------------- experiments: scaling
+
+def register_experiment_commands(sub) -> None:
+    """scaling fit, fit-curve, predict-curve (scaling-law issue)."""
 
 
 # ---------------------------------------------------------------- entry point
 
 REGISTER = [
     # each entry: a function(subparsers) that adds one or more subcommands and sets `handler`
+    register_model_commands,
+    register_data_commands,
+    register_training_commands,
+    register_experiment_commands,
 ]
 
 
