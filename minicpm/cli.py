@@ -14,18 +14,355 @@ from minicpm.errors import MiniCPMError
 
 def register_model_commands(sub) -> None:
     """info, init, export, import, generate (model issue)."""
+    import json
+    from pathlib import Path
+
+    def model_config(name_or_path: str):
+        from minicpm.interop.hf import checkpoint_config
+        from minicpm.model.config import PRESETS, preset
+
+        if name_or_path in PRESETS or not (Path(name_or_path).exists() or "/" in name_or_path):
+            return preset(name_or_path)  # an unknown name fails here, listing the presets
+        return checkpoint_config(name_or_path)
+
+    def overridden(config, overrides: list[str]):
+        import dataclasses
+
+        from minicpm.model.config import ModelConfig
+
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        changes = {}
+        for item in overrides:
+            key, sep, value = item.partition("=")
+            if not sep or key not in fields:
+                raise MiniCPMError(f"override {item!r}: expected KEY=VALUE with KEY a model config field "
+                                   f"(e.g. vocab_size=4096, num_hidden_layers=4)")
+            try:
+                changes[key] = json.loads(value)
+            except json.JSONDecodeError:
+                changes[key] = value
+        return dataclasses.replace(config, **changes)
+
+    def info(args):
+        from minicpm.interop.hf import checkpoint_summary
+        from minicpm.model.summary import describe
+
+        is_checkpoint = Path(args.model).exists()
+        config = model_config(args.model)
+        print(describe(config, seq_len=args.seq_len, title=f"{args.model} ({'checkpoint' if is_checkpoint else 'preset'})"))
+        if is_checkpoint and Path(args.model).is_dir():
+            s = checkpoint_summary(args.model)
+            print(f"weights: {s['parameters']:,} parameters in {s['tensors']} tensors, {'/'.join(s['dtypes'])}, "
+                  f"{', '.join(s['files'])}")
+
+    def init(args):
+        from minicpm.interop.hf import init_checkpoint
+        from minicpm.model.config import preset
+
+        config = overridden(preset(args.preset), args.overrides)
+        out = init_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer,
+                              embedding_in_2d_group=args.embedding_in_2d_group,
+                              progress=lambda message: print(message, file=sys.stderr, flush=True))
+        print(f"wrote {out}")
+
+    def export(args):
+        from minicpm.interop.hf import export_llama, import_checkpoint, parse_size, save_model
+        from minicpm.train.checkpoint import consolidated_model, is_sharded
+
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+        if is_sharded(args.checkpoint):  # written by several processes: gather the DCP shards into one model
+            model = consolidated_model(args.checkpoint)
+            out = (export_llama(model, args.out, args.dtype, max_shard_bytes=shard) if args.to == "llama" else
+                   save_model(model, args.out, dtype=args.dtype, max_shard_bytes=shard))
+        elif args.to == "llama":
+            out = export_llama(args.checkpoint, args.out, args.dtype, max_shard_bytes=shard)
+        else:
+            out = import_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard)
+        print(f"wrote {out} ({args.to})")
+
+    def import_(args):
+        from minicpm.interop.hf import import_checkpoint, parse_size
+
+        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
+        print(f"wrote {import_checkpoint(args.source, args.out, dtype=args.dtype, max_shard_bytes=shard)}")
+
+    def generate(args):
+        from minicpm.infer.generate import stream_text
+        from minicpm.infer.tokenizer import find_tokenizer, load_codec
+        from minicpm.interop.hf import load_model
+
+        codec = load_codec(find_tokenizer(args.checkpoint, args.tokenizer))
+        model = load_model(args.checkpoint, dtype=args.dtype)
+        for piece in stream_text(model, codec, args.prompt, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                 use_cache=not args.no_cache):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+    dtypes = ("bf16", "fp16", "fp32")
+    p = sub.add_parser("info", help="show a model's config, parameter counts and FLOPs per token",
+                       description="Show a preset's or a checkpoint's config as a table; parameters (total, "
+                                   "embedding, non-embedding N); the μP constants; training FLOPs per token.")
+    p.add_argument("model", metavar="PRESET|CHECKPOINT", help="a preset name (e.g. minicpm-2.4b, tiny) or a "
+                                                             "checkpoint directory")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="sequence length for the FLOPs count (default: max_position_embeddings)")
+    p.set_defaults(handler=info)
+
+    p = sub.add_parser("init", help="write a freshly μP-initialised model in the official HF layout",
+                       description="Write OUT/config.json + model.safetensors (random μP init) and a tokenizer "
+                                   "beside them (--tokenizer, else a byte-level tokenizer.json).")
+    p.add_argument("out", metavar="OUT", help="new checkpoint directory")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="model config fields to change, right after OUT: e.g. vocab_size=4096 num_hidden_layers=4")
+    p.add_argument("--preset", required=True, help="preset name (see `minicpm info`), e.g. tiny, proxy-9m")
+    p.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer.json or tokenizer.model to put beside the weights (default: byte-level)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default fp32)")
+    p.add_argument("--embedding-in-2d-group", action=argparse.BooleanOptionalAction, default=True,
+                   help="init the embedding like the 2-D weights (std initializer_range/√m; paper Table 7); "
+                        "--no-embedding-in-2d-group keeps it at initializer_range (classic μP)")
+    p.set_defaults(handler=init)
+
+    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in) or to MiniCPM",
+                       description="--to llama writes a checkpoint transformers' LlamaForCausalLM loads without "
+                                   "custom code (μP multipliers folded into the weights, head untied); --to minicpm "
+                                   "rewrites the official MiniCPM layout (e.g. in another dtype or sharded).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--to", choices=("llama", "minicpm"), required=True, help="target format")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default: as stored)")
+    p.add_argument("--max-shard-size", default=None, help="split weights into shards, e.g. 2GB (default: one file)")
+    p.set_defaults(handler=export)
+
+    p = sub.add_parser("import", help="validate an official HF MiniCPM (or Llama) directory and copy it here",
+                       description="Read SOURCE (config.json + *.safetensors, official MiniCPM keys; a plain Llama "
+                                   "becomes MiniCPM with neutral multipliers), check every tensor against the config, "
+                                   "and write it to OUT in the official layout with its tokenizer files.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("out", metavar="OUT")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default: as stored)")
+    p.add_argument("--max-shard-size", default=None, help="split weights into shards, e.g. 2GB (default: one file)")
+    p.set_defaults(handler=import_)
+
+    p = sub.add_parser("generate", help="sample a continuation of a prompt, streamed to stdout",
+                       description="Load CHECKPOINT and its tokenizer (tokenizer.json beside it, or --tokenizer) "
+                                   "and stream the continuation of --prompt to stdout.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one beside the checkpoint)")
+    p.add_argument("--dtype", choices=dtypes, default=None, help="compute dtype (default: as stored)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
+    p.set_defaults(handler=generate)
 
 
 # ---------------------------------------------------------------- data: tokenizer, prepare, data inspect
 
 def register_data_commands(sub) -> None:
     """tokenizer train, prepare, data inspect (data issue)."""
+    sources_help = (
+        "SOURCES: 'stdlib' (this Python's standard-library .py files); a file (.jsonl/.ndjson: one document per "
+        "line, .parquet: one per row, anything else: the whole file; .gz is decompressed); a directory (every "
+        "file under it, sorted, hidden ones skipped); a glob ('data/**/*.txt'); 'text:P', 'jsonl:P' or "
+        "'parquet:P' to force a format; 'hf:NAME[:SPLIT]' for a Hugging Face dataset (needs minicpm[datasets]).")
+
+    def add_source_options(p) -> None:
+        p.add_argument("sources", nargs="+", metavar="SOURCES", help="corpora to read (see above)")
+        p.add_argument("--field", default="text", help="JSON lines and HF datasets: the key holding the text "
+                                                       "(default: %(default)s)")
+        p.add_argument("--column", default="text", help="Parquet: the column holding the text (default: %(default)s)")
+
+    def source_options(args):
+        from minicpm.data.sources import SourceOptions
+        return SourceOptions(field=args.field, column=args.column)
+
+    # minicpm tokenizer train
+    tokenizer = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer",
+                               description="Tokenizer tools.")
+    tokenizer_sub = tokenizer.add_subparsers(dest="tokenizer_command", metavar="COMMAND")
+    train = tokenizer_sub.add_parser(
+        "train", help="train a byte-level BPE on corpora",
+        description="Train a byte-level BPE (HF tokenizers; digits split, whitespace runs kept, every byte "
+                    "encodable) with special tokens <unk>=0 <s>=1 </s>=2 <pad>=3 <|im_start|>=4 <|im_end|>=5 and "
+                    "10 reserved tokens. Writes tokenizer.json, tokenizer_config.json and special_tokens_map.json "
+                    "into --out (transformers' PreTrainedTokenizerFast loads the directory). " + sources_help)
+    add_source_options(train)
+    train.add_argument("--vocab-size", type=int, required=True, help="tokens in all, special tokens included "
+                                                                      "(at least 272)")
+    train.add_argument("--out", required=True, help="directory to write the tokenizer files into")
+    train.add_argument("--max-mb", type=float, default=None,
+                       help="train on at most this many MB of text, the start of the corpus (default: all)")
+
+    def run_tokenizer_train(args) -> int:
+        import time
+
+        from minicpm.data.tokenizer import load_tokenizer, tokenizer_hash, train_tokenizer, vocab_size
+        started = time.perf_counter()
+        max_bytes = int(args.max_mb * 1e6) if args.max_mb is not None else None
+        path = train_tokenizer(args.sources, args.vocab_size, args.out, max_bytes=max_bytes,
+                               options=source_options(args), progress=sys.stderr.isatty())
+        tok = load_tokenizer(path)
+        print(f"wrote {path}: vocab {vocab_size(tok)}, hash {tokenizer_hash(tok)}, "
+              f"{time.perf_counter() - started:.1f} s")
+        return 0
+
+    train.set_defaults(handler=run_tokenizer_train)
+    tokenizer.set_defaults(handler=lambda args: tokenizer.print_help() or 2)
+
+    # minicpm prepare
+    prepare = sub.add_parser(
+        "prepare", help="tokenize corpora into token shards",
+        description="Tokenize corpora into a token shard set (meta.json, tokenizer.json, train/ and val/ with "
+                    "*.bin token ids and *.idx document offsets): each document is its tokens followed by </s>, "
+                    "empty documents are skipped, uint16 when the vocabulary fits else uint32. Uses WORKERS "
+                    "processes; the same input gives byte-identical output whatever the worker count. The output "
+                    "is built under a temporary name and renamed when complete. " + sources_help)
+    add_source_options(prepare)
+    prepare.add_argument("--tokenizer", required=True,
+                         help="tokenizer.json, a directory holding one, or a SentencePiece .model")
+    prepare.add_argument("--out", required=True, help="the dataset directory to create")
+    prepare.add_argument("--val-fraction", type=float, default=0.01,
+                         help="share of documents held out for validation, spread evenly (default: %(default)s)")
+    prepare.add_argument("--workers", type=int, default=None,
+                         help="encoding processes (default: one per available core)")
+    prepare.add_argument("--shard-tokens", type=int, default=None,
+                         help="start a new shard past this many tokens (default: 2^28)")
+    prepare.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+
+    def run_prepare(args) -> int:
+        from minicpm.data.prepare import prepare as prepare_dataset
+        from minicpm.data.shards import DEFAULT_SHARD_TOKENS
+        result = prepare_dataset(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                                 workers=args.workers, options=source_options(args),
+                                 shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, overwrite=args.overwrite)
+        for split, s in result.splits.items():
+            if s.documents:
+                print(f"{split:<5} {s.documents:>9,} documents {s.tokens:>13,} tokens {s.bytes / 1e6:>10.2f} MB")
+        print(f"wrote {result.out} ({result.dtype}) in {result.seconds:.1f} s: {result.mb_per_s:.2f} MB/s")
+        return 0
+
+    prepare.set_defaults(handler=run_prepare)
+
+    # minicpm data inspect | verify
+    data = sub.add_parser("data", help="inspect or verify a prepared dataset", description="Prepared datasets.")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    inspect = data_sub.add_parser("inspect", help="counts, sources, document-length histogram, decoded samples",
+                                  description="Print a prepared dataset's counts per split, its sources, the "
+                                              "histogram of document lengths and a few decoded documents.")
+    inspect.add_argument("dir", metavar="DIR", help="a directory made by `minicpm prepare`")
+    inspect.add_argument("--samples", type=int, default=3, help="documents to decode (default: %(default)s)")
+    inspect.add_argument("--chars", type=int, default=240, help="characters shown per sample (default: %(default)s)")
+    inspect.add_argument("--seed", type=int, default=0, help="which documents to sample (default: %(default)s)")
+
+    def run_inspect(args) -> int:
+        from minicpm.data.shards import describe
+        print(describe(args.dir, samples=args.samples, sample_chars=args.chars, seed=args.seed))
+        return 0
+
+    inspect.set_defaults(handler=run_inspect)
+    verify = data_sub.add_parser("verify", help="check sizes, checksums and token ids against meta.json",
+                                 description="Check every shard of a prepared dataset against meta.json: sizes, "
+                                             "SHA-256 checksums, document offsets, token ids below the vocabulary "
+                                             "size, and an end-of-document id closing every document.")
+    verify.add_argument("dir", metavar="DIR", help="a directory made by `minicpm prepare`")
+
+    def run_verify(args) -> int:
+        from minicpm.data.shards import verify as verify_dataset
+        counts = verify_dataset(args.dir)
+        summary = ", ".join(f"{split} {c['documents']:,} documents / {c['tokens']:,} tokens"
+                            for split, c in counts.items())
+        print(f"{args.dir}: ok ({summary})")
+        return 0
+
+    verify.set_defaults(handler=run_verify)
+    data.set_defaults(handler=lambda args: data.print_help() or 2)
 
 
 # ---------------------------------------------------------------- training: train, quickstart, report
 
 def register_training_commands(sub) -> None:
     """train, quickstart, report (trainer issue)."""
+
+    def train(args):
+        from minicpm.train.launch import launch_config
+        from minicpm.train.trainer import train as run_training
+
+        config, overrides = None, []
+        for item in args.config_and_overrides:
+            if "=" in item:
+                overrides.append(item)
+            elif config is None and not overrides:
+                config = item
+            else:
+                raise MiniCPMError(f"{item!r}: expected key=value (only the first argument may be a CONFIG file)")
+        cfg = launch_config(config, overrides, out=args.out, resume=args.resume, init_from=args.init_from,
+                            decay_steps=args.decay_steps, decay=args.decay, half_life=args.half_life)
+        result = run_training(cfg, resume=args.resume)
+        summary = [f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens)"]
+        if "loss" in result.last_train:
+            summary.append(f"train loss {result.last_train['loss']:.4f}")
+        if "eval_loss" in result.last_eval:
+            summary.append(f"eval loss {result.last_eval['eval_loss']:.4f}, {result.last_eval['eval_bpb']:.4f} "
+                           f"bits/byte")
+        print("; ".join(summary))
+        print(f"checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
+              f"report: minicpm report {result.run_dir}")
+
+    def report(args):
+        from minicpm.report import write_report
+
+        written = write_report(args.runs, args.out)
+        for path in written:
+            print(f"wrote {path}")
+
+    def quickstart(args):
+        from minicpm.quickstart import run_quickstart
+
+        run_quickstart(args.out, device=args.device)
+
+    from minicpm.config import describe_fields
+
+    p = sub.add_parser(
+        "train", help="pretrain (WSD), resume, continue or branch a decay from a checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train a MiniCPM from a YAML recipe plus key=value overrides, e.g.\n"
+                    "  minicpm train configs/proxy-9m.yaml optim.lr=0.02 --out runs/lr0.02\n"
+                    "  minicpm train --resume --out runs/lr0.02\n"
+                    "  minicpm train --from runs/lr0.02/checkpoints/step_00000500 --decay-steps 50 --out runs/d500\n"
+                    "Under torchrun the same command trains on several processes.",
+        epilog="config keys (section.key = default):\n" + describe_fields())
+    p.add_argument("config_and_overrides", nargs="*", metavar="CONFIG|KEY=VALUE",
+                   help="a YAML recipe (optional with --resume or --from) followed by dotted overrides")
+    p.add_argument("--out", help="run directory (run.out_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run directory's latest checkpoint (from step 0 if it has none)")
+    p.add_argument("--from", dest="init_from", metavar="CHECKPOINT",
+                   help="start from this checkpoint (or a run's latest) in a new --out: weights, optimizer, "
+                        "data position and step; the source run is never modified")
+    p.add_argument("--decay-steps", type=int, metavar="M",
+                   help="with --from: branch a WSD decay of M steps from the checkpoint's step, on data.decay")
+    p.add_argument("--decay", choices=["exp", "linear", "cosine", "1-sqrt"],
+                   help="decay shape (schedule.decay; default exp, the paper's)")
+    p.add_argument("--half-life", type=float, metavar="STEPS",
+                   help="exponential decay half-life in steps (schedule.half_life; default decay_steps/5)")
+    p.set_defaults(handler=train)
+
+    p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay)")
+    p.add_argument("--out", help="where report.html and the PNGs go (default: the first RUN)")
+    p.set_defaults(handler=report)
+
+    p = sub.add_parser("quickstart", help="tokenizer, data, WSD pretraining with a decay branch, samples and a "
+                                          "report, on the built-in stdlib corpus in a few minutes on a CPU")
+    p.add_argument("--out", default="quickstart", help="where everything goes (default: ./quickstart)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.set_defaults(handler=quickstart)
 
 
 # ---------------------------------------------------------------- experiments: scaling

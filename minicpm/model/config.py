@@ -12,6 +12,21 @@ from typing import Any, Optional
 from minicpm.errors import MiniCPMError
 
 
+ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn")  # implemented in model/rope.py
+
+
+def rope_scaling_type(scaling: dict | None) -> str | None:
+    """The scaling's type (None for plain RoPE), under either HF key ("type" in v4 configs, "rope_type" in v5)."""
+    if not scaling:
+        return None
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind in (None, "default"):
+        return None
+    if kind not in ROPE_SCALING_TYPES:
+        raise MiniCPMError(f"model config: rope_scaling type {kind!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    return kind
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a MiniCPM decoder; field names follow the official HF config.json."""
@@ -67,6 +82,7 @@ class ModelConfig:
                                f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise MiniCPMError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        rope_scaling_type(self.rope_scaling)  # raises on an unknown rope_scaling type
 
     @property
     def head_dim(self) -> int:

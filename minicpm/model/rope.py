@@ -14,36 +14,36 @@ import math
 
 import torch
 
-from minicpm.errors import MiniCPMError
+from minicpm.model.config import rope_scaling_type as scaling_type
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: dict | None, device=None) -> tuple[torch.Tensor, float]:
     """Per-pair rotation frequencies (fp32, head_dim/2) and the attention factor applied to cos/sin."""
     exponents = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
-    if not scaling:
+    kind = scaling_type(scaling)
+    if kind is None:
         return 1.0 / theta**exponents, 1.0
-    kind = scaling.get("type", scaling.get("rope_type"))
     factor = float(scaling.get("factor", 1.0))
     if kind == "linear":
         return 1.0 / (factor * theta**exponents), 1.0
     if kind in ("ntk", "dynamic"):
         return 1.0 / (theta * factor ** (head_dim / (head_dim - 2))) ** exponents, 1.0
-    if kind == "yarn":
-        original = float(scaling.get("original_max_position_embeddings", 4096))
-        beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
+    # yarn
+    original = float(scaling.get("original_max_position_embeddings", 4096))
+    beta_fast, beta_slow = float(scaling.get("beta_fast", 32)), float(scaling.get("beta_slow", 1))
 
-        def dim_for_rotations(rotations: float) -> float:
-            return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    def dim_for_rotations(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-        low = max(math.floor(dim_for_rotations(beta_fast)), 0)
-        high = min(math.ceil(dim_for_rotations(beta_slow)), head_dim // 2 - 1)
-        ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / max(high - low, 1e-3)
-        extrapolate = 1.0 - ramp.clamp(0, 1)
-        base = 1.0 / theta**exponents
-        inv_freq = base / factor * (1 - extrapolate) + base * extrapolate
-        attention_factor = float(scaling.get("attention_factor", 0.1 * math.log(factor) + 1.0))
-        return inv_freq, attention_factor
-    raise MiniCPMError(f"model config: rope_scaling type {kind!r} is not one of linear, ntk, dynamic, yarn")
+    # the correction range is clipped to head_dim - 1 (not head_dim/2 - 1), as in the YaRN reference code
+    low = max(math.floor(dim_for_rotations(beta_fast)), 0)
+    high = min(math.ceil(dim_for_rotations(beta_slow)), head_dim - 1)
+    ramp = (torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / max(high - low, 1e-3)
+    extrapolate = 1.0 - ramp.clamp(0, 1)
+    base = 1.0 / theta**exponents
+    inv_freq = base / factor * (1 - extrapolate) + base * extrapolate
+    default_factor = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return inv_freq, float(scaling.get("attention_factor") or default_factor)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, scaling: dict | None):

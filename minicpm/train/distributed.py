@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import platform
+import tempfile
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from minicpm.errors import MiniCPMError
 
 
 @dataclass(frozen=True)
@@ -38,3 +48,259 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+# ---------------------------------------------------------------- activation checkpointing
+
+ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
+
+# Selective mode saves what is expensive to recompute (matmuls, attention) and recomputes the cheap pointwise ops
+# between them (RMSNorm, SiLU·up, RoPE, the residual scaling, GQA repeats), whose outputs are most of a block's
+# saved activations by count.
+_SAVED_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
+    "mm", "addmm", "bmm",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+) if hasattr(torch.ops.aten, name))
+
+
+def _save_matmuls_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_SELECTIVE_CONTEXT = functools.partial(create_selective_checkpoint_contexts, _save_matmuls_policy)
+
+
+def _block_checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+
+def _selective_checkpointed(forward, *args, **kwargs):
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=_SELECTIVE_CONTEXT, **kwargs)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
+    """Recompute decoder-block activations in the backward pass instead of keeping them.
+
+    none: keep everything. block: keep only each block's input, recompute the whole block. selective: keep the
+    outputs of matmuls and attention, recompute the pointwise ops. The block's `forward` is replaced on the
+    instance, so parameter names and state_dict keys stay the official ones, and FSDP's hooks (which run in
+    `__call__`, outside `forward`) unshard the parameters before any recomputation.
+    """
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise MiniCPMError(f"parallel.activation_checkpointing: {mode!r} is not one of "
+                           f"{', '.join(ACTIVATION_CHECKPOINTING)}")
+    if mode == "none":
+        return model
+    wrapper = _selective_checkpointed if mode == "selective" else _block_checkpointed
+    for layer in _decoder_layers(model):
+        if "forward" in vars(layer):
+            raise ValueError("activation checkpointing is already applied to this model")
+        layer.forward = functools.partial(wrapper, layer.forward)
+    return model
+
+
+# ---------------------------------------------------------------- torch.compile
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each decoder block in place (nn.Module.compile keeps the parameter names).
+
+    Blocks are identical, so one compiled graph serves all of them; the embedding and the chunked loss stay eager.
+    """
+    for layer in _decoder_layers(model):
+        layer.compile()
+    return model
+
+
+# ---------------------------------------------------------------- FSDP2
+
+def apply_fsdp(model: nn.Module, dist_info: DistInfo, *, param_dtype: torch.dtype | None = None,
+               reduce_dtype: torch.dtype | None = None) -> nn.Module:
+    """Shard the model with FSDP2: each decoder block is one all-gather unit, the root holds the rest.
+
+    param_dtype is the dtype of the gathered parameters used in compute (bf16 on GPU); the sharded parameters the
+    optimizer steps stay in their own dtype (fp32), so no separate master copy is needed. reduce_dtype is the
+    gradient reduce-scatter dtype (fp32). The model must already sit on dist_info.device with identical weights
+    on every rank (same seed), since each rank keeps its own slice of its own copy.
+
+    Gradients are summed across ranks, not averaged: each rank must divide its loss by the token count of the
+    whole global batch (which every rank knows, as each draws the global batch), so that the gradient equals a
+    one-process run's even when ranks hold different numbers of loss tokens.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method = _fsdp_api()
+    mesh = init_device_mesh(dist_info.device.type, (dist_info.world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    for layer in _decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    # The root keeps its parameters gathered after the forward: the loss reads the (tied) head weight after
+    # hidden_states() has returned. It is resharded after the backward.
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    for module in model.modules():
+        if isinstance(module, _fsdp_module_class()):
+            _sum_gradients(module)
+    # The trainer calls hidden_states(), not forward(): give it FSDP's pre/post-forward hooks too.
+    register_fsdp_forward_method(model, "hidden_states")
+    return model
+
+
+def _sum_gradients(module: nn.Module) -> None:
+    if hasattr(module, "set_gradient_divide_factor"):
+        module.set_gradient_divide_factor(1.0)
+    else:  # torch < 2.8
+        module.set_reduce_scatter_divide_factor(1.0)
+    if hasattr(module, "set_force_sum_reduction_for_comms"):
+        # a plain SUM collective: gloo has no PREMUL_SUM, and NCCL's zero-copy paths want SUM too
+        module.set_force_sum_reduction_for_comms(True)
+
+
+def fsdp_applied(model: nn.Module) -> bool:
+    """True when FSDP2 has been applied to the model."""
+    fsdp_module = _fsdp_module_class()
+    return fsdp_module is not None and isinstance(model, fsdp_module)
+
+
+def _fsdp_api():
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:  # torch < 2.6 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import (MixedPrecisionPolicy, fully_shard,
+                                                        register_fsdp_forward_method)
+    return fully_shard, MixedPrecisionPolicy, register_fsdp_forward_method
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        try:
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:
+            return None
+    return FSDPModule
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.model.layers
+
+
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """Clip the gradients' global L2 norm to max_norm and return the norm before clipping.
+
+    Under FSDP2 the gradients are shards (DTensors), so the norm torch computes is itself a DTensor holding partial
+    sums on each rank: full_tensor() reduces it to the norm of the whole model, the same number on every rank.
+    """
+    grads = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return norm.item()
+
+
+# ---------------------------------------------------------------- optimizer kernels
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether torch.optim.AdamW(fused=True) has a kernel for this device type (CUDA; CPU since torch 2.4)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    except ImportError:
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
+
+
+# ---------------------------------------------------------------- peak FLOP/s for MFU
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (no 2:4 sparsity). Matched as substrings of the
+# device name, first match wins, so the more specific names come first.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("MI300X", 1307e12),
+)
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak FLOP/s for MFU: the datasheet bf16 figure for known GPUs, else a matmul measured once and cached.
+
+    The measurement (best of a few 2048^3 matmuls in `dtype`) is cached in $XDG_CACHE_HOME/minicpm/peak.json
+    (default ~/.cache) under the device name, dtype and thread count; a busy machine measures low, so delete
+    the entry to measure again.
+    """
+    device = torch.device(device)
+    name = _device_name(device)
+    if device.type == "cuda":
+        for key, flops in GPU_PEAK_BF16_FLOPS:
+            if key in name:
+                return flops
+    cache_key = f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}"
+    cache = _peak_cache_path()
+    table = _read_json(cache)
+    if cache_key not in table:
+        table[cache_key] = measure_matmul_flops(device, dtype)
+        _write_json_atomic(cache, table)
+    return float(table[cache_key])
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) matmul over a few repeats."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "minicpm" / "peak.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    os.replace(f.name, path)

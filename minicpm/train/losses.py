@@ -50,6 +50,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if want_hidden_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_weight_grad else None
+        compute_dtype = _matmul_dtype(hidden, weight)
         for start in range(0, hidden.shape[0], chunk_size):
             h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
             valid = y != IGNORE_INDEX
@@ -63,11 +64,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 continue
             probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
             probs[torch.arange(len(y), device=y.device), target] -= valid.to(probs.dtype)
-            grad_logits = probs.mul_(valid[:, None]).to(F.linear(h[:1], weight[:1]).dtype)
+            grad_logits = probs.mul_(valid[:, None]).to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:start + chunk_size] = grad_logits @ weight.to(grad_logits.dtype)
+                grad_hidden[start:start + chunk_size] = grad_logits @ weight.to(compute_dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.to(grad_logits.dtype)
+                grad_weight += grad_logits.T @ h.to(compute_dtype)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -80,3 +81,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if grad_weight is not None:
             grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None
+
+
+def _matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype F.linear computes in here: the autocast dtype when autocast is on, else the promoted input dtype."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return torch.promote_types(hidden.dtype, weight.dtype)

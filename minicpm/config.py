@@ -1,0 +1,368 @@
+"""Training configuration: typed dataclasses, YAML recipes, dotted overrides, one-line errors.
+
+A config is data; the trainer builds objects from it in one place. OmegaConf gives YAML loading, `a.b=c`
+overrides and type/unknown-key checking against these dataclasses; every OmegaConf error is turned into a
+one-line MiniCPMError naming the file or override and the key. Each field's docstring is its help text
+(shown by `minicpm train --help`).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import os
+import tempfile
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from minicpm.errors import MiniCPMError
+from minicpm.model.config import ModelConfig, preset
+from minicpm.optim.schedule import Schedule, resolve_schedule
+
+
+def _model_section_type() -> type:
+    # Every ModelConfig field, optional, so `model.hidden_size=128` overrides the preset and a typo is an error.
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", Optional[str], field(default=None))]
+    fields += [(f.name, Optional[hints[f.name]], field(default=None)) for f in dataclasses.fields(ModelConfig)]
+    cls = dataclasses.make_dataclass("ModelSection", fields)
+    cls.__doc__ = "A preset name and/or ModelConfig fields that override it (null keeps the preset's value)."
+    return cls
+
+
+ModelSection = _model_section_type()
+
+
+@dataclass
+class DataConfig:
+    """Token shard sets (made by `minicpm prepare`) and their weights, per training stage."""
+
+    stable: Dict[str, float] = field(default_factory=dict)
+    """Warmup/stable-stage mixture: {dataset_dir: weight}."""
+    decay: Optional[Dict[str, float]] = None
+    """Decay-stage mixture (paper section 5: high-quality data joins in the decay); null keeps the stable one."""
+    tokenizer: Optional[str] = None
+    """tokenizer.json the shards were made with; checked against every shard set; sets model.vocab_size."""
+    eval_sequences: int = 64
+    """Held-out sequences per dataset (validation split) in each evaluation; 0 disables evaluation."""
+
+
+@dataclass
+class OptimConfig:
+    """AdamW over muP parameter groups (DESIGN section 3)."""
+
+    lr: float = 0.01
+    """Base learning rate (paper: 0.01); muP gives 2-D hidden weights lr/m, m = hidden_size/dim_model_base."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay on 2-D weights (norm gains are not decayed)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+    embedding_in_2d_group: bool = True
+    """muP: the embedding gets the 2-D lr/m and init (paper Table 7 reading); false keeps it at the base."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, a pure function of the step (see minicpm/optim/schedule.py)."""
+
+    kind: str = "wsd"
+    """wsd | cosine | constant."""
+    total_steps: int = 1000
+    """Optimizer steps in the run."""
+    warmup_steps: int = 10
+    """Linear warmup steps: step s < W uses (s+1)/W of the lr."""
+    decay_steps: Optional[int] = None
+    """wsd: steps of decay at the end of the run (null: 10% of total_steps, the paper's finding)."""
+    decay_start: Optional[int] = None
+    """wsd: step at which the decay starts (alternative to decay_steps; give one)."""
+    decay: str = "exp"
+    """wsd decay shape: exp (the paper's) | linear | cosine | 1-sqrt."""
+    half_life: Optional[float] = None
+    """exp decay half-life in steps (paper: 5000); null: decay_steps/5."""
+    floor: Optional[float] = None
+    """Lowest lr as a fraction of optim.lr; null: 0.1 for cosine (the paper's), 0 for wsd."""
+    cosine_period: Optional[int] = None
+    """cosine: steps from warmup end to the floor (null: total_steps); may differ from the run length."""
+
+    def resolve(self) -> Schedule:
+        return resolve_schedule(**dataclasses.asdict(self))
+
+
+@dataclass
+class BatchConfig:
+    """Batch geometry; gradient accumulation is derived: tokens_per_step = seq_len·micro_batch_size·accum·ranks."""
+
+    tokens_per_step: int = 65536
+    """Tokens per optimizer step (the global batch)."""
+    seq_len: int = 512
+    """Tokens per training sequence."""
+    micro_batch_size: int = 16
+    """Sequences per forward/backward pass on each process."""
+
+
+@dataclass
+class RunConfig:
+    """Where the run lives and how it reports."""
+
+    out_dir: Optional[str] = None
+    """Run directory (config.yaml, metrics.jsonl, checkpoints/); also --out."""
+    seed: int = 0
+    """Seed of the initialisation and the data order."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every this many steps (loss averaged over them)."""
+    eval_every: int = 200
+    """Evaluate held-out loss every this many steps (and at the end); 0: only at the end."""
+    checkpoint_every: int = 1000
+    """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
+    keep_last: int = 3
+    """Checkpoints kept (older ones are deleted); 0 keeps all."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    dtype: str = "bf16"
+    """bf16: autocast matmuls to bfloat16 over fp32 master weights; fp32: no autocast."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
+    tensorboard: bool = False
+    """Also write TensorBoard events to RUN/tensorboard (needs the tensorboard extra)."""
+    progress: bool = True
+    """Show a progress bar with ETA."""
+    init_from: Optional[str] = None
+    """Checkpoint whose weights, optimizer, data position and step the run starts from (set by --from)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Performance and parallelism switches, applied to the model from outside it."""
+
+    compile: bool = False
+    """torch.compile each decoder block (pays on GPU; costs ~30 s of compilation first)."""
+    activation_checkpointing: str = "none"
+    """none | block (recompute each decoder block in the backward) | selective (keep matmul and attention outputs,
+    recompute the pointwise ops between them)."""
+    loss_chunk_size: Optional[int] = None
+    """Compute the cross-entropy over this many tokens at a time (saves the full logits); null: all at once."""
+    fsdp_param_dtype: Optional[str] = None
+    """Under several processes (FSDP2): dtype of the gathered parameters the blocks compute in (bf16 | fp32;
+    gradients are reduced in fp32, the optimizer steps fp32 shards); null: run.dtype on GPU, fp32 on CPU."""
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining (or decay) run."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+
+# ------------------------------------------------------------------------------------------ load / save
+
+def _first_line(e: OmegaConfBaseException) -> str:
+    msg = getattr(e, "msg", None) or str(e)
+    return msg.strip().splitlines()[0]
+
+
+def _omegaconf_error(source: str, e: OmegaConfBaseException) -> MiniCPMError:
+    key = getattr(e, "full_key", None)
+    return MiniCPMError(f"{source}: {key + ': ' if key else ''}{_first_line(e)}")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """A TrainConfig from an optional YAML file plus `key=value` overrides, checked and validated."""
+    merged = OmegaConf.structured(TrainConfig)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise MiniCPMError(f"{path}: no such config file")
+        try:
+            loaded = OmegaConf.load(path)
+        except Exception as e:  # yaml.YAMLError: its first line names the line and column
+            raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        try:
+            merged = OmegaConf.merge(merged, loaded)
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(str(path), e) from None
+    for item in overrides:
+        if "=" not in item:
+            raise MiniCPMError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
+        try:
+            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as e:
+            raise _omegaconf_error(f"override {item!r}", e) from None
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(str(path or "config"), e) from None
+    validate(cfg)
+    return cfg
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    """Write the config as YAML, atomically."""
+    write_text_atomic(Path(path), config_to_yaml(cfg))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise MiniCPMError(message)
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks OmegaConf cannot make; each error names the key."""
+    for stage in ("stable", "decay"):
+        mix = getattr(cfg.data, stage)
+        if mix is None:
+            continue
+        for name, weight in mix.items():
+            _check(weight > 0, f"data.{stage}: weight of {name!r} must be positive, got {weight}")
+    _check(cfg.data.eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {cfg.data.eval_sequences}")
+    o = cfg.optim
+    _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
+    _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
+    _check(o.eps > 0, f"optim.eps must be positive, got {o.eps}")
+    _check(o.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+    _check(o.grad_clip >= 0, f"optim.grad_clip must be >= 0 (0 disables), got {o.grad_clip}")
+    cfg.schedule.resolve()
+    b = cfg.batch
+    for name in ("tokens_per_step", "seq_len", "micro_batch_size"):
+        _check(getattr(b, name) > 0, f"batch.{name} must be positive, got {getattr(b, name)}")
+    _check(b.tokens_per_step % b.seq_len == 0,
+           f"batch.tokens_per_step ({b.tokens_per_step}) must be a multiple of batch.seq_len ({b.seq_len})")
+    r = cfg.run
+    for name in ("log_every",):
+        _check(getattr(r, name) > 0, f"run.{name} must be positive, got {getattr(r, name)}")
+    for name in ("eval_every", "checkpoint_every", "keep_last"):
+        _check(getattr(r, name) >= 0, f"run.{name} must be >= 0, got {getattr(r, name)}")
+    _check(r.max_bad_steps > 0, f"run.max_bad_steps must be positive, got {r.max_bad_steps}")
+    _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+           f"run.device: expected auto, cpu or cuda, got {r.device!r}")
+    _check(r.dtype in ("bf16", "fp32"), f"run.dtype: expected bf16 or fp32, got {r.dtype!r}")
+    p = cfg.parallel
+    _check(p.activation_checkpointing in ("none", "block", "selective"),
+           f"parallel.activation_checkpointing: expected none, block or selective, got {p.activation_checkpointing!r}")
+    _check(p.loss_chunk_size is None or p.loss_chunk_size > 0,
+           f"parallel.loss_chunk_size must be positive or null, got {p.loss_chunk_size}")
+    _check(p.fsdp_param_dtype in (None, "bf16", "fp32"),
+           f"parallel.fsdp_param_dtype: expected bf16, fp32 or null, got {p.fsdp_param_dtype!r}")
+    model_config(cfg)  # preset name and field values
+
+
+def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
+    """The ModelConfig a run trains: the preset with the model.* overrides applied.
+
+    vocab_size (the tokenizer's) fills model.vocab_size when the config leaves it null.
+    """
+    section = cfg.model
+    base = preset(section.preset) if section.preset else ModelConfig()
+    overrides = {f.name: getattr(section, f.name) for f in dataclasses.fields(ModelConfig)
+                 if getattr(section, f.name) is not None}
+    if vocab_size is not None and "vocab_size" not in overrides:
+        overrides["vocab_size"] = vocab_size
+    try:
+        model = dataclasses.replace(base, **overrides)
+    except MiniCPMError as e:
+        raise MiniCPMError(str(e).replace("model config: ", "model.", 1)) from None
+    if cfg.batch.seq_len > model.max_position_embeddings:
+        raise MiniCPMError(f"batch.seq_len ({cfg.batch.seq_len}) exceeds model.max_position_embeddings "
+                           f"({model.max_position_embeddings})")
+    return model
+
+
+def with_model(cfg: TrainConfig, model: ModelConfig) -> TrainConfig:
+    """The config with every model.* field written out (what a run directory records)."""
+    section = ModelSection(preset=cfg.model.preset, **dataclasses.asdict(model))
+    return dataclasses.replace(cfg, model=section)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one optimizer step's sequences are split across processes and micro-batches."""
+
+    sequences: int
+    """Sequences in the global batch."""
+    per_rank: int
+    """Sequences each process handles (its slice of the global batch)."""
+    accumulation: int
+    """Micro-batches each process accumulates per step."""
+
+
+def batch_plan(batch: BatchConfig, world_size: int) -> BatchPlan:
+    sequences = batch.tokens_per_step // batch.seq_len
+    if sequences % world_size:
+        raise MiniCPMError(f"batch.tokens_per_step gives {sequences} sequences of {batch.seq_len} tokens, "
+                           f"not divisible over {world_size} processes")
+    per_rank = sequences // world_size
+    if per_rank % batch.micro_batch_size:
+        raise MiniCPMError(f"batch.micro_batch_size ({batch.micro_batch_size}) must divide the {per_rank} "
+                           f"sequences each of {world_size} process(es) handles per step "
+                           f"(batch.tokens_per_step / batch.seq_len / processes)")
+    return BatchPlan(sequences, per_rank, per_rank // batch.micro_batch_size)
+
+
+# ------------------------------------------------------------------------------------------ help text
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring written under each dataclass field (litgpt-style attribute docstrings)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    docs, body = {}, tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe_fields() -> str:
+    """Every config key with its type, default and help, for `minicpm train --help`."""
+    default = TrainConfig()
+    lines = []
+    model_docs = {"preset": "Named architecture (minicpm.model.config.PRESETS), e.g. tiny, proxy-9m, minicpm-1.2b.",
+                  **field_docs(ModelConfig)}
+    for section in dataclasses.fields(TrainConfig):
+        section_cls = type(getattr(default, section.name))
+        docs = model_docs if section.name == "model" else field_docs(section_cls)
+        lines.append(f"{section.name}: {section_cls.__doc__.strip().splitlines()[0]}")
+        for f in dataclasses.fields(section_cls):
+            value = getattr(getattr(default, section.name), f.name)
+            shown = "null" if value is None else value
+            lines.append(f"  {section.name}.{f.name} = {shown}\n      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def dump_value(value: Any) -> str:
+    """A config value the way YAML would show it (for messages)."""
+    return OmegaConf.to_yaml({"v": value}).strip()[3:]

@@ -1,0 +1,240 @@
+"""Weighted mixtures of prepared datasets, packed into fixed-length training sequences; resumable.
+
+A `Mixture` holds one stream per dataset. A stream walks the dataset's documents in a shuffled order (a fresh
+order each epoch, fixed by the seed and the dataset's checksums) and packs their tokens, end-of-document ids
+included, into windows of seq_len + 1 tokens: inputs = w[:-1], labels = w[1:]. Consecutive windows of a stream
+share one token (the last label of one window is the first input of the next), so every next-token pair of the
+stream is trained on exactly once per epoch and each sequence brings seq_len new tokens.
+
+Which dataset a sequence comes from follows the weights by deficit round-robin: every draw adds each dataset's
+integer share to its credit and takes the dataset with the most credit, which then pays one full round. After n
+draws each dataset's count is within one sequence per dataset of n·weight, and since every sequence holds the
+same number of new tokens, weights count tokens. Every sequence of a global batch is drawn this way; the trainer
+slices the batch per rank.
+
+Two-stage pretraining (paper Sec. 4: a stable-stage mix, then a decay-stage mix with high-quality data) uses two
+Mixtures over the datasets; `load_state_dict(state, streams_only=True)` lets the decay mix go on reading each
+dataset where the stable mix stopped. The state is plain JSON (ints, strings, lists): it lives in
+trainer_state.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from minicpm.data.shards import TokenDataset, open_dataset
+from minicpm.errors import MiniCPMError
+
+STATE_VERSION = 1
+WEIGHT_QUANTUM = 1 << 20  # weights become integer shares of this total, so the schedule is exact integer arithmetic
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 over uint64 arrays: a fixed, platform- and numpy-version-independent shuffle key."""
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
+        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
+        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
+        return x ^ (x >> np.uint64(31))
+
+
+def _fingerprint(ds: TokenDataset) -> str:
+    """Identifies a split by its content (shard checksums), not by where it lies on disk."""
+    info = ds.meta["splits"][ds.split]
+    h = hashlib.sha256(ds.split.encode())
+    for shard in info["shards"]:
+        h.update(shard["sha256_bin"].encode())
+    return h.hexdigest()[:16]
+
+
+class _Stream:
+    """Packs one dataset's documents, in a per-epoch shuffled order, into a continuous token stream."""
+
+    def __init__(self, name: str, ds: TokenDataset, seed: int):
+        if ds.num_tokens == 0:
+            raise MiniCPMError(f"{name}: the '{ds.split}' split holds no tokens")
+        self.name, self.ds, self.seed = name, ds, seed
+        self.fingerprint = _fingerprint(ds)
+        self.epoch = self.cursor = self.offset = 0
+        self.carry = -1           # last token of the previous window, the first input of the next (-1: none yet)
+        self.sequences = 0
+        self._order_epoch, self._order = -1, None
+
+    def _order_of(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            key = np.uint64((self.seed * 0x100000001B3 + int(self.fingerprint, 16) + epoch * 0x9E3779B1) & ((1 << 64) - 1))
+            keys = _splitmix64(np.arange(self.ds.num_documents, dtype=np.uint64) ^ _splitmix64(np.array([key]))[0])
+            self._order, self._order_epoch = np.argsort(keys, kind="stable"), epoch
+        return self._order
+
+    def take(self, n: int) -> np.ndarray:
+        """The next n tokens of the stream."""
+        out = np.empty(n, dtype=np.int64)
+        filled = 0
+        while filled < n:
+            if self.cursor == self.ds.num_documents:
+                self.epoch, self.cursor = self.epoch + 1, 0
+            doc = int(self._order_of(self.epoch)[self.cursor])
+            start = int(self.ds.doc_starts[doc]) + self.offset
+            end = int(self.ds.doc_starts[doc + 1])
+            m = min(n - filled, end - start)
+            out[filled:filled + m] = self.ds.tokens(start, start + m)
+            filled += m
+            self.offset += m
+            if start + m == end:
+                self.cursor, self.offset = self.cursor + 1, 0
+        return out
+
+    def window(self, seq_len: int) -> np.ndarray:
+        if self.carry < 0:
+            w = self.take(seq_len + 1)
+        else:
+            w = np.concatenate([[self.carry], self.take(seq_len)])
+        self.carry = int(w[-1])
+        self.sequences += 1
+        return w
+
+    def state(self) -> dict:
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "cursor": self.cursor,
+                "offset": self.offset, "carry": self.carry, "sequences": self.sequences}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
+        self.carry, self.sequences = int(state["carry"]), int(state["sequences"])
+
+
+def _open_all(paths: Iterable[str], split: str, tokenizer_hash: str | None) -> dict[str, TokenDataset]:
+    """Open each dataset's split; all must come from one tokenizer (and `tokenizer_hash`, when given)."""
+    opened: dict[str, TokenDataset] = {}
+    for name in paths:
+        ds = open_dataset(name, split)
+        if tokenizer_hash is not None and ds.tokenizer_hash != tokenizer_hash:
+            raise MiniCPMError(f"{name}: made with tokenizer {ds.tokenizer_hash}, but this run's tokenizer is "
+                               f"{tokenizer_hash} (prepare it again with the run's tokenizer)")
+        for other, other_ds in opened.items():
+            if other_ds.tokenizer_hash != ds.tokenizer_hash:
+                raise MiniCPMError(f"{name}: made with tokenizer {ds.tokenizer_hash}, but {other} with "
+                                   f"{other_ds.tokenizer_hash}; a mixture needs one tokenizer")
+        opened[name] = ds
+    if not opened:
+        raise MiniCPMError("a mixture needs at least one dataset")
+    return opened
+
+
+def _shares(weights: Mapping[str, float]) -> list[int]:
+    for name, w in weights.items():
+        if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0):
+            raise MiniCPMError(f"{name}: weight {w!r} must be a finite number >= 0")
+    total = float(sum(weights.values()))
+    if total <= 0:
+        raise MiniCPMError(f"mixture weights {dict(weights)} sum to 0; give at least one dataset a positive weight")
+    return [max(1, round(w / total * WEIGHT_QUANTUM)) if w > 0 else 0 for w in weights.values()]
+
+
+class Mixture:
+    """Sequences of seq_len + 1 tokens drawn from weighted datasets; deterministic from `seed`, resumable.
+
+    `datasets` maps a prepared dataset directory to its weight (weights count tokens and need not sum to 1).
+    """
+
+    def __init__(self, datasets: Mapping[str | Path, float], *, seq_len: int, seed: int, split: str = "train",
+                 tokenizer_hash: str | None = None):
+        if seq_len < 1:
+            raise MiniCPMError(f"seq_len {seq_len}: must be at least 1")
+        weights = {str(k): v for k, v in datasets.items()}
+        self.seq_len, self.seed, self.split = int(seq_len), int(seed), split
+        self.names = list(weights)
+        self.weights = {name: float(w) for name, w in weights.items()}
+        self._shares = _shares(weights)
+        opened = _open_all(self.names, split, tokenizer_hash)
+        self.tokenizer_hash = next(iter(opened.values())).tokenizer_hash
+        self._streams = [_Stream(name, opened[name], self.seed) for name in self.names]
+        self._credits = [0] * len(self.names)
+
+    def _draw(self) -> int:
+        total = sum(self._shares)
+        self._credits = [c + s for c, s in zip(self._credits, self._shares)]
+        pick = max(range(len(self._credits)), key=lambda i: (self._credits[i], -i))
+        self._credits[pick] -= total
+        return pick
+
+    def next_batch(self, n_sequences: int) -> torch.Tensor:
+        """The next n_sequences windows, a LongTensor (n_sequences, seq_len + 1)."""
+        batch = np.empty((n_sequences, self.seq_len + 1), dtype=np.int64)
+        for row in range(n_sequences):
+            batch[row] = self._streams[self._draw()].window(self.seq_len)
+        return torch.from_numpy(batch)
+
+    def sequences_drawn(self) -> dict[str, int]:
+        """How many sequences each dataset has given so far (for logging the realised mix)."""
+        return {s.name: s.sequences for s in self._streams}
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "seq_len": self.seq_len, "seed": self.seed, "split": self.split,
+                "shares": list(self._shares), "credits": list(self._credits),
+                "datasets": [dict(name=s.name, **s.state()) for s in self._streams]}
+
+    def load_state_dict(self, state: dict, *, streams_only: bool = False) -> None:
+        """Continue exactly where `state` stopped. With streams_only, take only the reading positions of the
+        datasets both mixtures share (matched by content), e.g. to start the decay mix where the stable mix was."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise MiniCPMError(f"data sampler state: version {state.get('version') if isinstance(state, dict) else None!r}, "
+                               f"expected {STATE_VERSION}")
+        for key in ("seq_len", "seed", "split"):
+            if state[key] != getattr(self, key):
+                raise MiniCPMError(f"data sampler state: {key} {state[key]!r}, this mixture has {getattr(self, key)!r}")
+        saved = {d["fingerprint"]: d for d in state["datasets"]}
+        if streams_only:
+            for stream in self._streams:
+                if stream.fingerprint in saved:
+                    stream.load(saved[stream.fingerprint])
+            return
+        mine = [s.fingerprint for s in self._streams]
+        theirs = [d["fingerprint"] for d in state["datasets"]]
+        if mine != theirs:
+            names = [d["name"] for d in state["datasets"]]
+            raise MiniCPMError(f"data sampler state is for datasets {names} (content {theirs}); this mixture has "
+                               f"{self.names} (content {mine})")
+        if list(state["shares"]) != self._shares:
+            raise MiniCPMError(f"data sampler state: weights {dict(zip(self.names, state['shares']))} (in 2^-20), "
+                               f"this mixture has {dict(zip(self.names, self._shares))}")
+        for stream, d in zip(self._streams, state["datasets"]):
+            stream.load(d)
+        self._credits = [int(c) for c in state["credits"]]
+
+
+def validation_batches(datasets: Iterable[str | Path] | Mapping[str | Path, float], *, seq_len: int,
+                       max_sequences: int, split: str = "val", tokenizer_hash: str | None = None) -> torch.Tensor:
+    """A fixed held-out set: consecutive windows (seq_len + 1 tokens, one token shared between neighbours) from
+    the start of each dataset's `split`, in document order, up to max_sequences shared evenly between datasets.
+
+    Only whole windows are used; a dataset whose split cannot fill one window is an error.
+    """
+    names = [str(d) for d in datasets]
+    opened = _open_all(names, split, tokenizer_hash)
+    quota = [max_sequences // len(names) + (1 if i < max_sequences % len(names) else 0) for i in range(len(names))]
+    rows = []
+    for (name, ds), want in zip(opened.items(), quota):
+        available = (ds.num_tokens - 1) // seq_len
+        if available == 0:
+            raise MiniCPMError(f"{name}: the '{split}' split holds {ds.num_tokens} tokens, fewer than one window of "
+                               f"{seq_len + 1} (raise --val-fraction or shorten seq_len)")
+        n = min(want, available)
+        tokens = ds.tokens(0, n * seq_len + 1).astype(np.int64)
+        rows += [tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, seq_len + 1, dtype=torch.long)
+
+
+def bytes_per_token(datasets: Iterable[str | Path] | Mapping[str | Path, float], split: str = "val") -> float:
+    """UTF-8 bytes per token over the datasets' `split`, pooled (EOS tokens count as tokens of no bytes):
+    bits per byte = mean loss in nats per token / ln 2 / bytes_per_token."""
+    opened = _open_all([str(d) for d in datasets], split, None)
+    tokens = sum(ds.num_tokens for ds in opened.values())
+    return sum(ds.num_bytes for ds in opened.values()) / max(tokens, 1)

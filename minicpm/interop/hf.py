@@ -1,0 +1,468 @@
+"""Checkpoints in the official HF MiniCPM layout, and export to a plain Llama checkpoint with μP folded in.
+
+A checkpoint directory holds `config.json` (official field names) and `model.safetensors`, or shards
+`model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Tensor names are the official keys, which
+are our module names. Weights are only ever read from safetensors: nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from minicpm.errors import MiniCPMError
+from minicpm.model.config import ModelConfig, rope_scaling_type as scaling_type
+from minicpm.model.transformer import MiniCPM
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+                "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+
+PathLike = Union[str, os.PathLike]
+
+
+def parse_dtype(value: str | torch.dtype | None, what: str = "dtype") -> torch.dtype | None:
+    """torch dtype from 'bf16' / 'bfloat16' / torch.bfloat16 (None stays None); only the three weight dtypes."""
+    if value is None or isinstance(value, torch.dtype) and value in _SAFETENSORS_DTYPES.values():
+        return value
+    name = str(value).removeprefix("torch.")
+    if name not in _DTYPE_NAMES:
+        raise MiniCPMError(f"{what} {value!r} is not one of {', '.join(DTYPE_CHOICES)}")
+    return _DTYPE_NAMES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- reading
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+    file: Path
+    key: str  # the name in the file (differs from the model key for a tied head stored as lm_head.weight)
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def _read_header(file: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file's size."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            n = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise MiniCPMError(f"{file}: not a safetensors file")
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise MiniCPMError(f"{file}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise MiniCPMError(f"{file}: not a safetensors file (its header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise MiniCPMError(f"{file}: not a safetensors file")
+    header.pop("__metadata__", None)
+    end = max((info.get("data_offsets", [0, 0])[1] for info in header.values() if isinstance(info, dict)), default=0)
+    if 8 + n + end > size:
+        raise MiniCPMError(f"{file}: truncated: the header describes {end} bytes of data, the file holds {size - 8 - n}")
+    return header
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise MiniCPMError(f"{index}: not a safetensors index (no 'weight_map' object)") from None
+        return [root / name for name in sorted(set(weight_map.values()))]
+    if (root / WEIGHTS).exists():
+        return [root / WEIGHTS]
+    pickled = sorted(p.name for p in root.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise MiniCPMError(f"{root / pickled[0]}: not safetensors; weights are never unpickled here "
+                           f"(convert it with safetensors first)")
+    raise MiniCPMError(f"{root}: no {WEIGHTS} or {INDEX}")
+
+
+def _read_config(root: Path) -> tuple[ModelConfig, dict]:
+    path = root / CONFIG
+    if not path.exists():
+        raise MiniCPMError(f"{path}: no such file (a checkpoint directory needs config.json beside the weights)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(raw, dict):
+        raise MiniCPMError(f"{path}: expected a JSON object")
+    raw = dict(raw)
+    model_type = raw.get("model_type", "minicpm")
+    if model_type == "llama":
+        raw.update(_minicpm_fields_for_llama(raw))
+    elif model_type != "minicpm":
+        raise MiniCPMError(f"{path}: model_type {model_type!r} is not minicpm or llama")
+    stored = raw.pop("dtype", None) or raw.get("torch_dtype") or "float32"
+    raw["torch_dtype"] = dtype_name(parse_dtype(stored, what=f"{path}: torch_dtype"))
+    return ModelConfig.from_hf_dict(raw, source=str(path)), raw
+
+
+def _minicpm_fields_for_llama(raw: dict) -> dict:
+    # a plain Llama is MiniCPM with neutral multipliers: scale_emb 1, residual scale 1, logit divisor 1
+    for key in ("attention_bias", "mlp_bias"):
+        if raw.get(key):
+            raise MiniCPMError(f"config.json: {key} is true; MiniCPM has no biases")
+    head_dim = raw.get("head_dim")
+    if head_dim and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
+        raise MiniCPMError(f"config.json: head_dim {head_dim} is not hidden_size/num_attention_heads")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    fields = dict(scale_emb=1.0, scale_depth=math.sqrt(raw["num_hidden_layers"]), dim_model_base=raw["hidden_size"],
+                  tie_word_embeddings=raw.get("tie_word_embeddings", False))
+    if "rope_theta" in rope:
+        fields["rope_theta"] = rope["rope_theta"]
+    kind = rope.get("rope_type", rope.get("type"))
+    fields["rope_scaling"] = None if kind in (None, "default") else {k: v for k, v in rope.items() if k != "rope_theta"}
+    return fields
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = MiniCPM(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _index_checkpoint(root: Path) -> tuple[ModelConfig, dict[str, _Entry]]:
+    """Validated plan of where each model tensor lives: every problem is one MiniCPMError naming the file and key."""
+    config, _ = _read_config(root)
+    stored: dict[str, _Entry] = {}
+    for file in _weight_files(root):
+        for key, info in _read_header(file).items():
+            if not isinstance(info, dict) or "dtype" not in info or "shape" not in info:
+                raise MiniCPMError(f"{file}: not a safetensors file (bad header entry {key!r})")
+            if key.endswith("rotary_emb.inv_freq"):
+                continue  # a buffer some HF versions saved; RoPE is recomputed here
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise MiniCPMError(f"{file}: tensor {key} has dtype {info['dtype']}; expected one of "
+                                   f"{', '.join(_SAFETENSORS_DTYPES)}")
+            stored[key] = _Entry(file, key, info["dtype"], tuple(info["shape"]))
+    if config.tie_word_embeddings and "lm_head.weight" in stored:
+        head = stored.pop("lm_head.weight")
+        # a tied head saved under its own name (HF drops one of two shared tensors; which one varies)
+        stored.setdefault("model.embed_tokens.weight", head)
+    expected = _expected_shapes(config)
+    for key, shape in expected.items():
+        if key not in stored:
+            raise MiniCPMError(f"{root}: missing tensor {key}")
+        entry = stored[key]
+        if entry.shape != shape:
+            raise MiniCPMError(f"{entry.file}: tensor {key} has shape {list(entry.shape)}; "
+                               f"config.json implies {list(shape)}")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise MiniCPMError(f"{stored[unexpected[0]].file}: unexpected tensor {unexpected[0]} "
+                           f"(not part of the model config.json describes)")
+    return config, stored
+
+
+def _checkpoint_dir(path: PathLike) -> Path:
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise MiniCPMError(f"{path}: not safetensors; give a checkpoint directory (config.json + model.safetensors)")
+        return path.parent
+    if not path.exists():
+        raise MiniCPMError(f"{path}: no such checkpoint directory")
+    return path
+
+
+def _tensors(plan: Mapping[str, _Entry], device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    by_file: dict[Path, list[str]] = {}
+    for key, entry in plan.items():
+        by_file.setdefault(entry.file, []).append(key)
+    for file, keys in by_file.items():
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for key in keys:
+                yield key, f.get_tensor(plan[key].key)
+
+
+def read_checkpoint(path: PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and every tensor (in its stored dtype) of a checkpoint directory, validated against the config."""
+    root = _checkpoint_dir(path)
+    config, plan = _index_checkpoint(root)
+    return config, dict(_tensors(plan))
+
+
+def checkpoint_config(path: PathLike) -> ModelConfig:
+    """Only the config of a checkpoint directory (or a config.json)."""
+    path = Path(path)
+    if path.name == CONFIG and path.is_file():
+        path = path.parent
+    return _read_config(_checkpoint_dir(path))[0]
+
+
+@torch.no_grad()
+def load_model(path: PathLike, *, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None) -> MiniCPM:
+    """A MiniCPM from a checkpoint directory, in `dtype` (default: as stored), one tensor at a time in memory."""
+    root = _checkpoint_dir(path)
+    config, plan = _index_checkpoint(root)
+    dtype = parse_dtype(dtype) or parse_dtype(config.torch_dtype)
+    with torch.device("meta"):
+        model = MiniCPM(config)
+    model.to(dtype=dtype).to_empty(device=device)
+    params = dict(model.state_dict(keep_vars=True))
+    for key, tensor in _tensors(plan, device):
+        params[key].copy_(tensor)
+    return model
+
+
+# ---------------------------------------------------------------- writing
+
+def _model_dtype(model: MiniCPM) -> torch.dtype:
+    return model.head_weight.dtype
+
+
+def _plan_shards(sizes: Mapping[str, int], max_shard_bytes: int | None) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    total = 0
+    for key, size in sizes.items():
+        if max_shard_bytes and shards[-1] and total + size > max_shard_bytes:
+            shards.append([])
+            total = 0
+        shards[-1].append(key)
+        total += size
+    return shards
+
+
+def _write_weights(tmp: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                   max_shard_bytes: int | None) -> list[str]:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = {k: v.numel() * itemsize for k, v in tensors.items()}
+    shards = _plan_shards(sizes, max_shard_bytes)
+    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                                                 for i in range(len(shards))]
+    for name, keys in zip(names, shards):
+        # converted shard by shard, so a save needs one shard of extra memory, not a second model
+        part = {k: tensors[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
+        save_file(part, str(tmp / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        names.append(INDEX)
+    return names
+
+
+def _is_weight_file(name: str) -> bool:
+    return name == INDEX or (name.startswith("model") and name.endswith(".safetensors"))
+
+
+def _write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+               max_shard_bytes: int | None, extra_files: Mapping[str, bytes | str | Path] | None) -> Path:
+    """Everything is written under a temporary name first. A new directory appears by one rename; into an existing
+    one (a training step's directory, say) each file is renamed into place, and stale weight files are removed."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    try:
+        names = _write_weights(tmp, tensors, dtype, max_shard_bytes)
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, Path):
+                shutil.copyfile(content, tmp / name)
+            else:
+                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
+            names.append(name)
+        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        names.append(CONFIG)
+        # mkdtemp makes a private directory; give it and the files the permissions a plain mkdir/open would
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for name in names:
+            (tmp / name).chmod(0o666 & ~umask)
+        if not out_dir.exists():
+            os.rename(tmp, out_dir)
+            return out_dir
+        if not out_dir.is_dir():
+            raise MiniCPMError(f"{out_dir}: exists and is not a directory")
+        for name in names:
+            os.replace(tmp / name, out_dir / name)
+        for stale in out_dir.iterdir():
+            if _is_weight_file(stale.name) and stale.name not in names:
+                stale.unlink()
+        return out_dir
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_state(config: ModelConfig, state: Mapping[str, torch.Tensor], out_dir: PathLike, *,
+               dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None,
+               extra_files: Mapping[str, bytes | str | Path] | None = None) -> Path:
+    """Write a full state dict (official keys) and its config in the official layout; see save_model."""
+    dtype = parse_dtype(dtype) or next(iter(state.values())).dtype
+    hf = dataclasses.replace(config, torch_dtype=dtype_name(dtype)).to_hf_dict()
+    return _write_dir(Path(out_dir), hf, state, dtype, max_shard_bytes, extra_files)
+
+
+def save_model(model: MiniCPM, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
+               max_shard_bytes: int | None = None, extra_files: Mapping[str, bytes | str | Path] | None = None) -> Path:
+    """config.json + model.safetensors (or shards of at most max_shard_bytes + index), written atomically.
+
+    dtype: bf16 / fp16 / fp32 (default: the model's). extra_files: name -> content (bytes, str, or a Path to copy),
+    e.g. a tokenizer.json that should appear together with the weights.
+    """
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key with _orig_mod.
+    return save_state(model.config, model.state_dict(), out_dir, dtype=dtype or _model_dtype(model),
+                      max_shard_bytes=max_shard_bytes, extra_files=extra_files)
+
+
+def init_checkpoint(config: ModelConfig, out_dir: PathLike, *, seed: int = 0, dtype: str | torch.dtype | None = None,
+                    tokenizer: PathLike | None = None, embedding_in_2d_group: bool = True,
+                    progress: Callable[[str], None] | None = None) -> Path:
+    """A freshly μP-initialised model in the official layout, with a tokenizer beside it (the given one, else the
+    byte-level tokenizer) so that even a fresh model can generate. progress(message) hears what is slow."""
+    from minicpm.infer.tokenizer import byte_level_tokenizer, find_tokenizer, load_codec
+    from minicpm.optim.mup import build_model
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise MiniCPMError(f"{out_dir}: already exists and is not an empty directory")
+    if tokenizer is not None:
+        path = find_tokenizer(None, tokenizer)
+        size = load_codec(path).vocab_size
+        extra: dict = {"tokenizer.model" if path.suffix == ".model" else "tokenizer.json": path}
+    else:
+        byte_level = byte_level_tokenizer()
+        size = byte_level.get_vocab_size(with_added_tokens=True)
+        extra = {"tokenizer.json": byte_level.to_str()}
+    if size > config.vocab_size:
+        raise MiniCPMError(f"tokenizer has {size} tokens but vocab_size is {config.vocab_size}; "
+                           f"set vocab_size={size} or more")
+    if progress:
+        progress(f"initialising {config.total_params():,} parameters (μP, seed {seed})")
+    model = build_model(config, dtype=parse_dtype(dtype), seed=seed, embedding_in_2d_group=embedding_in_2d_group)
+    if progress:
+        progress(f"writing {out_dir}")
+    return save_model(model, out_dir, extra_files=extra)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from '500MB', '2GB', '1.5GiB' or a plain number (for --max-shard-size)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    number = text.strip().upper().rstrip("BIKMG")
+    unit = text.strip().upper()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise MiniCPMError(f"size {text!r} is not a number with an optional unit (KB, MB, GB, KiB, MiB, GiB)") from None
+    if value <= 0:
+        raise MiniCPMError(f"size {text!r} must be positive")
+    return int(value)
+
+
+def tokenizer_files(root: PathLike) -> dict[str, Path]:
+    """The tokenizer files that sit in a checkpoint directory, to carry along to a converted copy."""
+    root = _checkpoint_dir(root)
+    return {name: root / name for name in TOKENIZER_FILES if (root / name).is_file()}
+
+
+def import_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
+                      max_shard_bytes: int | None = None) -> Path:
+    """An official HF MiniCPM directory (or a plain Llama one, as MiniCPM with neutral multipliers) → our layout,
+    validated, optionally converted to `dtype`, with its tokenizer files."""
+    config, tensors = read_checkpoint(src)
+    return save_state(config, tensors, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                      extra_files=tokenizer_files(src))
+
+
+# ---------------------------------------------------------------- Llama export
+
+def fold_mup(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of a plain Llama that computes exactly what the MiniCPM does (DESIGN §3, last bullet).
+
+    embed × scale_emb; lm_head = the original head ÷ (d/dim_model_base), so the head is untied; o_proj and
+    down_proj × scale_depth/√L (RMSNorm sees the residual stream only after the branch outputs are added).
+    Arithmetic in fp32; tensors come back in fp32.
+    """
+    folded = {k: v.detach().float() for k, v in state.items()}
+    embed = folded["model.embed_tokens.weight"]
+    head = embed if config.tie_word_embeddings else folded["lm_head.weight"]
+    folded["lm_head.weight"] = head / config.width_multiplier
+    folded["model.embed_tokens.weight"] = embed * config.scale_emb
+    for i in range(config.num_hidden_layers):
+        for key in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
+            folded[key] = folded[key] * config.residual_scale
+    return folded
+
+
+def llama_config(config: ModelConfig, dtype: torch.dtype) -> dict:
+    """config.json for transformers' LlamaForCausalLM (loads with transformers 4.x and 5.x)."""
+    theta, scaling = config.rope_theta, None
+    kind = scaling_type(config.rope_scaling)
+    rope = config.rope_scaling or {}
+    if kind in ("ntk", "dynamic"):
+        # our NTK-aware scaling is a static base change, which a plain Llama expresses as rope_theta
+        theta = theta * float(rope.get("factor", 1.0)) ** (config.head_dim / (config.head_dim - 2))
+    elif kind == "linear":
+        scaling = {"rope_type": "linear", "factor": float(rope.get("factor", 1.0))}
+    elif kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(rope.get("factor", 1.0)),
+                   "original_max_position_embeddings": int(rope.get("original_max_position_embeddings", 4096)),
+                   "beta_fast": float(rope.get("beta_fast", 32)), "beta_slow": float(rope.get("beta_slow", 1))}
+        if rope.get("attention_factor"):
+            scaling["attention_factor"] = float(rope["attention_factor"])
+    if scaling:
+        scaling["type"] = scaling["rope_type"]  # the transformers 4.x key
+    rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=theta)
+    rope_parameters.pop("type", None)
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps, "rope_theta": theta, "rope_scaling": scaling,
+        "rope_parameters": rope_parameters, "tie_word_embeddings": False, "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": config.initializer_range,
+        "bos_token_id": 1, "eos_token_id": 2, "use_cache": True, "torch_dtype": dtype_name(dtype),
+    }
+
+
+def export_llama(model_or_path: MiniCPM | PathLike, out_dir: PathLike, dtype: str | torch.dtype | None = None, *,
+                 max_shard_bytes: int | None = None) -> Path:
+    """A plain Llama checkpoint (μP folded in) that LlamaForCausalLM loads with no custom code."""
+    if isinstance(model_or_path, MiniCPM):
+        config, state, extra = model_or_path.config, model_or_path.state_dict(), {}
+        stored = _model_dtype(model_or_path)
+    else:
+        config, state = read_checkpoint(model_or_path)
+        extra, stored = tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
+    if config.num_experts:
+        raise MiniCPMError(f"model has {config.num_experts} experts: a MoE model does not export as a plain Llama")
+    dtype = parse_dtype(dtype) or stored
+    return _write_dir(Path(out_dir), llama_config(config, dtype), fold_mup(config, state), dtype, max_shard_bytes,
+                      extra)
+
+
+def checkpoint_summary(path: PathLike) -> dict:
+    """What the weight files hold: tensor count, parameter count and dtypes (for `minicpm info`)."""
+    root = _checkpoint_dir(path)
+    _, plan = _index_checkpoint(root)
+    return {"tensors": len(plan), "parameters": sum(math.prod(e.shape) for e in plan.values()),
+            "dtypes": sorted({e.dtype for e in plan.values()}),
+            "files": sorted({e.file.name for e in plan.values()})}

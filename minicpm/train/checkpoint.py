@@ -1,0 +1,340 @@
+"""Checkpoints: written atomically, found again after a crash, loaded without unpickling anything.
+
+RUN/checkpoints/step_00001000/ holds, from one process,
+  model.safetensors + config.json   the official MiniCPM HF layout (minicpm.interop.hf.save_model)
+  optimizer.pt                      torch.save of the optimizer state_dict (tensors and numbers only)
+  trainer_state.json                step, tokens, data sampler state, RNG states, log accumulator
+or, from several (FSDP2-sharded) processes,
+  config.json + dcp/                torch.distributed.checkpoint: each rank's shards of the model weights (official
+                                    key names) and of the optimizer moments, with dcp/.metadata
+  trainer_state.json                the same trainer state
+and RUN/checkpoints/latest names the newest complete one. Either format resumes on any number of processes
+(load_training_state); consolidate() turns either into the official layout's full state dict. A checkpoint is written into a hidden temporary
+directory and renamed into place when complete, so a process killed mid-save leaves the previous checkpoint as
+the newest complete one; trainer_state.json is written last and marks a directory as complete.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import random
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from minicpm.config import write_text_atomic
+from minicpm.errors import MiniCPMError
+from minicpm.model.config import ModelConfig
+from minicpm.model.transformer import MiniCPM
+from minicpm.train.distributed import fsdp_applied
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+SHARDS_DIR = "dcp"
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and ((path / WEIGHTS_FILE).is_file() or is_sharded(path))
+
+
+def is_sharded(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint holds DCP shards (written by several processes) rather than model.safetensors."""
+    return (Path(checkpoint) / SHARDS_DIR / ".metadata").is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint `latest` names, or, if that one is missing or incomplete, the newest complete one."""
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        if is_complete(named):
+            return named
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given either that directory or a run directory (then its latest checkpoint)."""
+    path = Path(path)
+    if is_complete(path):
+        return path
+    if (path / "checkpoints").is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise MiniCPMError(f"{path}: the run has no complete checkpoint")
+        return latest
+    raise MiniCPMError(f"{path}: not a checkpoint (no {STATE_FILE} with {WEIGHTS_FILE} or {SHARDS_DIR}/) "
+                       f"nor a run directory")
+
+
+def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
+    path = Path(checkpoint) / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MiniCPMError(f"{path}: no such file; not a complete checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict[str, Any], *, keep_last: int = 0) -> Path:
+    """Write RUN/checkpoints/step_N atomically, point `latest` at it, delete all but the newest keep_last."""
+    from minicpm.interop.hf import save_model
+
+    root = Path(run_dir) / "checkpoints"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_model(model, tmp)
+    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+    write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+    _publish(run_dir, tmp, final, keep_last)
+    return final
+
+
+def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a written checkpoint into place, point `latest` at it, delete all but the newest keep_last."""
+    root = final.parent
+    if final.exists():  # the same step saved again (e.g. a run resumed at its last step): swap, then delete
+        old = root / f".old-{final.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    write_text_atomic(root / LATEST, final.name + "\n")
+    if keep_last:
+        for stale in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(stale)
+
+
+def remove_incomplete(run_dir: str | Path) -> None:
+    """Delete the hidden temporary directories a killed save leaves behind."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("."):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def load_model_weights(checkpoint: str | Path, model: torch.nn.Module) -> None:
+    """Copy a checkpoint's weights into `model`; its architecture must equal the model's."""
+    from minicpm.interop.hf import read_checkpoint
+
+    saved_config, state = read_checkpoint(checkpoint)
+    _check_architecture(checkpoint, saved_config, model.config)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name not in state:
+                raise MiniCPMError(f"{checkpoint}: model.safetensors lacks {name}")
+            tensor.copy_(state[name])
+
+
+def _check_architecture(checkpoint: str | Path, saved: ModelConfig, ours: ModelConfig) -> None:
+    differing = [k for k, v in ours.to_hf_dict().items() if k != "torch_dtype" and saved.to_hf_dict().get(k) != v]
+    if differing:
+        k = differing[0]
+        raise MiniCPMError(f"{checkpoint}: model.{k} is {getattr(saved, k)!r} in the checkpoint but "
+                           f"{getattr(ours, k)!r} in the run's config")
+
+
+def load_optimizer(checkpoint: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore the optimizer's moments and step counts; the hyper-parameters stay those of the current config."""
+    path = Path(checkpoint) / OPTIMIZER_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    if len(state["param_groups"]) != len(current):
+        raise MiniCPMError(f"{path}: {len(state['param_groups'])} parameter groups, the run has {len(current)} "
+                           f"(was optim.embedding_in_2d_group changed?)")
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, current):
+        group.update(settings)
+
+
+# ------------------------------------------------------------------------------------------ sharded checkpoints
+
+def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+                            optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], *, keep_last: int = 0,
+                            is_main: bool) -> Path:
+    """Every process calls this: each writes its shards of the weights and optimizer moments (DCP) into
+    RUN/checkpoints/.tmp-step_N/dcp/, then rank 0 adds config.json and trainer_state.json and renames the directory
+    into place, as save_checkpoint does. With several nodes, RUN must be on a filesystem they all share."""
+    root = Path(run_dir) / "checkpoints"
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{final.name}"
+    if is_main:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=tmp / SHARDS_DIR)
+    if is_main:
+        weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dataclasses.replace(model.config, torch_dtype=weights_dtype).save(tmp / CONFIG_FILE)
+        write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+        _publish(run_dir, tmp, final, keep_last)
+    dist.barrier()
+    return final
+
+
+def load_training_state(checkpoint: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Weights and optimizer moments of a checkpoint of either format into a plain or an FSDP2-sharded model.
+
+    Shards written by N processes reload on any M (DCP reshards; M = 1 reads them without a process group); a
+    one-process checkpoint loads whole into one process, or into M processes' shards. As with load_optimizer, the
+    optimizer's hyper-parameters stay those of the current config.
+    """
+    checkpoint = Path(checkpoint)
+    if is_sharded(checkpoint):
+        _check_architecture(checkpoint, ModelConfig.load(checkpoint / CONFIG_FILE), model.config)
+        _load_shards(checkpoint, model, optimizer)
+    elif fsdp_applied(model):
+        _load_whole_into_shards(checkpoint, model, optimizer)
+    else:
+        load_model_weights(checkpoint, model)
+        load_optimizer(checkpoint, optimizer)
+
+
+def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """Config and full state dict (official key names) of a checkpoint of either format, read in one process
+    without building a model: what `minicpm export` writes out in the official layout."""
+    from minicpm.interop.hf import read_checkpoint
+
+    checkpoint = Path(checkpoint)
+    if not is_sharded(checkpoint):
+        return read_checkpoint(checkpoint)
+    config = ModelConfig.load(checkpoint / CONFIG_FILE)
+    shards = checkpoint / SHARDS_DIR
+    stored = FileSystemReader(str(shards)).read_metadata().state_dict_metadata
+    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in stored.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    with torch.device("meta"):
+        expected = MiniCPM(config).state_dict()
+    for name, tensor in expected.items():
+        if name not in state:
+            raise MiniCPMError(f"{shards}: no shards of {name}")
+        if state[name].shape != tensor.shape:
+            raise MiniCPMError(f"{shards}: {name} has shape {tuple(state[name].shape)}, config.json implies "
+                               f"{tuple(tensor.shape)}")
+    _dcp_load({"model": state}, shards, no_dist=True)
+    return config, {name: state[name] for name in expected}
+
+
+def consolidated_model(checkpoint: str | Path) -> MiniCPM:
+    """A plain MiniCPM holding a checkpoint's full weights (either format)."""
+    config, state = consolidate(checkpoint)
+    with torch.device("meta"):
+        model = MiniCPM(config)
+    model.load_state_dict(state, assign=True)
+    return model
+
+
+def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what DCP saves and loads, the optimizer's state dict): weights and optimizer moments keyed by official
+    parameter names. Only tensors go into the shards, so loading unpickles nothing of ours (DCP's own .metadata
+    is a pickle torch writes); the param_groups stay out, as a resumed run keeps the current config's."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state["state"]}, optim_state
+
+
+def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    state, optim_state = _dcp_state(model, optimizer)
+    _dcp_load(state, checkpoint / SHARDS_DIR, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict={**optim_state, "state": state["optimizer"]})
+
+
+def _dcp_load(state: dict[str, Any], shards: Path, *, no_dist: bool) -> None:
+    with warnings.catch_warnings():
+        # one process reading N processes' shards is intended; DCP warns that it assumes so
+        warnings.filterwarnings("ignore", message=".*load in a single process")
+        dcp.load(state, checkpoint_id=shards, no_dist=no_dist)
+
+
+def _load_whole_into_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """A one-process checkpoint into FSDP2 shards: every rank reads the whole files and keeps its slices."""
+    from minicpm.interop.hf import read_checkpoint
+
+    saved_config, weights = read_checkpoint(checkpoint)
+    _check_architecture(checkpoint, saved_config, model.config)
+    path = checkpoint / OPTIMIZER_FILE
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise MiniCPMError(f"{path}: {len(saved['param_groups'])} parameter groups, the run has "
+                           f"{len(optimizer.param_groups)} (was optim.embedding_in_2d_group changed?)")
+    # torch.save numbers parameters in param_groups order; the sharded loader wants their names
+    names = {id(p): name for name, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = [{**{k: v for k, v in current.items() if k != "params"}, "params": [order[i] for i in stored["params"]]}
+              for current, stored in zip(optimizer.param_groups, saved["param_groups"])]
+    optim_state = {"state": {order[i]: moments for i, moments in saved["state"].items()}, "param_groups": groups}
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+# ------------------------------------------------------------------------------------------ RNG states as JSON
+
+def _tensor_to_b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.numpy().tobytes()).decode("ascii")
+
+
+def _b64_to_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run touches, as JSON (no pickles)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": _tensor_to_b64(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_tensor_to_b64(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(_b64_to_tensor(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        saved = [_b64_to_tensor(s) for s in state["cuda"]]
+        if len(saved) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(saved)

@@ -1,0 +1,62 @@
+"""From what a user asks on the command line to the TrainConfig of a run: a fresh run, a resumed one, a stable
+phase continued from a checkpoint, or a decay branched from one (paper section 4.3: one stable run, many decays).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from minicpm.config import TrainConfig, load_config, validate
+from minicpm.errors import MiniCPMError
+from minicpm.train.checkpoint import read_trainer_state, resolve_checkpoint
+
+
+def launch_config(config: str | Path | None, overrides: list[str], *, out: str | None = None, resume: bool = False,
+                  init_from: str | Path | None = None, decay_steps: int | None = None, decay: str | None = None,
+                  half_life: float | None = None) -> TrainConfig:
+    """The config of the run to start.
+
+    config: a YAML recipe. Without one, a resumed run reads RUN/config.yaml and a run started --from a checkpoint
+    reads its source run's config.yaml. overrides (key=value) apply on top. init_from with decay_steps M branches
+    a decay: the new run continues the checkpoint's step N with a WSD schedule whose decay takes steps N..N+M.
+    """
+    if decay_steps is not None and init_from is None:
+        raise MiniCPMError("--decay-steps branches a decay from a checkpoint: give --from RUN/checkpoints/step_N "
+                           "(or set schedule.decay_steps for a run's own decay)")
+    if init_from is not None:
+        source = resolve_checkpoint(init_from)
+        if not out:
+            raise MiniCPMError("--from needs --out NEW_RUN: a branch or continuation gets its own run directory")
+        source_run = source.parent.parent
+        if Path(out).resolve() == source_run.resolve():
+            raise MiniCPMError(f"--out {out} is the source run: a branch never writes into its source; "
+                               f"choose a new directory")
+        recipe = Path(config) if config else source_run / "config.yaml"
+        if not recipe.is_file():
+            raise MiniCPMError(f"{recipe}: no such config; give the source run's config as CONFIG")
+        cfg = load_config(recipe, overrides)
+        cfg.run.init_from = str(source)
+        if decay_steps is not None:
+            if decay_steps <= 0:
+                raise MiniCPMError(f"--decay-steps must be positive, got {decay_steps}")
+            step = int(read_trainer_state(source)["step"])
+            cfg.schedule = dataclasses.replace(cfg.schedule, kind="wsd", total_steps=step + decay_steps,
+                                               decay_steps=decay_steps, decay_start=None)
+    elif config is None:
+        if not (resume and out):
+            raise MiniCPMError("give a CONFIG (a YAML recipe), or --resume --out RUN to continue a run")
+        recipe = Path(out) / "config.yaml"
+        if not recipe.is_file():
+            raise MiniCPMError(f"{recipe}: no such file; {out} is not a run directory")
+        cfg = load_config(recipe, overrides)
+    else:
+        cfg = load_config(config, overrides)
+    if out:
+        cfg.run.out_dir = str(out)
+    if decay is not None:
+        cfg.schedule.decay = decay
+    if half_life is not None:
+        cfg.schedule.half_life = half_life
+    validate(cfg)
+    return cfg
