@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minicpm.cli import main
+from minicpm.data.tokenizer import SPECIAL_TOKENS
 from minicpm.interop.hf import WEIGHTS, load_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,12 +61,12 @@ def test_broken_checkpoint_exits_nonzero_with_one_line_naming_the_file(tmp_path)
 def test_user_errors_are_one_line_and_nonzero(tmp_path, capsys):
     assert main(["info", "no-such-preset"]) == 2
     assert main(["init", "--preset", "tiny", str(tmp_path / "a"), "no_such_field=1"]) == 2
-    assert main(["init", "--preset", "tiny", str(tmp_path / "b"), "vocab_size=100"]) == 2  # byte tokenizer needs 259
+    assert main(["init", "--preset", "tiny", str(tmp_path / "b"), "vocab_size=100"]) == 2  # too few for the bytes
     assert main(["generate", str(tmp_path / "missing"), "--prompt", "x"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("minicpm ") for line in lines)
     assert "unknown model preset 'no-such-preset'" in lines[0] and "no_such_field" in lines[1]
-    assert "vocab_size=259" in lines[2]
+    assert f"vocab_size={len(SPECIAL_TOKENS) + 256}" in lines[2]
 
 
 def test_info_on_the_paper_presets_prints_their_counts(capsys):

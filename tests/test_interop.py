@@ -178,6 +178,12 @@ def test_truncated_file_is_named(checkpoint):
     expect_error(checkpoint, "model.safetensors: truncated")
 
 
+def test_a_tied_config_with_a_different_head_is_named(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
+    expect_error(checkpoint, "lm_head.weight differs from model.embed_tokens.weight")
+
+
 def test_missing_config_is_named(checkpoint):
     (checkpoint / "config.json").unlink()
     expect_error(checkpoint, "config.json: no such file")
@@ -205,3 +211,17 @@ def test_pickled_weights_are_refused_not_loaded(checkpoint, monkeypatch):
 def test_a_header_that_lies_about_its_length_is_not_safetensors(checkpoint):
     (checkpoint / WEIGHTS).write_bytes(struct.pack("<Q", 10**12) + b"{}")
     expect_error(checkpoint, "not a safetensors file")
+
+
+def test_import_reads_a_llama_that_transformers_saved(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      rope_scaling={"rope_type": "linear", "factor": 2.0}, rope_theta=5000.0)
+    torch.manual_seed(0)
+    llama = transformers.LlamaForCausalLM(config)
+    llama.save_pretrained(tmp_path / "hf")
+    ours = load_model(import_checkpoint(tmp_path / "hf", tmp_path / "ours"))
+    assert ours.config.rope_theta == 5000.0 and ours.config.rope_scaling["factor"] == 2.0
+    ids = torch.randint(0, 101, (1, 50))
+    with torch.no_grad():
+        assert relative_error(ours(ids), llama(ids).logits) < 1e-5

@@ -165,10 +165,12 @@ class CurveFit:
     params: dict[str, float]
     delta: float
     curves: list[CurveStats] = field(default_factory=list)
+    at_bound: list[str] = field(default_factory=list)
+    """Parameters that ended on their search bound: the curves do not determine them (predictions may still hold)."""
 
     def to_json(self) -> dict:
         return {"law": self.law, "formula": FORMULAS[self.law], "params": self.params, "huber_delta": self.delta,
-                "curves": [vars(c) for c in self.curves]}
+                "at_bound": self.at_bound, "curves": [vars(c) for c in self.curves]}
 
 
 @dataclass
@@ -238,7 +240,7 @@ def _bounds(law: str, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min_step: int = 0,
-                  max_points: int = 200, n_starts: int = 4) -> CurveFit:
+                  max_points: int = 200, n_starts: int = 3) -> CurveFit:
     """Fit a loss-curve law to one or more curves: Huber (scale delta) on relative residuals, trust-region
     least squares with analytic Jacobians, from the best grid points of a variable-projection search.
 
@@ -284,7 +286,8 @@ def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min
     for d in data:
         rel = d.terms.predict(best.x) / d.loss - 1.0
         stats.append(CurveStats(d.name, len(rel), float(np.sqrt(np.mean(rel ** 2))), float(np.abs(rel).max())))
-    return CurveFit(law, params, delta, stats)
+    at_bound = [n for n, v, a, b in zip(names, best.x, lo, hi) if min(v - a, b - v) < 1e-6]
+    return CurveFit(law, params, delta, stats, at_bound)
 
 
 def load_fit_params(doc: object, source: str) -> tuple[str, dict[str, float]]:

@@ -135,7 +135,7 @@ def _check_design(n: np.ndarray, d: np.ndarray, source: str) -> None:
                                f"least 3 distinct model sizes and 3 distinct token counts")
 
 
-def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int = 16,
+def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int = 8,
                    warm_start: Optional[ChinchillaFit] = None, source: str = "table") -> ChinchillaFit:
     """Fit L = E + A/N^alpha + B/D^beta by L-BFGS on a Huber loss of log-loss residuals (Hoffmann et al. 2022,
     approach 3), starting from the best `n_starts` points of a grid (plus `warm_start`, when given).
@@ -185,7 +185,7 @@ def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int =
 class Bootstrap:
     """Refits on resampled runs; percentile intervals of any quantity computed from the refitted laws."""
 
-    laws: list[ScalingLaw]
+    laws: list
     failed: int
     confidence: float
 
@@ -196,6 +196,13 @@ class Bootstrap:
 
     def intervals(self) -> dict[str, tuple[float, float]]:
         return {p: self.interval([getattr(law, p) for law in self.laws]) for p in PARAMS}
+
+
+def _check_bootstrap(n_boot: int, confidence: float) -> None:
+    if n_boot < 10:
+        raise MiniCPMError(f"bootstrap resamples must be at least 10, got {n_boot}")
+    if not 0 < confidence < 1:
+        raise MiniCPMError(f"confidence must be in (0, 1), got {confidence}")
 
 
 def resample_groups(runs: Sequence[str], rng: np.random.Generator) -> np.ndarray:
@@ -211,8 +218,7 @@ def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 2
     """Percentile bootstrap over runs: each resample is refitted from the full fit's optimum (and the best
     `n_starts` grid points, when asked). A resample that cannot be fitted (too few distinct sizes drawn, no convergence) is
     counted in `failed`; more than half failing is an error."""
-    if not 0 < confidence < 1:
-        raise MiniCPMError(f"confidence must be in (0, 1), got {confidence}")
+    _check_bootstrap(n_boot, confidence)
     rng = np.random.default_rng(seed)
     laws: list[ScalingLaw] = []
     failed = 0
@@ -225,7 +231,7 @@ def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 2
             failed += 1
             continue
         laws.append(refit.law)
-    if n_boot and len(laws) < max(10, n_boot // 2):
+    if len(laws) < max(10, n_boot // 2):
         raise MiniCPMError(f"{table.source}: only {len(laws)} of {n_boot} bootstrap resamples could be fitted; "
                            f"add runs (more sizes or token counts)")
     return Bootstrap(laws, failed, confidence)
@@ -397,11 +403,13 @@ class BatchSizeLaw:
 @dataclass
 class BatchSizeFit:
     law: BatchSizeLaw
-    intervals: dict[str, tuple[float, float]]
+    boot: Bootstrap
+    """Bootstrap refits (its `laws` are BatchSizeLaw objects)."""
     n_points: int
     rmse_log: float
-    failed: int
-    confidence: float
+
+    def intervals(self) -> dict[str, tuple[float, float]]:
+        return {p: self.boot.interval([getattr(law, p) for law in self.boot.laws]) for p in ("a", "b")}
 
 
 def _fit_log_linear(loss: np.ndarray, bs: np.ndarray) -> BatchSizeLaw:
@@ -417,6 +425,7 @@ def fit_batch_size_law(loss, batch_tokens, runs: Optional[Sequence[str]] = None,
         raise MiniCPMError(f"{len(loss)} (loss, batch_tokens) pairs; the batch-size law needs at least 3")
     if len(np.unique(loss)) < 2:
         raise MiniCPMError("every pair has the same loss; the batch-size law needs different losses")
+    _check_bootstrap(n_boot, confidence)
     law = _fit_log_linear(loss, bs)
     rmse = float(np.sqrt(np.mean((np.log(law.batch_tokens(loss)) - np.log(bs)) ** 2)))
     runs = list(runs) if runs is not None else [str(i) for i in range(len(loss))]
@@ -428,6 +437,6 @@ def fit_batch_size_law(loss, batch_tokens, runs: Optional[Sequence[str]] = None,
             failed += 1
             continue
         laws.append(_fit_log_linear(loss[idx], bs[idx]))
-    boot = Bootstrap([], failed, confidence)
-    intervals = {"a": boot.interval([l.a for l in laws]), "b": boot.interval([l.b for l in laws])} if laws else {}
-    return BatchSizeFit(law, intervals, len(loss), rmse, failed, confidence)
+    if len(laws) < max(10, n_boot // 2):
+        raise MiniCPMError(f"only {len(laws)} of {n_boot} bootstrap resamples had two different losses; add pairs")
+    return BatchSizeFit(law, Bootstrap(laws, failed, confidence), len(loss), rmse)

@@ -113,6 +113,7 @@ def _read_config(root: Path) -> tuple[ModelConfig, dict]:
     if not isinstance(raw, dict):
         raise MiniCPMError(f"{path}: expected a JSON object")
     raw = dict(raw)
+    raw.update(_rope_fields(raw))
     model_type = raw.get("model_type", "minicpm")
     if model_type == "llama":
         raw.update(_minicpm_fields_for_llama(raw))
@@ -128,16 +129,21 @@ def _minicpm_fields_for_llama(raw: dict) -> dict:
     for key in ("attention_bias", "mlp_bias"):
         if raw.get(key):
             raise MiniCPMError(f"config.json: {key} is true; MiniCPM has no biases")
-    head_dim = raw.get("head_dim")
-    if head_dim and head_dim * raw["num_attention_heads"] != raw["hidden_size"]:
+    head_dim, heads, hidden = raw.get("head_dim"), raw.get("num_attention_heads"), raw.get("hidden_size")
+    if head_dim and heads and head_dim * heads != hidden:
         raise MiniCPMError(f"config.json: head_dim {head_dim} is not hidden_size/num_attention_heads")
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    fields = dict(scale_emb=1.0, scale_depth=math.sqrt(raw["num_hidden_layers"]), dim_model_base=raw["hidden_size"],
-                  tie_word_embeddings=raw.get("tie_word_embeddings", False))
-    if "rope_theta" in rope:
-        fields["rope_theta"] = rope["rope_theta"]
-    kind = rope.get("rope_type", rope.get("type"))
-    fields["rope_scaling"] = None if kind in (None, "default") else {k: v for k, v in rope.items() if k != "rope_theta"}
+    return dict(scale_emb=1.0, scale_depth=math.sqrt(raw.get("num_hidden_layers") or 1), dim_model_base=hidden,
+                tie_word_embeddings=raw.get("tie_word_embeddings", False))
+
+
+def _rope_fields(raw: dict) -> dict:
+    """rope_theta and rope_scaling from transformers 5's `rope_parameters` (4.x configs hold them top-level)."""
+    rope = raw.get("rope_parameters")
+    if not isinstance(rope, dict):
+        return {}
+    fields = {"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}
+    if rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        fields["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return fields
 
 
@@ -162,9 +168,12 @@ def _index_checkpoint(root: Path) -> tuple[ModelConfig, dict[str, _Entry]]:
                                    f"{', '.join(_SAFETENSORS_DTYPES)}")
             stored[key] = _Entry(file, key, info["dtype"], tuple(info["shape"]))
     if config.tie_word_embeddings and "lm_head.weight" in stored:
+        # a tied head saved under its own name (HF drops one of two shared tensors; which one varies), or both
         head = stored.pop("lm_head.weight")
-        # a tied head saved under its own name (HF drops one of two shared tensors; which one varies)
-        stored.setdefault("model.embed_tokens.weight", head)
+        embed = stored.setdefault("model.embed_tokens.weight", head)
+        if embed is not head and not torch.equal(*(t for _, t in _tensors({"a": embed, "b": head}))):
+            raise MiniCPMError(f"{head.file}: lm_head.weight differs from model.embed_tokens.weight, but config.json "
+                               f"has tie_word_embeddings true")
     expected = _expected_shapes(config)
     for key, shape in expected.items():
         if key not in stored:
@@ -336,7 +345,8 @@ def init_checkpoint(config: ModelConfig, out_dir: PathLike, *, seed: int = 0, dt
                     progress: Callable[[str], None] | None = None) -> Path:
     """A freshly μP-initialised model in the official layout, with a tokenizer beside it (the given one, else the
     byte-level tokenizer) so that even a fresh model can generate. progress(message) hears what is slow."""
-    from minicpm.infer.tokenizer import byte_level_tokenizer, find_tokenizer, load_codec
+    from minicpm.data.tokenizer import byte_level_tokenizer, vocab_size
+    from minicpm.infer.tokenizer import find_tokenizer, load_codec
     from minicpm.optim.mup import build_model
 
     out_dir = Path(out_dir)
@@ -348,7 +358,7 @@ def init_checkpoint(config: ModelConfig, out_dir: PathLike, *, seed: int = 0, dt
         extra: dict = {"tokenizer.model" if path.suffix == ".model" else "tokenizer.json": path}
     else:
         byte_level = byte_level_tokenizer()
-        size = byte_level.get_vocab_size(with_added_tokens=True)
+        size = vocab_size(byte_level)
         extra = {"tokenizer.json": byte_level.to_str()}
     if size > config.vocab_size:
         raise MiniCPMError(f"tokenizer has {size} tokens but vocab_size is {config.vocab_size}; "

@@ -13,7 +13,7 @@ Whether the vocabulary matrices (the embedding, and the head when untied) count 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,3 @@ def width_spread(result: dict[int, dict[str, list[float]]], module: str, t: int 
     """max/min over widths of one module's scale at step t: 1 is perfectly flat in width."""
     values = [scales[module][t] for scales in result.values()]
     return max(values) / min(values)
-
-
-def modules(result: dict[int, dict[str, list[float]]]) -> Iterable[str]:
-    return next(iter(result.values())).keys()

@@ -133,6 +133,8 @@ class TrainResult:
     last_train: dict[str, Any]
     last_eval: dict[str, Any]
     checkpoint: Path | None
+    is_main: bool = True
+    """False on every process but rank 0 of a torchrun job: only rank 0 reports."""
 
 
 class Trainer:
@@ -240,7 +242,7 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return TrainResult(self.run_dir, self.step, self.tokens, last_train, last_eval,
-                           saved or ckpt.latest_checkpoint(self.run_dir))
+                           saved or ckpt.latest_checkpoint(self.run_dir), is_main=main)
 
     def _train_step(self) -> tuple[float, float, float, bool]:
         """One optimizer step at self.step: (loss, grad norm, lr, whether the update was applied)."""
@@ -393,8 +395,12 @@ class Trainer:
 
 def train(cfg: TrainConfig, *, resume: bool = False, objective: Objective | None = None,
           data: DataSource | None = None) -> TrainResult:
-    """Run (or resume, or branch) a training run described by cfg."""
-    return Trainer(cfg, objective=objective, data=data).fit(resume=resume)
+    """Run (or resume, or branch) a training run described by cfg; under torchrun, on all its processes."""
+    trainer = Trainer(cfg, objective=objective, data=data)
+    result = trainer.fit(resume=resume)
+    if trainer.dist.distributed and dist.is_initialized():
+        dist.destroy_process_group()  # the run's process group ends with it (NCCL warns if left open)
+    return result
 
 
 def _short_names(paths: list[str]) -> list[str]:
