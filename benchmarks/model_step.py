@@ -16,6 +16,7 @@ Peak memory, what a step adds above the weights (activations, gradients, autocas
 
     python benchmarks/model_step.py                    # 20M and 100M, fp32 and bf16 autocast, sequence 512
     python benchmarks/model_step.py --sizes 20M --precisions fp32 --steps 3     # a quick look
+    python benchmarks/model_step.py --threads 1        # steadier on a machine shared with other work
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def rss_growth(case: dict) -> int:
 
 
 def rss_growth_in_subprocess(case: dict) -> int:
-    out = subprocess.run([sys.executable, __file__, "--rss-case", json.dumps(case)], capture_output=True, text=True)
+    command = [sys.executable, __file__, "--rss-case", json.dumps(case), "--threads", str(torch.get_num_threads())]
+    out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"case {case} failed:\n{out.stderr}")
     return int(out.stdout.strip().splitlines()[-1])
@@ -155,8 +157,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model (the median is kept)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="intra-op threads (default: torch's); 1 gives steadier numbers on a shared machine")
     parser.add_argument("--rss-case", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.rss_case:
         print(rss_growth(json.loads(args.rss_case)))
         return

@@ -369,7 +369,6 @@ def register_training_commands(sub) -> None:
 
 def register_experiment_commands(sub) -> None:
     """scaling fit, fit-curve, predict-curve (scaling-law issue)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
     scaling = sub.add_parser("scaling", help="scaling laws: fit L(N, D), batch-size and loss-curve laws")
     ssub = scaling.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND")
     scaling.set_defaults(handler=lambda args: scaling.print_help() or 2)
@@ -381,13 +380,14 @@ def register_experiment_commands(sub) -> None:
             raise argparse.ArgumentTypeError(f"expected N:D such as 1e9:2e10, got {text!r}") from None
         return n, d
 
-    p = ssub.add_parser("fit", formatter_class=fmt, help="fit L(N,D) = E + A/N^alpha + B/D^beta (or the batch law)",
+    p = ssub.add_parser("fit", help="fit L(N,D) = E + A/N^alpha + B/D^beta (or the batch law)",
                         description="Fit the scaling law to a table of runs (CSV/JSONL with params, tokens, loss; "
                         "optional flops, run, batch_tokens) or to run directories (their last eval_loss), then "
                         "print intervals, the compute-optimal plan, held-out errors, isoFLOP and envelope fits.")
     p.add_argument("inputs", nargs="+", metavar="TABLE_OR_RUN_DIR")
     p.add_argument("--form", choices=["loss", "batch"], default="loss",
-                   help="loss: L(N, D); batch: the optimal batch-size law bs = a/L^b from (loss, batch_tokens) rows")
+                   help="loss: L(N, D) (default); batch: the optimal batch-size law bs = a/L^b from "
+                   "(loss, batch_tokens) rows")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--plot", metavar="DIR", help="write loss_vs_tokens.png and compute_optimal.png into DIR")
@@ -396,39 +396,44 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--predict", type=pair, nargs="+", default=[], metavar="N:D", help="predict the loss at (N, D)")
     p.add_argument("--at-loss", type=float, nargs="+", default=[], metavar="L",
                    help="(--form batch) print the optimal batch at these losses")
-    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log loss")
-    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (of runs)")
-    p.add_argument("--confidence", type=float, default=0.9, help="interval level")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log loss (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of runs (default %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval level (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
     p.add_argument("--isoflop-tol", type=float, default=0.05,
-                   help="runs whose compute agrees within this fraction form one isoFLOP budget")
+                   help="runs whose compute agrees within this fraction form one isoFLOP budget (default %(default)s)")
+    p.add_argument("--loss-key", default="eval_loss",
+                   help="for run directories: the metrics.jsonl key of the loss (default %(default)s; "
+                   "eval_bpb is per byte, as paper §4.5)")
 
     def scaling_fit(args) -> int:
         from minicpm.experiments import fit, fit_data, fit_report
+        report = None
         if args.form == "batch":
-            table = fit_data.load_runs(args.inputs, required=("loss", "batch_tokens"))
+            table = fit_data.load_runs(args.inputs, required=("loss", "batch_tokens"), loss_key=args.loss_key)
             result = fit.fit_batch_size_law(table.loss, table.batch_tokens, table.run, n_boot=args.bootstrap,
                                             confidence=args.confidence, seed=args.seed)
-            doc, text = fit_report.batch_fit_json(result, args.at_loss), fit_report.format_batch_fit(result, args.at_loss)
+            doc = fit_report.batch_fit_json(result, args.at_loss)
+            text = fit_report.format_batch_fit(result, args.at_loss)
         else:
-            table = fit_data.load_runs(args.inputs)
+            table = fit_data.load_runs(args.inputs, loss_key=args.loss_key)
             report = fit_report.analyse_table(table, delta=args.delta, n_boot=args.bootstrap,
                                               confidence=args.confidence, seed=args.seed, budgets=args.budget,
                                               predictions=args.predict, isoflop_tol=args.isoflop_tol,
                                               progress=sys.stderr.isatty())
             doc, text = fit_report.report_json(report), fit_report.format_report(report)
-            if args.plot:
-                for path in fit_report.plot_scaling(report, args.plot):
-                    print(f"wrote {path}", file=sys.stderr)
         as_json = fit_report.dumps(doc)
         if args.out:
             fit_report.write_atomic(args.out, as_json + "\n")
-        print(as_json if args.json else text)
+        print(as_json if args.json else text, flush=True)
+        if args.plot and report is not None:
+            for path in fit_report.plot_scaling(report, args.plot):
+                print(f"wrote {path}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_fit)
 
-    p = ssub.add_parser("fit-curve", formatter_class=fmt, help="fit a loss-curve law (tissue | mpl) to training curves",
+    p = ssub.add_parser("fit-curve", help="fit a loss-curve law (tissue | mpl) to training curves",
                         description="Fit the LR-annealing law (Tissue et al. 2024) or the multi-power law (Luo et al. "
                         "2025) to curves: metrics.jsonl files, run directories or CSVs with step, lr, loss. The LR "
                         "is linear between logged rows and rises linearly from 0 at step 0 before the first one.")
@@ -437,10 +442,12 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print {law, params, ...} as JSON (predict-curve reads it)")
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--plot", metavar="DIR", help="write curve_fit.png (data and fitted curves) into DIR")
-    p.add_argument("--loss-key", default="loss", help="which key holds the loss (e.g. eval_loss)")
-    p.add_argument("--min-step", type=int, default=0, help="also leave out points before this step")
-    p.add_argument("--max-points", type=int, default=200, help="points per curve used (evenly spaced in step)")
-    p.add_argument("--delta", type=float, default=1e-3, help="Huber scale on relative residuals")
+    p.add_argument("--loss-key", default="loss", help="which key holds the loss (default %(default)s; e.g. eval_loss)")
+    p.add_argument("--min-step", type=int, default=0,
+                   help="also leave out points before this step (default %(default)s)")
+    p.add_argument("--max-points", type=int, default=200,
+                   help="points per curve used, evenly spaced in step (default %(default)s)")
+    p.add_argument("--delta", type=float, default=1e-3, help="Huber scale on relative residuals (default %(default)s)")
 
     def scaling_fit_curve(args) -> int:
         from minicpm.experiments import curve_laws, fit_data, fit_report
@@ -450,53 +457,38 @@ def register_experiment_commands(sub) -> None:
         as_json = fit_report.dumps(result.to_json())
         if args.out:
             fit_report.write_atomic(args.out, as_json + "\n")
+        print(as_json if args.json else fit_report.format_curve_fit(result), flush=True)
         if args.plot:
-            series = []
-            for c in curves:
-                lr = fit_data.lr_per_step(c.lr_steps, c.lr, int(max(c.lr_steps[-1], c.loss_steps[-1])))
-                keep = c.loss_steps >= 1
-                steps = c.loss_steps[keep].astype(int)
-                pred = curve_laws.predict_loss(args.law, result.params, lr, steps)
-                series.append((c.name, steps, pred, c.loss[keep], lr[steps]))
-            path = fit_report.plot_curves(series, f"{args.plot}/curve_fit.png", f"{args.law} law fit")
-            print(f"wrote {path}", file=sys.stderr)
-        print(as_json if args.json else fit_report.format_curve_fit(result))
+            print(f"wrote {fit_report.plot_curve_fit(result, curves, args.plot)}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_fit_curve)
 
-    p = ssub.add_parser("predict-curve", formatter_class=fmt, help="predict a loss curve under an LR schedule",
+    p = ssub.add_parser("predict-curve", help="predict a loss curve under an LR schedule",
                         description="Print CSV step,lr,predicted_loss for a schedule, from the JSON of fit-curve. "
-                        "SCHEDULE is a CSV of step,lr (same interpolation as fit-curve) or a WSD YAML with lr, "
-                        "warmup_steps, total_steps (or stable_steps), decay_steps, decay (exp|linear|cosine|1-sqrt), "
-                        "half_life (exp), floor (a fraction of lr).")
+                        "SCHEDULE is a CSV of step,lr (same interpolation as fit-curve), a run's config.yaml, or a "
+                        "small YAML with lr and the trainer's schedule keys (kind wsd|cosine|constant, total_steps, "
+                        "warmup_steps, decay_steps or decay_start, decay exp|linear|cosine|1-sqrt, half_life, floor, "
+                        "cosine_period); YAML schedules are evaluated by minicpm/optim/schedule.py.")
     p.add_argument("fit", metavar="FIT_JSON")
     p.add_argument("schedule", metavar="SCHEDULE")
     p.add_argument("--every", type=int, help="print every K-th step (default: about 1000 rows)")
     p.add_argument("--plot", metavar="DIR", help="write predicted_curve.png into DIR")
 
     def scaling_predict_curve(args) -> int:
-        import json
         from pathlib import Path
         from minicpm.experiments import curve_laws, fit_data, fit_report
-        path = Path(args.fit)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MiniCPMError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        law, params = curve_laws.load_fit_params(doc, str(path))
+        law, params = curve_laws.load_fit_file(args.fit)
         lr = fit_data.load_schedule(args.schedule)
         if args.every is not None and args.every < 1:
             raise MiniCPMError(f"--every must be >= 1, got {args.every}")
         steps = curve_laws.prediction_steps(len(lr) - 1, args.every)
         loss = curve_laws.predict_loss(law, params, lr, steps)
-        if args.plot:
-            out = fit_report.plot_curves([(Path(args.schedule).stem, steps, loss, None, lr[steps])],
-                                         f"{args.plot}/predicted_curve.png", f"{law} law prediction")
-            print(f"wrote {out}", file=sys.stderr)
         sys.stdout.write(fit_report.prediction_csv(steps, lr, loss))
+        sys.stdout.flush()
+        if args.plot:
+            out = fit_report.plot_prediction(Path(args.schedule).stem, law, params, lr, args.plot)
+            print(f"wrote {out}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_predict_curve)

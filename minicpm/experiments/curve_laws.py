@@ -2,7 +2,8 @@
 
 - LR-annealing law (Tissue et al. 2024): L(s) = L0 + A·S1^-alpha − C·S2, S1 = Σ lr_i (i = 1..s),
   S2 = Σ m_i, m_i = lambda·m_{i−1} + (lr_{i−1} − lr_i).
-- Multi-power law (Luo et al. 2025): L(t) = L0 + A·(S1(t) + S_W)^-alpha − B·Σ_k (lr_{k−1} − lr_k)·G(lr_k^-gamma·S_k(t)),
+- Multi-power law (Luo et al. 2025):
+  L(t) = L0 + A·(S1(t) + S_W)^-alpha − B·Σ_k (lr_{k−1} − lr_k)·G(lr_k^-gamma·S_k(t)),
   G(x) = 1 − (C·x + 1)^-beta, S_k(t) = Σ_{tau=k..t} lr_tau, S_W the warmup's area.
 
 The schedule is the LR at every step 0..T (lr[0] is the LR before the first update). Warmup ends at the first step
@@ -12,8 +13,10 @@ not annealing), so S1 + S_W is simply the whole area up to t and m_i = 0 through
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -21,6 +24,7 @@ from scipy.optimize import least_squares, nnls
 from scipy.signal import lfilter
 
 from minicpm.errors import MiniCPMError
+from minicpm.experiments.fit import single_threaded_blas
 from minicpm.experiments.fit_data import Curve, lr_per_step
 
 LAWS: dict[str, tuple[str, ...]] = {
@@ -52,11 +56,15 @@ class _TissueTerms:
         self.delta[w + 1:] = lr[w:-1] - lr[w + 1:]
         self.steps = steps
 
+    def annealing_area(self, lam: float) -> np.ndarray:
+        """S2 at the steps, and the momenta m_i at every step."""
+        m = lfilter([1.0], [1.0, -lam], self.delta)  # m_i = lambda·m_{i-1} + (lr_{i-1} − lr_i)
+        return np.cumsum(m)[self.steps], m
+
     def predict(self, theta: np.ndarray, jac: bool = False):
         l0, a, alpha, c = np.exp(theta[:4])
-        lam = 1.0 - math.exp(theta[4])
-        m = lfilter([1.0], [1.0, -lam], self.delta)
-        s2 = np.cumsum(m)[self.steps]
+        lam = 1.0 - math.exp(theta[4])  # fitted as log(1 − lambda)
+        s2, m = self.annealing_area(lam)
         u = np.exp(-alpha * np.log(self.s1))
         pred = l0 + a * u - c * s2
         if not jac:
@@ -205,15 +213,13 @@ def _starts(law: str, data: list[_Data], n_starts: int) -> list[np.ndarray]:
     if law == "tissue":
         for alpha in (0.2, 0.4, 0.6, 0.9):
             for one_minus_lam in (1e-1, 1e-2, 1e-3, 1e-4):
-                cols = []
-                for d in data:
-                    t: _TissueTerms = d.terms
-                    m = lfilter([1.0], [1.0, -(1.0 - one_minus_lam)], t.delta)
-                    cols.append(np.stack([np.ones(len(t.steps)), t.s1 ** -alpha, -np.cumsum(m)[t.steps]], axis=1))
-                f = np.concatenate(cols)
+                f = np.concatenate([np.stack([np.ones(len(d.loss)), d.terms.s1 ** -alpha,
+                                              -d.terms.annealing_area(1.0 - one_minus_lam)[0]], axis=1)
+                                    for d in data])
                 lin, res = nnls(f / obs[:, None], np.ones_like(obs))
-                scored.append((res, np.log(np.maximum(lin, 1e-8 * obs.mean())).tolist()[:2] + [math.log(alpha)]
-                               + [math.log(max(lin[2], 1e-8 * obs.mean())), math.log(one_minus_lam)]))
+                lin = np.maximum(lin, 1e-8 * obs.mean())
+                scored.append((res, [math.log(lin[0]), math.log(lin[1]), math.log(alpha), math.log(lin[2]),
+                                     math.log(one_minus_lam)]))
     else:
         for alpha in (0.3, 0.5, 0.8):
             for beta in (0.3, 0.6, 1.0):
@@ -239,6 +245,7 @@ def _bounds(law: str, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.array([hi_l0, 40, math.log(3.0), 40, 40, math.log(10.0), math.log(3.0)])
 
 
+@single_threaded_blas
 def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min_step: int = 0,
                   max_points: int = 200, n_starts: int = 3) -> CurveFit:
     """Fit a loss-curve law to one or more curves: Huber (scale delta) on relative residuals, trust-region
@@ -293,7 +300,7 @@ def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min
 def load_fit_params(doc: object, source: str) -> tuple[str, dict[str, float]]:
     """(law, params) from the JSON that `fit-curve --json` prints."""
     if not isinstance(doc, dict) or not isinstance(doc.get("params"), dict):
-        raise MiniCPMError(f"{source}: expected a JSON object with 'law' and 'params' (the output of fit-curve --json)")
+        raise MiniCPMError(f"{source}: expected a JSON object with 'law' and 'params' (what fit-curve --json prints)")
     law = doc.get("law")
     names = _check_law(law) if isinstance(law, str) else None
     if names is None:
@@ -305,6 +312,18 @@ def load_fit_params(doc: object, source: str) -> tuple[str, dict[str, float]]:
             raise MiniCPMError(f"{source}: params.{name} must be a finite number, got {value!r}")
         params[name] = float(value)
     return law, params
+
+
+def load_fit_file(path: str | Path) -> tuple[str, dict[str, float]]:
+    """(law, params) from a file holding the output of `fit-curve --json` (or `--out`)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MiniCPMError(f"{path}: no such file") from None
+    except json.JSONDecodeError as e:
+        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return load_fit_params(doc, str(path))
 
 
 def prediction_steps(last: int, every: Optional[int] = None) -> np.ndarray:

@@ -7,9 +7,11 @@ Every number a fit returns is finite; a fit that cannot give one raises MiniCPME
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
@@ -56,9 +58,6 @@ class ScalingLaw:
     def as_dict(self) -> dict[str, float]:
         return {p: float(getattr(self, p)) for p in PARAMS}
 
-    def as_vector(self) -> np.ndarray:
-        return np.array([getattr(self, p) for p in PARAMS])
-
 
 @dataclass
 class ChinchillaFit:
@@ -72,6 +71,29 @@ class ChinchillaFit:
     theta: np.ndarray = field(repr=False)
     """The optimum in the internal coordinates (a', alpha, b', beta, e), a warm start for bootstrap refits."""
     centre: tuple[float, float] = (0.0, 0.0)
+
+
+# ------------------------------------------------------------------------------------------- BLAS threads
+
+@functools.lru_cache(maxsize=1)
+def _blas_controller():
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return None
+    return ThreadpoolController()
+
+
+def single_threaded_blas(fn: Callable) -> Callable:
+    """Run `fn` with one BLAS thread. L-BFGS-B and least squares call BLAS on 5x5 to 10x10 matrices; OpenBLAS
+    threads there cost up to 80x in wall time when the cores are busy (measured on the 2-core build machine).
+    Needs threadpoolctl; without it BLAS keeps its default threads."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        controller = _blas_controller()
+        with controller.limit(limits=1) if controller else contextlib.nullcontext():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 # ------------------------------------------------------------------------------------------- approach 3
@@ -95,18 +117,21 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
-def _objective(theta, x, y, logl, delta):
-    """Chinchilla approach 3: mean Huber_delta(LSE(terms) − log L), scaled by 1/delta; value and gradient."""
-    a, alpha, b, beta, e = theta
-    t1, t2 = a - alpha * x, b - beta * y
-    top = np.maximum(np.maximum(t1, t2), e)
-    w1, w2, w3 = np.exp(t1 - top), np.exp(t2 - top), np.exp(e - top)
-    total = w1 + w2 + w3
+def _huber_of_log_sum(terms: list[np.ndarray], logl: np.ndarray, delta: float):
+    """mean Huber_delta(log Σ exp(terms) − log L) / delta, and d(it)/d(term_j) for each term (value, list)."""
+    top = np.maximum.reduce(terms)
+    w = [np.exp(t - top) for t in terms]
+    total = sum(w)
     r = top + np.log(total) - logl
-    psi = np.clip(r, -delta, delta) / (delta * len(r) * total)  # d(objective)/d(LSE), folded with the softmax
-    g1, g2 = psi @ w1, psi @ w2
-    grad = np.array([g1, -psi @ (w1 * x), g2, -psi @ (w2 * y), psi @ w3])
-    return float(_huber(r, delta).mean() / delta), grad
+    psi = np.clip(r, -delta, delta) / (delta * len(r) * total)  # d/d(log-sum), folded with the softmax weight
+    return float(_huber(r, delta).mean() / delta), [psi * wj for wj in w]
+
+
+def _objective(theta, x, y, logl, delta):
+    """Chinchilla approach 3 on (a', alpha, b', beta, e): the value and its gradient."""
+    a, alpha, b, beta, e = theta
+    value, (g1, g2, g3) = _huber_of_log_sum([a - alpha * x, b - beta * y, np.full_like(x, e)], logl, delta)
+    return value, np.array([g1.sum(), -g1 @ x, g2.sum(), -g2 @ y, g3.sum()])
 
 
 def _grid(loss: np.ndarray) -> np.ndarray:
@@ -135,6 +160,7 @@ def _check_design(n: np.ndarray, d: np.ndarray, source: str) -> None:
                                f"least 3 distinct model sizes and 3 distinct token counts")
 
 
+@single_threaded_blas
 def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int = 8,
                    warm_start: Optional[ChinchillaFit] = None, source: str = "table") -> ChinchillaFit:
     """Fit L = E + A/N^alpha + B/D^beta by L-BFGS on a Huber loss of log-loss residuals (Hoffmann et al. 2022,
@@ -205,25 +231,30 @@ def _check_bootstrap(n_boot: int, confidence: float) -> None:
         raise MiniCPMError(f"confidence must be in (0, 1), got {confidence}")
 
 
-def resample_groups(runs: Sequence[str], rng: np.random.Generator) -> np.ndarray:
-    """Row indices of a bootstrap resample that draws whole runs (rows sharing a `run` label) with replacement."""
-    labels, inverse = np.unique(np.asarray(runs, dtype=object).astype(str), return_inverse=True)
-    rows_of = [np.flatnonzero(inverse == g) for g in range(len(labels))]
-    pick = rng.integers(0, len(labels), len(labels))
-    return np.concatenate([rows_of[g] for g in pick])
+def run_groups(runs: Sequence[str]) -> list[np.ndarray]:
+    """Row indices of each run (rows sharing a `run` label): the units a bootstrap resamples."""
+    _, inverse = np.unique(np.asarray(runs, dtype=object).astype(str), return_inverse=True)
+    return [np.flatnonzero(inverse == g) for g in range(inverse.max() + 1)]
 
 
+def resample_groups(groups: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Row indices of a bootstrap resample: as many runs as there are, drawn whole and with replacement."""
+    return np.concatenate([groups[g] for g in rng.integers(0, len(groups), len(groups))])
+
+
+@single_threaded_blas
 def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 200, confidence: float = 0.9,
                          seed: int = 0, n_starts: int = 0, progress: bool = False) -> Bootstrap:
     """Percentile bootstrap over runs: each resample is refitted from the full fit's optimum (and the best
-    `n_starts` grid points, when asked). A resample that cannot be fitted (too few distinct sizes drawn, no convergence) is
-    counted in `failed`; more than half failing is an error."""
+    `n_starts` grid points, when asked). A resample that cannot be fitted (too few distinct sizes drawn, no
+    convergence) is counted in `failed`; more than half failing is an error."""
     _check_bootstrap(n_boot, confidence)
     rng = np.random.default_rng(seed)
+    groups = run_groups(table.run)
     laws: list[ScalingLaw] = []
     failed = 0
     for _ in tqdm(range(n_boot), desc="bootstrap", disable=not progress, leave=False):
-        idx = resample_groups(table.run, rng)
+        idx = resample_groups(groups, rng)
         try:
             refit = fit_chinchilla(table.params[idx], table.tokens[idx], table.loss[idx], delta=fit.delta,
                                    n_starts=n_starts, warm_start=fit)
@@ -262,6 +293,7 @@ def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float) 
     return HeldOut(label, int(keep.sum()), int(held.sum()), float(np.abs(rel).mean()), float(np.abs(rel).max()))
 
 
+@single_threaded_blas
 def held_out_checks(table: RunTable, delta: float) -> list[HeldOut]:
     """Refit without (a) every run of the largest size, (b) the longest run of each size; predict what was left out."""
     largest = table.params == table.params.max()
@@ -351,6 +383,7 @@ def pareto_front(flops: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return np.array(keep, dtype=int)
 
 
+@single_threaded_blas
 def fit_envelope(table: RunTable, delta: float = 1e-3) -> Envelope:
     """Huber fit on log loss, log-parametrised (log b', a, log L0) with C centred, from a small grid."""
     c, loss = table.compute(), table.loss
@@ -363,13 +396,8 @@ def fit_envelope(table: RunTable, delta: float = 1e-3) -> Envelope:
 
     def objective(theta):
         lb, a, l0 = theta
-        t1, t2 = lb - a * x, np.full_like(x, l0)
-        top = np.maximum(t1, t2)
-        w1, w2 = np.exp(t1 - top), np.exp(t2 - top)
-        total = w1 + w2
-        r = top + np.log(total) - logl
-        psi = np.clip(r, -delta, delta) / (delta * len(r) * total)
-        return float(_huber(r, delta).mean() / delta), np.array([psi @ w1, -psi @ (w1 * x), psi @ w2])
+        value, (g1, g2) = _huber_of_log_sum([lb - a * x, np.full_like(x, l0)], logl, delta)
+        return value, np.array([g1.sum(), -g1 @ x, g2.sum()])
 
     lo, hi = math.log(loss.min()), math.log(loss.max())
     bounds = [(lo - 20, hi + 7), (1e-4, 3.0), (lo - 20, hi)]
@@ -428,11 +456,11 @@ def fit_batch_size_law(loss, batch_tokens, runs: Optional[Sequence[str]] = None,
     _check_bootstrap(n_boot, confidence)
     law = _fit_log_linear(loss, bs)
     rmse = float(np.sqrt(np.mean((np.log(law.batch_tokens(loss)) - np.log(bs)) ** 2)))
-    runs = list(runs) if runs is not None else [str(i) for i in range(len(loss))]
+    groups = run_groups(list(runs) if runs is not None else [str(i) for i in range(len(loss))])
     rng = np.random.default_rng(seed)
     laws, failed = [], 0
     for _ in range(n_boot):
-        idx = resample_groups(runs, rng)
+        idx = resample_groups(groups, rng)
         if len(np.unique(loss[idx])) < 2:
             failed += 1
             continue

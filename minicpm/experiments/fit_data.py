@@ -120,8 +120,9 @@ def _table_from_records(records: list[tuple[str, dict]], source: str, required: 
     present = set().union(*(r.keys() for _, r in records))
     for col in required:
         if col not in present:
+            optional = [c for c in ("params", "tokens", "flops", "run", "batch_tokens") if c not in required]
             raise MiniCPMError(f"{source}: missing column {col!r} (need {', '.join(required)}; "
-                               f"optional flops, run, batch_tokens)")
+                               f"optional {', '.join(optional)})")
     cols: dict[str, list[float]] = {c: [] for c in NUMERIC_COLUMNS}
     runs: list[str] = []
     for where, rec in records:
@@ -181,14 +182,15 @@ def _metrics(run_dir: Path) -> list[tuple[str, dict]]:
     return _read_records(path)
 
 
-def run_dir_row(run_dir: str | Path) -> dict[str, Any]:
-    """(params, tokens, loss) of a finished run: N from its model config, its last eval loss and tokens then."""
+def run_dir_row(run_dir: str | Path, loss_key: str = "eval_loss") -> dict[str, Any]:
+    """(params, tokens, loss) of a finished run: N from its model config, its last eval loss (or `loss_key`, e.g.
+    eval_bpb: the paper fits per-byte loss, §4.5) and the tokens seen then."""
     run_dir = Path(run_dir)
     records = _metrics(run_dir)
-    evals = [(w, r) for w, r in records if isinstance(r.get("eval_loss"), (int, float))
-             and math.isfinite(r["eval_loss"])]
+    evals = [(w, r) for w, r in records if isinstance(r.get(loss_key), (int, float))
+             and math.isfinite(r[loss_key])]
     if not evals:
-        raise MiniCPMError(f"{run_dir / 'metrics.jsonl'}: no line with a finite 'eval_loss'")
+        raise MiniCPMError(f"{run_dir / 'metrics.jsonl'}: no line with a finite {loss_key!r}")
     where, last = evals[-1]
     tokens = last.get("tokens")
     if tokens is None:  # an eval line may omit tokens: take the last training line at or before its step
@@ -198,18 +200,19 @@ def run_dir_row(run_dir: str | Path) -> dict[str, Any]:
             raise MiniCPMError(f"{where}: no 'tokens' on the eval line or on any training line before it")
         tokens = seen[-1]
     return {"params": _model_config(run_dir).non_embedding_params(), "tokens": tokens,
-            "loss": last["eval_loss"], "run": run_dir.name}
+            "loss": last[loss_key], "run": run_dir.name}
 
 
-def load_runs(inputs: list[str | Path], required: tuple[str, ...] = ("params", "tokens", "loss")) -> RunTable:
-    """Rows from any mix of tables (CSV/JSONL) and run directories, concatenated."""
+def load_runs(inputs: list[str | Path], required: tuple[str, ...] = ("params", "tokens", "loss"),
+              loss_key: str = "eval_loss") -> RunTable:
+    """Rows from any mix of tables (CSV/JSONL) and run directories (`run_dir_row`), concatenated."""
     if not inputs:
         raise MiniCPMError("no input: give a table (CSV/JSONL) or run directories")
     records: list[tuple[str, dict]] = []
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            records.append((str(p), run_dir_row(p)))
+            records.append((str(p), run_dir_row(p, loss_key)))
         else:
             table_records = _read_records(p)
             if not table_records:
@@ -286,7 +289,7 @@ def lr_per_step(steps: np.ndarray, lr: np.ndarray, last_step: int) -> np.ndarray
 # ------------------------------------------------------------------------------------------- schedules
 
 def load_schedule(path: str | Path) -> np.ndarray:
-    """The LR at every step 0..last from a CSV (step, lr; `lr_per_step` conventions) or a WSD YAML."""
+    """The LR at every step 0..last from a CSV (step, lr; `lr_per_step` conventions) or a schedule YAML."""
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         try:
@@ -295,7 +298,7 @@ def load_schedule(path: str | Path) -> np.ndarray:
             raise MiniCPMError(f"{path}: no such file") from None
         except yaml.YAMLError as e:
             raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        return wsd_lr_from_config(cfg, str(path))
+        return schedule_lr_from_config(cfg, str(path))
     records = _read_records(path)
     rows = []
     for where, rec in records:
@@ -316,69 +319,35 @@ def load_schedule(path: str | Path) -> np.ndarray:
     return lr_per_step(steps, np.array([pts[s] for s in steps]), int(steps[-1]))
 
 
-WSD_KEYS = ("lr", "warmup_steps", "stable_steps", "total_steps", "decay_steps", "decay", "half_life", "floor")
 
+def schedule_lr_from_config(cfg: Any, source: str) -> np.ndarray:
+    """The LR at every step 0..total_steps of the trainer's schedule (minicpm/optim/schedule.py), so a prediction
+    uses exactly the LRs a run with this config would. Accepts a run's config.yaml (`optim.lr` and a `schedule`
+    section) or a small YAML: `lr` plus the schedule keys, at the top level or under `schedule:`."""
+    from minicpm.config import ScheduleConfig  # the trainer's config layer (omegaconf) only when a YAML is given
 
-def wsd_lr(steps: np.ndarray, *, lr: float, warmup_steps: int, decay_start: int, decay_steps: int,
-           decay: str = "exp", half_life: Optional[float] = None, floor: float = 0.0) -> np.ndarray:
-    """WSD as in DESIGN §3: linear warmup 0 → lr over warmup_steps, lr until decay_start, then lr·f(s − start).
-
-    f is 0.5^(s/half_life) (paper §6.2), linear, cosine or 1-sqrt over decay_steps; a floor (a fraction of lr)
-    is approached as floor + (1 − floor)·f, so linear, cosine and 1-sqrt end exactly at it.
-    """
-    s = np.asarray(steps, dtype=float)
-    into = np.clip((s - decay_start) / max(decay_steps, 1), 0.0, 1.0)
-    if decay == "exp":
-        if not half_life or half_life <= 0:
-            raise MiniCPMError(f"decay 'exp' needs a positive half_life, got {half_life!r}")
-        f = 0.5 ** (np.maximum(s - decay_start, 0.0) / half_life)
-    elif decay == "linear":
-        f = 1.0 - into
-    elif decay == "cosine":
-        f = 0.5 * (1.0 + np.cos(math.pi * into))
-    elif decay == "1-sqrt":
-        f = 1.0 - np.sqrt(into)
-    else:
-        raise MiniCPMError(f"unknown decay {decay!r}; choose exp, linear, cosine or 1-sqrt")
-    factor = np.where(s < decay_start, 1.0, floor + (1.0 - floor) * f)
-    if warmup_steps > 0:
-        factor = np.where(s < warmup_steps, s / warmup_steps, factor)
-    return lr * factor
-
-
-def wsd_lr_from_config(cfg: Any, source: str) -> np.ndarray:
-    """The LR at every step 0..total_steps of a small WSD YAML (top level or under `schedule:`)."""
-    if isinstance(cfg, dict) and isinstance(cfg.get("schedule"), dict):
-        cfg = {**{k: v for k, v in cfg.items() if k != "schedule"}, **cfg["schedule"]}
     if not isinstance(cfg, dict):
-        raise MiniCPMError(f"{source}: expected a mapping with keys {', '.join(WSD_KEYS)}")
-    unknown = sorted(k for k in cfg if k not in WSD_KEYS and k != "type")
+        raise MiniCPMError(f"{source}: expected a mapping with lr and schedule keys")
+    optim = cfg.get("optim") if isinstance(cfg.get("optim"), dict) else {}
+    lr = cfg.get("lr", optim.get("lr"))
+    section = cfg["schedule"] if isinstance(cfg.get("schedule"), dict) else \
+        {k: v for k, v in cfg.items() if k not in ("lr", "optim")}
+    known = {f.name for f in dataclasses.fields(ScheduleConfig)}
+    unknown = sorted(k for k in section if k not in known)
     if unknown:
-        raise MiniCPMError(f"{source}: unknown key {unknown[0]!r}; a WSD schedule has {', '.join(WSD_KEYS)}")
-
-    def num(key: str, default: Any = None, minimum: float = 0.0) -> Any:
-        value = cfg.get(key, default)
-        if value is None:
-            raise MiniCPMError(f"{source}: missing key {key!r}")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < minimum:
-            raise MiniCPMError(f"{source}: {key} must be a number >= {minimum:g}, got {value!r}")
-        return value
-
-    lr = num("lr", minimum=1e-300)
-    warmup = int(num("warmup_steps", 0))
-    decay_steps = int(num("decay_steps"))
-    if "total_steps" in cfg:
-        total = int(num("total_steps", minimum=1))
-    else:
-        total = warmup + int(num("stable_steps")) + decay_steps
-    decay = cfg.get("decay", "exp")
-    half_life = num("half_life", minimum=1e-300) if decay == "exp" else None
-    floor = num("floor", 0.0)
-    if floor > 1:
-        raise MiniCPMError(f"{source}: floor is a fraction of lr in [0, 1], got {floor!r}")
-    start = total - decay_steps
-    if start < warmup:
-        raise MiniCPMError(f"{source}: warmup_steps {warmup} + decay_steps {decay_steps} exceed total_steps {total}")
-    return wsd_lr(np.arange(total + 1), lr=lr, warmup_steps=warmup, decay_start=start, decay_steps=decay_steps,
-                  decay=decay, half_life=half_life, floor=floor)
+        raise MiniCPMError(f"{source}: unknown schedule key {unknown[0]!r}; known: lr, {', '.join(sorted(known))}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+        raise MiniCPMError(f"{source}: lr (or optim.lr) must be a positive number, got {lr!r}")
+    for key in ("total_steps", "warmup_steps", "decay_steps", "decay_start", "cosine_period"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise MiniCPMError(f"{source}: schedule key {key!r} must be an integer, got {value!r}")
+    for key in ("half_life", "floor"):
+        value = section.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise MiniCPMError(f"{source}: schedule key {key!r} must be a number, got {value!r}")
+    try:
+        schedule = ScheduleConfig(**section).resolve()
+    except MiniCPMError as e:
+        raise MiniCPMError(f"{source}: {e}") from None
+    return lr * np.array([schedule(step) for step in range(schedule.total_steps + 1)])

@@ -15,11 +15,11 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
-from minicpm.experiments.curve_laws import CurveFit, FORMULAS
+from minicpm.experiments.curve_laws import FORMULAS, CurveFit, predict_loss, prediction_steps, warmup_end
 from minicpm.experiments.fit import (PAPER_NAMES, PARAMS, BatchSizeFit, Bootstrap, ChinchillaFit, Envelope, HeldOut,
                                      IsoflopFit, bootstrap_chinchilla, fit_chinchilla, fit_envelope, fit_isoflop,
                                      held_out_checks)
-from minicpm.experiments.fit_data import RunTable
+from minicpm.experiments.fit_data import Curve, RunTable, lr_per_step
 
 LAW_TEXT = "L(N, D) = E + A/N^alpha + B/D^beta"
 
@@ -176,7 +176,8 @@ def format_report(r: ScalingReport) -> str:
     if r.predictions:
         out += ["", f"Predictions ({pct} interval)"]
         for p in _predictions(r):
-            out.append(f"  N={_g(p['params'], 3)}  D={_g(p['tokens'], 3)}: loss {p['loss']:.4f} {_iv(p['interval'], 4)}")
+            out.append(f"  N={_g(p['params'], 3)}  D={_g(p['tokens'], 3)}: "
+                       f"loss {p['loss']:.4f} {_iv(p['interval'], 4)}")
     out += [""]
     iso = r.isoflop
     if iso.profiles:
@@ -323,9 +324,29 @@ def plot_curves(series: Sequence[tuple[str, np.ndarray, np.ndarray, Optional[np.
             ax.scatter(steps, obs, s=6, color=color, alpha=0.5)
         ax.plot(steps, pred, color=color, label=name)
         lr_ax.plot(steps, lr, color=color, ls=":", lw=1)
-    ax.set(xlabel="step", ylabel="loss (lines: law; dots: data)", title=title)
+    ylabel = "loss (lines: law; dots: data)" if any(obs is not None for *_, obs, _ in series) else "loss"
+    ax.set(xlabel="step", ylabel=ylabel, title=title)
     lr_ax.set_ylabel("lr (dotted)")
     ax.legend(fontsize=8)
     out = _save(fig, Path(path))
     plt.close(fig)
     return out
+
+
+def plot_curve_fit(fit: CurveFit, curves: Sequence[Curve], out_dir: str | Path) -> Path:
+    """curve_fit.png: each curve's loss after warmup (dots) and the fitted law (lines), the LR dotted."""
+    series = []
+    for c in curves:
+        lr = lr_per_step(c.lr_steps, c.lr, int(max(c.lr_steps[-1], c.loss_steps[-1])))
+        keep = c.loss_steps > warmup_end(lr)
+        steps = c.loss_steps[keep].astype(int)
+        series.append((c.name, steps, predict_loss(fit.law, fit.params, lr, steps), c.loss[keep], lr[steps]))
+    return plot_curves(series, Path(out_dir) / "curve_fit.png", f"{fit.law} law fit")
+
+
+def plot_prediction(name: str, law: str, params: dict[str, float], lr: np.ndarray, out_dir: str | Path) -> Path:
+    """predicted_curve.png: the predicted loss after warmup (about 1000 steps) and the schedule."""
+    steps = prediction_steps(len(lr) - 1)
+    steps = steps[steps > warmup_end(lr)]
+    return plot_curves([(name, steps, predict_loss(law, params, lr, steps), None, lr[steps])],
+                       Path(out_dir) / "predicted_curve.png", f"{law} law prediction")

@@ -108,8 +108,12 @@ def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], *, keep_last: int = 0) -> Path:
-    """Write RUN/checkpoints/step_N atomically, point `latest` at it, delete all but the newest keep_last."""
+                    trainer_state: dict[str, Any], *, keep_last: int = 0, tokenizer: str | Path | None = None) -> Path:
+    """Write RUN/checkpoints/step_N atomically, point `latest` at it, delete all but the newest keep_last.
+
+    tokenizer: the run's tokenizer.json; it and its companion files are copied in, so that a checkpoint is a
+    complete model directory (`minicpm generate CHECKPOINT` finds its tokenizer).
+    """
     from minicpm.interop.hf import save_model
 
     root = Path(run_dir) / "checkpoints"
@@ -117,7 +121,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     tmp = root / f".tmp-{final.name}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    save_model(model, tmp)
+    save_model(model, tmp, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
     _publish(run_dir, tmp, final, keep_last)
@@ -139,6 +143,15 @@ def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> Non
     if keep_last:
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(stale)
+
+
+def _tokenizer_files(tokenizer: str | Path) -> dict[str, Path]:
+    from minicpm.interop.hf import tokenizer_files
+
+    path = Path(tokenizer)
+    if path.is_dir() or path.name in ("tokenizer.json", "tokenizer.model"):
+        return tokenizer_files(path if path.is_dir() else path.parent)
+    return {"tokenizer.model" if path.suffix == ".model" else "tokenizer.json": path}
 
 
 def remove_incomplete(run_dir: str | Path) -> None:

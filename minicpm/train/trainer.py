@@ -331,7 +331,7 @@ class Trainer:
                                                 is_main=self.dist.is_main)
         elif self.dist.is_main:
             path = ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.trainer_state(),
-                                        keep_last=self.cfg.run.keep_last)
+                                        keep_last=self.cfg.run.keep_last, tokenizer=self.cfg.data.tokenizer)
         return path
 
     def _load(self, checkpoint: Path) -> None:

@@ -1,0 +1,190 @@
+"""Optimizer-step throughput of our trainer against a plain transformers Llama + torch AdamW loop.
+
+    python benchmarks/train_step.py                       # CPU: the quickstart's model (d=256, 4 layers, vocab 4096)
+    python benchmarks/train_step.py --preset proxy-0.1b --seq 1024 --tokens-per-step 65536 --micro 16 --device cuda
+
+Ours is the real thing: minicpm.train.trainer.Trainer built from a TrainConfig, timed through Trainer._train_step
+(schedule → lr per muP group, gradient accumulation over micro-batches, bf16 autocast over fp32 weights, loss
+normalised by the batch's token count, clipping, NaN check, fused AdamW where the device has it).
+The peer is the loop a person would write with transformers: LlamaForCausalLM of identical shapes (tied
+embedding, SDPA attention, no biases; the same parameter count), labels=..., loss / accumulation, backward,
+clip_grad_norm_, torch.optim.AdamW with its defaults, zero_grad.
+
+Both get the same batches (random token rows drawn once), the same micro-batch, accumulation and autocast, and live
+in one process; their steps alternate (ours, peer, peer, ours, ...) so that both see the same share of a busy
+machine. tokens/s = tokens per step / median step time. MFU = ModelConfig.flops_per_token(seq) × tokens/s / peak,
+the peak being the datasheet bf16 figure on known GPUs and a measured matmul on CPU (DESIGN section 6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+from minicpm.config import load_config, model_config
+from minicpm.train.distributed import device_peak_flops
+from minicpm.train.trainer import Trainer, rows_to_batch
+
+
+class FixedRows:
+    """The benchmark's data: the same pre-drawn rows for both loops, cycled."""
+
+    def __init__(self, rows: torch.Tensor, per_step: int):
+        self.rows, self.per_step, self.position = rows, per_step, 0
+
+    def next_rows(self) -> torch.Tensor:
+        start = self.position % (len(self.rows) // self.per_step) * self.per_step
+        self.position += 1
+        return self.rows[start:start + self.per_step]
+
+    # the trainer's DataSource protocol
+    def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]:
+        return rows_to_batch(self.next_rows())
+
+    def stage(self, step: int) -> str:
+        return "stable"
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def our_config(args, out_dir: str):
+    overrides = [f"model.preset={args.preset}", f"batch.seq_len={args.seq}",
+                 f"batch.tokens_per_step={args.tokens_per_step}", f"batch.micro_batch_size={args.micro}",
+                 f"run.device={args.device}", f"run.dtype={args.dtype}", f"run.out_dir={out_dir}",
+                 f"schedule.total_steps={10 ** 6}", "schedule.kind=constant", "run.progress=false"]
+    if args.vocab:
+        overrides.append(f"model.vocab_size={args.vocab}")
+    overrides += [f"model.{k}" for k in args.model]
+    return load_config(None, overrides)
+
+
+def ours(cfg, rows: torch.Tensor):
+    trainer = Trainer(cfg, data=FixedRows(rows, cfg.batch.tokens_per_step // cfg.batch.seq_len))
+
+    def step() -> float:
+        loss, _, _, _ = trainer._train_step()
+        trainer.step += 1
+        return loss
+
+    return step
+
+
+def peer(args, config, rows: torch.Tensor, device: torch.device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf = LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                     intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                     num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
+                     max_position_embeddings=config.max_position_embeddings, rms_norm_eps=config.rms_norm_eps,
+                     rope_theta=config.rope_theta, tie_word_embeddings=True, attention_bias=False, mlp_bias=False,
+                     hidden_act="silu")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(hf, attn_implementation="sdpa").to(device)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    data = FixedRows(rows, args.tokens_per_step // args.seq)
+    accumulation = args.tokens_per_step // args.seq // args.micro
+
+    def step() -> float:
+        batch = data.next_rows()
+        total = 0.0
+        for i in range(accumulation):
+            micro = batch[i * args.micro:(i + 1) * args.micro].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+                loss = _llama_loss(model, micro)
+            (loss / accumulation).backward()
+            total += loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return total / accumulation
+
+    return sum(p.numel() for p in model.parameters()), step
+
+
+def _llama_loss(model, micro: torch.Tensor) -> torch.Tensor:
+    # inputs and next-token targets given explicitly (transformers shifts `labels` itself; passing the already
+    # shifted targets as labels would shift twice), the loss transformers' own ForCausalLMLoss computes
+    logits = model(input_ids=micro[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), micro[:, 1:].flatten())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny, widened by --model below)")
+    p.add_argument("--model", nargs="*", default=["hidden_size=256", "intermediate_size=640", "num_hidden_layers=4",
+                                                   "num_attention_heads=4", "num_key_value_heads=4",
+                                                   "max_position_embeddings=1024"],
+                   help="ModelConfig overrides key=value (default: the quickstart's model)")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096; 0 keeps the preset's)")
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--tokens-per-step", type=int, default=8192)
+    p.add_argument("--micro", type=int, default=16, help="micro-batch (sequences)")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per loop")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
+    args = p.parse_args(argv)
+    if args.preset != "tiny" and args.model == p.get_default("model"):
+        args.model = []
+
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = our_config(args, tmp)
+        config = model_config(cfg)
+        sequences = args.tokens_per_step // args.seq
+        g = torch.Generator().manual_seed(0)
+        rows = torch.randint(0, config.vocab_size, (sequences * 4, args.seq + 1), generator=g)
+        our_step = ours(cfg, rows)
+        peer_params, peer_step = peer(args, config, rows, device)
+        ours_params = config.total_params()
+        assert ours_params == peer_params, (ours_params, peer_params)
+        times: dict[str, list[float]] = {"ours": [], "peer": []}
+        losses: dict[str, list[float]] = {"ours": [], "peer": []}
+        order = ["ours", "peer", "peer", "ours"]
+        steps = {"ours": our_step, "peer": peer_step}
+        for i in range(args.warmup):
+            for name in ("ours", "peer"):
+                steps[name]()
+        for i in range(args.steps):
+            for name in (order[(2 * i) % 4], order[(2 * i + 1) % 4]):
+                _sync(device)
+                start = time.perf_counter()
+                losses[name].append(steps[name]())
+                _sync(device)
+                times[name].append(time.perf_counter() - start)
+
+    peak = device_peak_flops(device, torch.bfloat16 if args.dtype == "bf16" else torch.float32)
+    flops = config.flops_per_token(args.seq)
+    speed = {k: args.tokens_per_step / statistics.median(v) for k, v in times.items()}
+    mfu = {k: v * flops / peak for k, v in speed.items()}
+    print(f"model: {ours_params / 1e6:.2f}M parameters (d={config.hidden_size}, L={config.num_hidden_layers}, "
+          f"vocab {config.vocab_size}); {args.tokens_per_step} tokens/step = {sequences} x {args.seq}, micro-batch "
+          f"{args.micro}; {args.dtype} on {device} ({torch.get_num_threads()} threads); {args.steps} timed steps each, "
+          f"interleaved; peak {peak / 1e12:.3g} TFLOP/s")
+    print(f"{'figure':<22}{'ours':>14}{'peer':>14}{'ratio':>9}")
+    print(f"{'tokens/s (median)':<22}{speed['ours']:>14,.0f}{speed['peer']:>14,.0f}{speed['ours'] / speed['peer']:>8.2f}x")
+    print(f"{'MFU':<22}{mfu['ours']:>14.2%}{mfu['peer']:>14.2%}{mfu['ours'] / mfu['peer']:>8.2f}x")
+    print(f"{'step time (median, s)':<22}{statistics.median(times['ours']):>14.3f}"
+          f"{statistics.median(times['peer']):>14.3f}")
+    print(f"{'loss first -> last':<22}{losses['ours'][0]:>7.3f}>{losses['ours'][-1]:<6.3f}"
+          f"{losses['peer'][0]:>7.3f}>{losses['peer'][-1]:<6.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
