@@ -8,6 +8,8 @@ The forward-pass multipliers (scale_emb, scale_depth/√L, logits ÷ m) live in 
 Whether the vocabulary matrices (the embedding, and the head when untied) count as 2-D weights is the switch
 `embedding_in_2d_group`. True is the literal reading of Table 7 ("each 2-D tensor"), the default; False is classic
 μP, where they are "vector-like": init N(0, initializer_range²), base learning rate (weight decay kept).
+The coordinate check below tells them apart: under the literal reading the embedding output shrinks like 1/√m
+and the logits like 1/m as the width grows; under classic μP both stay flat (tests/test_mup.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def _scaled_as_hidden(name: str, embedding_in_2d_group: bool) -> bool:
-    return embedding_in_2d_group or name not in VOCAB_MATRICES
+    # endswith: a wrapped model (torch.compile, FSDP) prefixes the names
+    return embedding_in_2d_group or not name.endswith(VOCAB_MATRICES)
 
 
 @torch.no_grad()
