@@ -1,6 +1,7 @@
 """Optimizer-step throughput of our trainer against a plain transformers Llama + torch AdamW loop.
 
-    python benchmarks/train_step.py                       # CPU: the quickstart's model (d=256, 4 layers, vocab 4096)
+    python benchmarks/train_step.py                       # CPU: the quickstart's model and batch (d=128, 4 layers)
+    python benchmarks/train_step.py --preset proxy-9m --seq 512 --micro 8       # a 10.7M-parameter proxy (vocab 4096)
     python benchmarks/train_step.py --preset proxy-0.1b --seq 1024 --tokens-per-step 65536 --micro 16 --device cuda
 
 Ours is the real thing: minicpm.train.trainer.Trainer built from a TrainConfig, timed through Trainer._train_step
@@ -23,10 +24,13 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
-from minicpm.config import load_config, model_config
+
+from minicpm.config import config_to_yaml, load_config, model_config
+from minicpm.quickstart import quickstart_config
 from minicpm.train.distributed import device_peak_flops
 from minicpm.train.trainer import Trainer, rows_to_batch
 
@@ -57,14 +61,19 @@ class FixedRows:
 
 
 def our_config(args, out_dir: str):
-    overrides = [f"model.preset={args.preset}", f"batch.seq_len={args.seq}",
-                 f"batch.tokens_per_step={args.tokens_per_step}", f"batch.micro_batch_size={args.micro}",
-                 f"run.device={args.device}", f"run.dtype={args.dtype}", f"run.out_dir={out_dir}",
-                 f"schedule.total_steps={10 ** 6}", "schedule.kind=constant", "run.progress=false"]
-    if args.vocab:
-        overrides.append(f"model.vocab_size={args.vocab}")
-    overrides += [f"model.{k}" for k in args.model]
-    return load_config(None, overrides)
+    """The quickstart's TrainConfig (--preset quickstart) or a preset's, with the benchmark's shapes."""
+    overrides = [f"batch.seq_len={args.seq}", f"batch.tokens_per_step={args.tokens_per_step}",
+                 f"batch.micro_batch_size={args.micro}", f"run.device={args.device}", f"run.dtype={args.dtype}",
+                 f"run.out_dir={out_dir}/run", f"schedule.total_steps={10 ** 6}", "schedule.kind=constant",
+                 "run.progress=false", "data.stable={}", "data.decay=null", "data.tokenizer=null",
+                 f"model.vocab_size={args.vocab}", *args.set]
+    recipe = None
+    if args.preset == "quickstart":
+        recipe = Path(out_dir) / "quickstart.yaml"
+        recipe.write_text(config_to_yaml(quickstart_config(Path(out_dir))))
+    else:
+        overrides.append(f"model.preset={args.preset}")
+    return load_config(recipe, overrides)
 
 
 def ours(cfg, rows: torch.Tensor):
@@ -125,22 +134,19 @@ def _sync(device: torch.device) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="model preset (default tiny, widened by --model below)")
-    p.add_argument("--model", nargs="*", default=["hidden_size=256", "intermediate_size=640", "num_hidden_layers=4",
-                                                   "num_attention_heads=4", "num_key_value_heads=4",
-                                                   "max_position_embeddings=1024"],
-                   help="ModelConfig overrides key=value (default: the quickstart's model)")
-    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096; 0 keeps the preset's)")
+    p.add_argument("--preset", default="quickstart",
+                   help="quickstart (default: the quickstart's whole TrainConfig) or a model preset name")
+    p.add_argument("--vocab", type=int, default=4096, help="vocabulary size (default 4096, the quickstart's)")
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--tokens-per-step", type=int, default=8192)
     p.add_argument("--micro", type=int, default=16, help="micro-batch (sequences)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="further overrides of our TrainConfig, e.g. parallel.loss_chunk_size=null")
     p.add_argument("--steps", type=int, default=8, help="timed steps per loop")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     args = p.parse_args(argv)
-    if args.preset != "tiny" and args.model == p.get_default("model"):
-        args.model = []
 
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:

@@ -17,7 +17,7 @@ import textwrap
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Dict, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -361,8 +361,3 @@ def describe_fields() -> str:
             shown = "null" if value is None else value
             lines.append(f"  {section.name}.{f.name} = {shown}\n      {docs.get(f.name, '')}")
     return "\n".join(lines)
-
-
-def dump_value(value: Any) -> str:
-    """A config value the way YAML would show it (for messages)."""
-    return OmegaConf.to_yaml({"v": value}).strip()[3:]

@@ -11,10 +11,13 @@ import html
 import io
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from minicpm.errors import MiniCPMError
 from minicpm.train.metrics import read_metrics
@@ -27,6 +30,8 @@ class RunData:
     train: list[dict[str, Any]]
     evals: list[dict[str, Any]]
     config_text: str
+    init_from: Path | None = None
+    """The checkpoint a branch or continuation started from (run.init_from)."""
 
 
 def load_run(path: str | Path) -> RunData:
@@ -35,9 +40,29 @@ def load_run(path: str | Path) -> RunData:
     if not records:
         raise MiniCPMError(f"{path}: no metrics.jsonl records; is it a run directory?")
     config = path / "config.yaml"
+    text = config.read_text() if config.is_file() else ""
+    init_from = (yaml.safe_load(text) or {}).get("run", {}).get("init_from") if text else None
     return RunData(name=path.name or str(path), path=path,
                    train=[r for r in records if "loss" in r], evals=[r for r in records if "eval_loss" in r],
-                   config_text=config.read_text() if config.is_file() else "")
+                   config_text=text, init_from=Path(init_from) if init_from else None)
+
+
+def attach_branches(runs: list[RunData]) -> None:
+    """Start each branch's lines at its source run's point at the branch step, when the source is plotted too,
+    so that a decay visibly leaves the stable curve."""
+    by_dir = {run.path.resolve(): run for run in runs}
+    for run in runs:
+        source = by_dir.get(run.init_from.parent.parent.resolve()) if run.init_from else None
+        if source is None or source is run:
+            continue
+        match = re.fullmatch(r"step_(\d+)", run.init_from.name)
+        if match is None:
+            continue
+        step = int(match.group(1))
+        for mine, theirs in ((run.train, source.train), (run.evals, source.evals)):
+            at = [r for r in theirs if r["step"] == step]
+            if at and (not mine or mine[0]["step"] > step):
+                mine.insert(0, at[-1])
 
 
 def _figure():
@@ -142,6 +167,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
     """Write loss.png, bpb.png (when there are evaluations) and report.html; returns the paths written."""
     runs = [load_run(p) for p in run_dirs]
+    attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
     images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs)}

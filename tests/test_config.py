@@ -90,3 +90,9 @@ def test_shipped_recipes_load():
         cfg = load_config(path)
         model_config(cfg)
         batch_plan(cfg.batch, 1)
+
+
+def test_the_quickstart_recipe_file_matches_the_quickstart_code():
+    from minicpm.quickstart import quickstart_config
+
+    assert load_config(CONFIGS / "quickstart.yaml") == quickstart_config(Path("quickstart"))
