@@ -304,6 +304,8 @@ def register_training_commands(sub) -> None:
         cfg = launch_config(config, overrides, out=args.out, resume=args.resume, init_from=args.init_from,
                             decay_steps=args.decay_steps, decay=args.decay, half_life=args.half_life)
         result = run_training(cfg, resume=args.resume)
+        if not result.is_main:
+            return 0  # under torchrun, rank 0 alone prints the summary
         summary = [f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens)"]
         if "loss" in result.last_train:
             summary.append(f"train loss {result.last_train['loss']:.4f}")

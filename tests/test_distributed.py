@@ -199,6 +199,7 @@ def _fsdp_worker(out: str) -> None:
     if info.is_main:
         result = {**diffs, "sharded": distributed.fsdp_applied(model), "world_size": info.world_size}
         Path(out).write_text(json.dumps(result))
+    dist.barrier()  # no rank tears gloo down while another is still in a collective
     dist.destroy_process_group()
 
 

@@ -399,6 +399,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, objective: Objective | None
     trainer = Trainer(cfg, objective=objective, data=data)
     result = trainer.fit(resume=resume)
     if trainer.dist.distributed and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()  # the run's process group ends with it (NCCL warns if left open)
     return result
 
