@@ -133,9 +133,8 @@ def write_corpus(out: Path, file_stride: int = 1) -> dict[str, Path]:
     """The stdlib's .py files as JSON-lines corpora: `library` (the modules), `tests` (the test suites) and a
     `sample` of both to train the tokenizer on.
 
-    Files are cut at blank lines into pieces of ~1.5-2 KB: the mixture packs documents one after another in a
-    shuffled order, so small documents make every batch draw on many files (whole files of ~5000 tokens would
-    fill a batch with a handful of them). The held-out split is made of whole files.
+    Files are cut at blank lines into pieces of ~1.5-2 KB, so that the document shuffle of each epoch mixes code
+    from many files within every training window. The held-out split is made of whole files.
     """
     from minicpm.data.sources import stdlib_files
 

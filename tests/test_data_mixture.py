@@ -1,12 +1,14 @@
 """Mixtures: packing, determinism, exact resume, the realised mix, stage mixtures, held-out rows, mismatches."""
 
 import json
+import re
+from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from minicpm.data.mixture import Mixture, bytes_per_token, validation_batches
+from minicpm.data.mixture import Mixture, _WindowOrder, bytes_per_token, validation_batches
 from minicpm.data.prepare import prepare
 from minicpm.data.shards import open_dataset
 from minicpm.data.tokenizer import EOS_ID, SPECIAL_TOKENS, byte_level_tokenizer, save_tokenizer, train_tokenizer
@@ -30,6 +32,28 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
     tok = save_tokenizer(byte_level_tokenizer(), root / "tok")
     return make_dataset(root, "a", "a", tok), make_dataset(root, "b", "b", tok), root
+
+
+@pytest.fixture(scope="module")
+def numbered(tmp_path_factory):
+    """200 documents of 50-150 bytes, document i being '<i>' repeated (i as 3 digits): a row names its documents."""
+    root = tmp_path_factory.mktemp("numbered")
+    tok = save_tokenizer(byte_level_tokenizer(), root / "tok")
+    rng = np.random.default_rng(0)
+    source = root / "docs.jsonl"
+    source.write_text("".join(json.dumps({"text": f"<{i:03d}>" * int(k)}) + "\n"
+                              for i, k in enumerate(rng.integers(10, 31, 200))))
+    prepare([str(source)], tok, root / "numbered", val_fraction=0.2, workers=1, progress=False)
+    return str(root / "numbered")
+
+
+def documents_in(rows: torch.Tensor) -> set[str]:
+    """The numbered documents the rows hold a piece of (any 7 bytes of a document name it)."""
+    found = set()
+    for row in rows:
+        text = "".join("|" if t == EOS_ID else chr(t - len(SPECIAL_TOKENS)) for t in row.tolist())
+        found |= set(re.findall(r"\d{3}", text))
+    return found
 
 
 def source_of(row: torch.Tensor) -> str:
@@ -58,22 +82,36 @@ def test_two_fresh_samplers_and_a_resumed_one_yield_identical_batches(data):
     assert not all(torch.equal(x, y) for x, y in zip(reference, other_seed))
 
 
-def test_windows_are_seq_len_plus_one_tokens_sharing_one_token_with_the_previous(data):
-    a, _, _ = data
-    rows = Mixture({a: 1.0}, seq_len=SEQ, seed=0).next_batch(20)
-    assert rows.shape == (20, SEQ + 1) and rows.dtype == torch.long
-    assert torch.equal(rows[1:, 0], rows[:-1, -1])  # inputs w[:-1] and labels w[1:] cover every pair once
+def test_window_order_is_a_permutation_for_any_count():
+    for n in (1, 2, 3, 5, 64, 1000, 4097):
+        order = [_WindowOrder(n, key=11)[i] for i in range(n)]
+        assert sorted(order) == list(range(n))
+        if n >= 64:
+            assert order != list(range(n)) and order != [_WindowOrder(n, key=12)[i] for i in range(n)]
 
 
-def test_one_epoch_holds_every_document_exactly_once(data):
-    a, _, _ = data
-    ds = open_dataset(a)
-    rows = Mixture({a: 1.0}, seq_len=1, seed=3).next_batch(ds.num_tokens - 1)  # seq_len 1: one new token a row
-    stream = torch.cat([rows[:1, 0], rows[:, 1]]).numpy()
-    assert len(stream) == ds.num_tokens and stream[-1] == EOS_ID
-    lengths = np.diff(np.concatenate([[-1], np.flatnonzero(stream == EOS_ID)]))
-    assert sorted(lengths.tolist()) == sorted(ds.document_lengths().tolist())
-    assert lengths.tolist() != ds.document_lengths().tolist()  # shuffled, not in file order
+def test_one_epoch_trains_on_every_token_but_the_last_partial_window_once(numbered):
+    ds = open_dataset(numbered)
+    mixture = Mixture({numbered: 1.0}, seq_len=SEQ, seed=3)
+    windows = (ds.num_tokens - 1) // SEQ
+    rows = mixture.next_batch(windows)
+    assert rows.shape == (windows, SEQ + 1) and rows.dtype == torch.long
+    every = Counter(ds.tokens(0, ds.num_tokens).tolist())
+    labels = Counter(rows[:, 1:].flatten().tolist())
+    assert not labels - every and (every - labels).total() == ds.num_tokens - windows * SEQ  # < SEQ + 1 skipped
+    assert len(documents_in(rows)) >= ds.num_documents - 1  # all but one in the skipped tail, at most
+    assert mixture.state_dict()["datasets"][0]["epoch"] == 0
+    nxt = mixture.next_batch(windows)  # the next epoch: a fresh document and window order
+    assert mixture.state_dict()["datasets"][0]["epoch"] == 1 and not torch.equal(nxt, rows)
+    assert not Counter(nxt[:, 1:].flatten().tolist()) - every
+
+
+def test_consecutive_sequences_of_a_batch_come_from_all_over_the_dataset(numbered):
+    mixture = Mixture({numbered: 1.0}, seq_len=SEQ, seed=0)
+    for _ in range(3):
+        batch = mixture.next_batch(16)
+        assert len(documents_in(batch)) >= 8  # consecutive windows of one layout would cover 2-4 documents
+        assert sum(torch.equal(batch[i + 1, 0], batch[i, -1]) for i in range(15)) < 12
 
 
 @pytest.mark.parametrize("weights", [(0.7, 0.3), (1.0, 3.0), (0.51, 0.49)])
@@ -146,10 +184,20 @@ def test_validation_batches_are_fixed_rows_from_the_held_out_split(data):
     assert rows.shape == (6, 5) and torch.equal(rows, validation_batches([a, b], seq_len=4, max_sequences=6))
     assert [source_of(r) for r in rows] == ["a"] * 3 + ["b"] * 3
     val = open_dataset(a, "val")
-    assert rows[0].tolist() == val.tokens(0, 5).tolist() and rows[1, 0] == rows[0, -1]
+    windows = (val.num_tokens - 1) // 4
+    assert rows[0].tolist() == val.tokens(0, 5).tolist()
+    assert rows[2].tolist() == val.tokens(2 * windows // 3 * 4, 2 * windows // 3 * 4 + 5).tolist()
     with pytest.raises(MiniCPMError, match="fewer than one window"):
         validation_batches([a], seq_len=10_000, max_sequences=2)
     expected = (val.num_bytes + open_dataset(b, "val").num_bytes) / (val.num_tokens + open_dataset(b, "val").num_tokens)
     assert bytes_per_token([a, b]) == pytest.approx(expected)
     assert bytes_per_token([a], split="train") == pytest.approx(
         open_dataset(a).num_bytes / open_dataset(a).num_tokens)
+
+
+def test_validation_rows_are_spread_over_the_whole_held_out_split(numbered):
+    rows = validation_batches([numbered], seq_len=SEQ, max_sequences=16)
+    assert rows.shape == (16, SEQ + 1) and len(documents_in(rows)) >= 12  # the first 16 windows hold 3-5
+    val = open_dataset(numbered, "val")
+    last = (val.num_tokens - 1) // SEQ * 15 // 16
+    assert rows[-1].tolist() == val.tokens(last * SEQ, last * SEQ + SEQ + 1).tolist()

@@ -120,15 +120,29 @@ def test_peak_flops_known_gpus_from_table(monkeypatch):
         assert device_peak_flops(torch.device("cuda")) == flops
 
 
-def test_peak_flops_cpu_is_measured_once_and_cached(monkeypatch, tmp_path):
+def test_peak_flops_cpu_is_measured_once_a_process_and_the_cache_keeps_the_maximum(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    readings = iter([1.5e11, 4.0e11, 1.0e11])  # a busy machine, then a quiet one, then a busy one again
     calls = []
-    monkeypatch.setattr(distributed, "measure_matmul_flops", lambda device, dtype: calls.append(dtype) or 1.5e11)
+    monkeypatch.setattr(distributed, "measure_matmul_flops",
+                        lambda device, dtype: calls.append(dtype) or next(readings))
+    cache = tmp_path / "minicpm" / "peak.json"
+
+    def new_process():
+        monkeypatch.setattr(distributed, "_MEASURED", {})
+
+    new_process()
     assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 1.5e11
     assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 1.5e11
-    assert len(calls) == 1
-    cached = json.loads((tmp_path / "minicpm" / "peak.json").read_text())
-    assert list(cached.values()) == [1.5e11]
+    assert len(calls) == 1  # the same process does not measure again
+    assert list(json.loads(cache.read_text()).values()) == [1.5e11]
+    new_process()
+    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 4.0e11  # a higher reading replaces it
+    assert list(json.loads(cache.read_text()).values()) == [4.0e11]
+    new_process()
+    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 4.0e11  # a lower one does not
+    assert list(json.loads(cache.read_text()).values()) == [4.0e11]
+    assert len(calls) == 3
 
 
 def test_measured_matmul_flops_is_positive():

@@ -1,10 +1,19 @@
 """Weighted mixtures of prepared datasets, packed into fixed-length training sequences; resumable.
 
-A `Mixture` holds one stream per dataset. A stream walks the dataset's documents in a shuffled order (a fresh
-order each epoch, fixed by the seed and the dataset's checksums) and packs their tokens, end-of-document ids
-included, into windows of seq_len + 1 tokens: inputs = w[:-1], labels = w[1:]. Consecutive windows of a stream
-share one token (the last label of one window is the first input of the next), so every next-token pair of the
-stream is trained on exactly once per epoch and each sequence brings seq_len new tokens.
+A `Mixture` holds one stream per dataset. Each epoch a stream lays the dataset's documents out in a shuffled
+order (a fresh order each epoch, fixed by the seed and the dataset's checksums), packs their tokens,
+end-of-document ids included, into windows of seq_len + 1 tokens (inputs = w[:-1], labels = w[1:]) and hands the
+windows out in a pseudo-random order of their own. Neighbouring windows of the layout share one token (the last
+label of one is the first input of the next), so every next-token pair of an epoch's layout is trained on exactly
+once and each sequence brings seq_len new tokens; the fewer than seq_len tokens left at the end of the layout are
+skipped that epoch (other tokens are skipped the next, as the documents are reshuffled). Permuting the windows,
+not only the documents, matters when documents are long: consecutive windows of one layout come from one or two
+documents, so a batch of them would see a handful of files; permuted, a batch draws on the whole dataset.
+
+The window order is a keyed Feistel permutation of [0, windows) with cycle walking: any window count, O(1)
+memory and O(1) work a window, so a dataset of billions of tokens needs no array over its windows (the
+document order costs one int64 array a document, as the document offsets already do); the state is an
+(epoch, position) pair, never the permutation.
 
 Which dataset a sequence comes from follows the weights by deficit round-robin: every draw adds each dataset's
 integer share to its credit and takes the dataset with the most credit, which then pays one full round. After n
@@ -31,7 +40,7 @@ import torch
 from minicpm.data.shards import TokenDataset, open_dataset
 from minicpm.errors import MiniCPMError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: windows in a permuted order, positions as (epoch, position)
 WEIGHT_QUANTUM = 1 << 20  # weights become integer shares of this total, so the schedule is exact integer arithmetic
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -54,60 +63,103 @@ def _fingerprint(ds: TokenDataset) -> str:
     return h.hexdigest()[:16]
 
 
+def _mix64(x: int) -> int:
+    """SplitMix64 finaliser over one Python int (the scalar twin of `_splitmix64`)."""
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+class _WindowOrder:
+    """A pseudo-random permutation of [0, n), keyed: a balanced Feistel network over the smallest even number of
+    bits that holds n, with cycle walking (re-encrypt until the value falls below n; fewer than 4 rounds on
+    average as the domain is under 4n). A bijection whatever the round function, so no window is skipped or
+    repeated within an epoch."""
+
+    ROUNDS = 6
+
+    def __init__(self, n: int, key: int):
+        bits = max(2, (n - 1).bit_length())
+        self.n, self.half = n, (bits + 1) // 2
+        self.mask = (1 << self.half) - 1
+        self.keys = [_mix64((key + r * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF) for r in range(self.ROUNDS)]
+
+    def __getitem__(self, i: int) -> int:
+        if not 0 <= i < self.n:
+            raise IndexError(f"window position {i} outside [0, {self.n})")
+        x = i
+        while True:
+            left, right = x >> self.half, x & self.mask
+            for k in self.keys:
+                left, right = right, left ^ (_mix64(right ^ k) & self.mask)
+            x = (left << self.half) | right
+            if x < self.n:
+                return x
+
+
 class _Stream:
-    """Packs one dataset's documents, in a per-epoch shuffled order, into a continuous token stream."""
+    """One dataset's windows: per epoch, its documents packed in a shuffled order, the windows taken in a
+    pseudo-random order."""
 
-    def __init__(self, name: str, ds: TokenDataset, seed: int):
-        if ds.num_tokens == 0:
-            raise MiniCPMError(f"{name}: the '{ds.split}' split holds no tokens")
-        self.name, self.ds, self.seed = name, ds, seed
+    def __init__(self, name: str, ds: TokenDataset, seed: int, seq_len: int):
+        self.windows = (ds.num_tokens - 1) // seq_len if ds.num_tokens else 0
+        if self.windows == 0:
+            raise MiniCPMError(f"{name}: the '{ds.split}' split holds {ds.num_tokens} tokens, fewer than one window "
+                               f"of {seq_len + 1} (add data or shorten seq_len)")
+        self.name, self.ds, self.seed, self.seq_len = name, ds, seed, seq_len
         self.fingerprint = _fingerprint(ds)
-        self.epoch = self.cursor = self.offset = 0
-        self.carry = -1           # last token of the previous window, the first input of the next (-1: none yet)
+        self.epoch = self.position = 0  # the next window is the epoch's position-th in the permuted order
         self.sequences = 0
-        self._order_epoch, self._order = -1, None
+        self._layout_epoch = -1
+        self._order = self._ends = None
+        self._windows_order: _WindowOrder | None = None
 
-    def _order_of(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            key = np.uint64((self.seed * 0x100000001B3 + int(self.fingerprint, 16) + epoch * 0x9E3779B1) & ((1 << 64) - 1))
-            keys = _splitmix64(np.arange(self.ds.num_documents, dtype=np.uint64) ^ _splitmix64(np.array([key]))[0])
-            self._order, self._order_epoch = np.argsort(keys, kind="stable"), epoch
-        return self._order
+    def _key(self, epoch: int, salt: int) -> int:
+        return (self.seed * 0x100000001B3 + int(self.fingerprint, 16) + epoch * 0x9E3779B1 + salt) & ((1 << 64) - 1)
 
-    def take(self, n: int) -> np.ndarray:
-        """The next n tokens of the stream."""
+    def _layout(self, epoch: int) -> None:
+        """The epoch's document order, where each document ends in the packed layout, and its window order."""
+        if self._layout_epoch == epoch:
+            return
+        keys = _splitmix64(np.arange(self.ds.num_documents, dtype=np.uint64)
+                           ^ _splitmix64(np.array([self._key(epoch, 0)], dtype=np.uint64))[0])
+        self._order = np.argsort(keys, kind="stable")
+        self._ends = np.cumsum(self.ds.document_lengths()[self._order])
+        self._windows_order = _WindowOrder(self.windows, _mix64(self._key(epoch, 0x5851F42D4C957F2D)))
+        self._layout_epoch = epoch
+
+    def _tokens(self, start: int, n: int) -> np.ndarray:
+        """Tokens [start, start + n) of the current epoch's packed layout."""
         out = np.empty(n, dtype=np.int64)
+        k = int(np.searchsorted(self._ends, start, side="right"))
         filled = 0
         while filled < n:
-            if self.cursor == self.ds.num_documents:
-                self.epoch, self.cursor = self.epoch + 1, 0
-            doc = int(self._order_of(self.epoch)[self.cursor])
-            start = int(self.ds.doc_starts[doc]) + self.offset
-            end = int(self.ds.doc_starts[doc + 1])
-            m = min(n - filled, end - start)
-            out[filled:filled + m] = self.ds.tokens(start, start + m)
+            doc = int(self._order[k])
+            doc_start = int(self._ends[k]) - int(self.ds.doc_starts[doc + 1] - self.ds.doc_starts[doc])
+            a = int(self.ds.doc_starts[doc]) + start + filled - doc_start
+            m = min(n - filled, int(self.ds.doc_starts[doc + 1]) - a)
+            out[filled:filled + m] = self.ds.tokens(a, a + m)
             filled += m
-            self.offset += m
-            if start + m == end:
-                self.cursor, self.offset = self.cursor + 1, 0
+            k += 1
         return out
 
-    def window(self, seq_len: int) -> np.ndarray:
-        if self.carry < 0:
-            w = self.take(seq_len + 1)
-        else:
-            w = np.concatenate([[self.carry], self.take(seq_len)])
-        self.carry = int(w[-1])
+    def window(self) -> np.ndarray:
+        if self.position == self.windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._layout(self.epoch)
+        w = self._windows_order[self.position]
+        self.position += 1
         self.sequences += 1
-        return w
+        return self._tokens(w * self.seq_len, self.seq_len + 1)
 
     def state(self) -> dict:
-        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "cursor": self.cursor,
-                "offset": self.offset, "carry": self.carry, "sequences": self.sequences}
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "position": self.position,
+                "sequences": self.sequences}
 
     def load(self, state: dict) -> None:
-        self.epoch, self.cursor, self.offset = int(state["epoch"]), int(state["cursor"]), int(state["offset"])
-        self.carry, self.sequences = int(state["carry"]), int(state["sequences"])
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.sequences = int(state["sequences"])
 
 
 def _open_all(paths: Iterable[str], split: str, tokenizer_hash: str | None) -> dict[str, TokenDataset]:
@@ -155,7 +207,7 @@ class Mixture:
         self._shares = _shares(weights)
         opened = _open_all(self.names, split, tokenizer_hash)
         self.tokenizer_hash = next(iter(opened.values())).tokenizer_hash
-        self._streams = [_Stream(name, opened[name], self.seed) for name in self.names]
+        self._streams = [_Stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
         self._credits = [0] * len(self.names)
 
     def _draw(self) -> int:
@@ -169,7 +221,7 @@ class Mixture:
         """The next n_sequences windows, a LongTensor (n_sequences, seq_len + 1)."""
         batch = np.empty((n_sequences, self.seq_len + 1), dtype=np.int64)
         for row in range(n_sequences):
-            batch[row] = self._streams[self._draw()].window(self.seq_len)
+            batch[row] = self._streams[self._draw()].window()
         return torch.from_numpy(batch)
 
     def sequences_drawn(self) -> dict[str, int]:
@@ -212,8 +264,9 @@ class Mixture:
 
 def validation_batches(datasets: Iterable[str | Path] | Mapping[str | Path, float], *, seq_len: int,
                        max_sequences: int, split: str = "val", tokenizer_hash: str | None = None) -> torch.Tensor:
-    """A fixed held-out set: consecutive windows (seq_len + 1 tokens, one token shared between neighbours) from
-    the start of each dataset's `split`, in document order, up to max_sequences shared evenly between datasets.
+    """A fixed held-out set: windows of seq_len + 1 tokens of each dataset's `split` (in document order), up to
+    max_sequences shared evenly between datasets; a dataset's windows are spaced evenly over its whole split, so a
+    small set samples all of it rather than its first few documents.
 
     Only whole windows are used; a dataset whose split cannot fill one window is an error.
     """
@@ -227,8 +280,9 @@ def validation_batches(datasets: Iterable[str | Path] | Mapping[str | Path, floa
             raise MiniCPMError(f"{name}: the '{split}' split holds {ds.num_tokens} tokens, fewer than one window of "
                                f"{seq_len + 1} (raise --val-fraction or shorten seq_len)")
         n = min(want, available)
-        tokens = ds.tokens(0, n * seq_len + 1).astype(np.int64)
-        rows += [tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]
+        # window i * available // n for i < n: distinct, evenly spaced, the first at the split's start
+        rows += [ds.tokens(w * seq_len, w * seq_len + seq_len + 1).astype(np.int64)
+                 for w in (i * available // n for i in range(n))]
     return torch.from_numpy(np.stack(rows)) if rows else torch.empty(0, seq_len + 1, dtype=torch.long)
 
 
