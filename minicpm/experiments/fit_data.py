@@ -52,13 +52,6 @@ class RunTable:
             c = np.where(np.isfinite(self.flops), self.flops, c)
         return c
 
-    def subset(self, mask_or_index: np.ndarray) -> "RunTable":
-        idx = np.arange(len(self))[mask_or_index] if np.asarray(mask_or_index).dtype == bool \
-            else np.asarray(mask_or_index)
-        pick = (lambda a: None if a is None else a[idx])
-        return RunTable(self.params[idx], self.tokens[idx], self.loss[idx], [self.run[i] for i in idx],
-                        pick(self.flops), pick(self.batch_tokens), self.source)
-
 
 @dataclass
 class Curve:
