@@ -230,7 +230,8 @@ def register_data_commands(sub) -> None:
     prepare.add_argument("--val-fraction", type=float, default=0.01,
                          help="share of documents held out for validation, spread evenly (default: %(default)s)")
     prepare.add_argument("--workers", type=int, default=None,
-                         help="encoding processes (default: one per available core)")
+                         help="encoding workers: threads of this process, or processes past 8 "
+                              "(default: one per available core)")
     prepare.add_argument("--shard-tokens", type=int, default=None,
                          help="start a new shard past this many tokens (default: 2^28)")
     prepare.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
@@ -328,7 +329,10 @@ def register_training_commands(sub) -> None:
 
         run_quickstart(args.out, device=args.device)
 
-    from minicpm.config import describe_fields
+    def config_keys() -> str:
+        from minicpm.config import describe_fields
+
+        return "config keys (section.key = default):\n" + describe_fields()
 
     p = sub.add_parser(
         "train", help="pretrain (WSD), resume, continue or branch a decay from a checkpoint",
@@ -338,7 +342,7 @@ def register_training_commands(sub) -> None:
                     "  minicpm train --resume --out runs/lr0.02\n"
                     "  minicpm train --from runs/lr0.02/checkpoints/step_00000500 --decay-steps 50 --out runs/d500\n"
                     "Under torchrun the same command trains on several processes.",
-        epilog="config keys (section.key = default):\n" + describe_fields())
+        epilog=config_keys)
     p.add_argument("config_and_overrides", nargs="*", metavar="CONFIG|KEY=VALUE",
                    help="a YAML recipe (optional with --resume or --from) followed by dotted overrides")
     p.add_argument("--out", help="run directory (run.out_dir)")
@@ -507,8 +511,18 @@ REGISTER = [
 ]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Takes a function as epilog, called only when help is shown: building the parser for every command then
+    imports nothing heavy (`train`'s list of config keys needs omegaconf)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="minicpm", description="Train small language models with the MiniCPM recipe.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in REGISTER:

@@ -79,18 +79,35 @@ def test_meta_counts_equal_a_recount_with_tokenizers(tmp_path, tokenizer):
     assert verify(tmp_path / "ds")["train"]["tokens"] == splits["train"]["tokens"]
 
 
-def test_output_is_byte_identical_whatever_the_worker_count(tmp_path, tokenizer):
+def test_output_is_byte_identical_whatever_the_worker_count_and_kind(tmp_path, tokenizer, monkeypatch):
     source = write_jsonl(tmp_path / "docs.jsonl", [f"{i}: {t}" for i in range(40) for t in TRICKY[:4]])
-    for workers in (1, 2):
-        prepare([str(source)], tokenizer, tmp_path / f"w{workers}", workers=workers, val_fraction=0.05,
-                batch_bytes=2000, shard_tokens=1500, progress=False)
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    runs = {"1": (1, "auto"), "2-threads": (2, "threads"), "3-threads": (3, "auto"), "2-processes": (2, "processes")}
+    for name, (workers, parallelism) in runs.items():
+        prepare([str(source)], tokenizer, tmp_path / name, workers=workers, parallelism=parallelism,
+                val_fraction=0.05, batch_bytes=2000, shard_tokens=1500, progress=False)
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"  # the caller's setting is put back
 
     def files(root):
         return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
-    one, two = files(tmp_path / "w1"), files(tmp_path / "w2")
-    assert one == two
+    one = files(tmp_path / "1")
+    for name in runs:
+        assert files(tmp_path / name) == one, name
     assert len([p for p in one if p.suffix == ".bin" and p.parts[0] == "train"]) >= 3  # several shards written
+
+
+def test_workers_past_the_thread_limit_are_processes(monkeypatch):
+    from minicpm.data import prepare as module
+    started = []
+    monkeypatch.setattr(module.multiprocessing.pool, "ThreadPool", lambda *a: started.append("threads"))
+    monkeypatch.setattr(module.multiprocessing, "get_context",
+                        lambda method: type("Ctx", (), {"Pool": lambda *a: started.append(method)}))
+    for workers in (1, module.THREADS_AT_MOST, module.THREADS_AT_MOST + 1):
+        module._start_pool(workers, "auto", ())
+    module._start_pool(2, "processes", ())
+    module._start_pool(64, "threads", ())
+    assert started == ["threads", "threads", "spawn", "spawn", "threads"]
 
 
 @pytest.mark.parametrize("vocab, dtype", [(65536, "uint16"), (65537, "uint32")])

@@ -1,8 +1,12 @@
 """`minicpm prepare`: source specs → a tokenized, sharded dataset (layout in `minicpm.data.shards`).
 
-Documents are read in this process, so a bad file stops the run with its file and line. Encoding runs in a pool of
-worker processes over batches of documents; results are written in submission order, so the output is the same
-byte for byte whatever the number of workers. Everything is built under a hidden temporary name next to the
+Documents are read in this process, so a bad file stops the run with its file and line. Batches of documents are
+encoded by a pool of workers: threads of this process (HF tokenizers releases the GIL while it encodes, so threads
+run on all cores without the start-up and copying costs of processes) or, past `THREADS_AT_MOST` workers, where the
+GIL-held part (turning ids into arrays) would start to limit threads, spawned processes. Each worker encodes whole
+batches serially (tokenizers' own thread pool off: one worker per core already, and a pool shared between workers
+waits at the end of every batch). Results are written in submission order, so the output is the same byte for byte
+whatever the number or kind of workers. Everything is built under a hidden temporary name next to the
 output and renamed into place at the end: a failed or interrupted run leaves nothing behind.
 
 The held-out split is deterministic and spread evenly through the corpus: with fraction f, non-empty document i
@@ -14,14 +18,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import shutil
+import threading
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Literal, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -33,6 +40,8 @@ from minicpm.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, vocab
 from minicpm.errors import MiniCPMError
 
 BATCH_BYTES = 1 << 19    # text per task sent to a worker: large enough to hide the hand-off, small enough to balance
+THREADS_AT_MOST = 8      # more workers than this run as processes (see the module docstring)
+Parallelism = Literal["auto", "threads", "processes"]
 
 
 @dataclass
@@ -100,17 +109,36 @@ class _Encoder:
         return tokens, lengths, nbytes
 
 
-_worker_encoder: _Encoder | None = None
+_worker = threading.local()  # the encoder of this worker thread, or of this worker process's one thread
 
 
 def _init_worker(tokenizer_json: str, eos: int, dtype: str) -> None:
-    global _worker_encoder
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already; no threads on top
-    _worker_encoder = _Encoder(tokenizer_json, eos, dtype)
+    _worker.encoder = _Encoder(tokenizer_json, eos, dtype)
 
 
 def _encode_in_worker(texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return _worker_encoder(texts)
+    return _worker.encoder(texts)
+
+
+@contextmanager
+def _tokenizers_serial() -> Iterator[None]:
+    """Turns HF tokenizers' own thread pool off for a while (it reads the variable at every call; spawned workers
+    inherit it), then puts the variable back as it was."""
+    before = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
+def _start_pool(workers: int, parallelism: Parallelism, encoder_args: tuple) -> multiprocessing.pool.Pool:
+    if parallelism == "processes" or (parallelism == "auto" and workers > THREADS_AT_MOST):
+        return multiprocessing.get_context("spawn").Pool(workers, _init_worker, encoder_args)
+    return multiprocessing.pool.ThreadPool(workers, _init_worker, encoder_args)
 
 
 class _Sink:
@@ -153,12 +181,19 @@ class _Sink:
 def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, val_fraction: float = 0.01,
             workers: int | None = None, options: SourceOptions | None = None,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False, progress: bool = True,
-            batch_bytes: int = BATCH_BYTES) -> PrepareResult:
-    """Tokenize `sources` with `tokenizer` into a shard set at `out`; see the module docstring."""
+            batch_bytes: int = BATCH_BYTES, parallelism: Parallelism = "auto") -> PrepareResult:
+    """Tokenize `sources` with `tokenizer` into a shard set at `out`; see the module docstring.
+
+    `workers` defaults to one per available core; `parallelism` picks threads or processes ("auto": threads up to
+    `THREADS_AT_MOST` workers)."""
     started = time.perf_counter()
     sources, out = list(sources), Path(out)
     if not sources:
         raise MiniCPMError("no sources given (a path, a glob, 'stdlib', 'jsonl:P', 'parquet:P' or 'hf:NAME')")
+    if parallelism not in ("auto", "threads", "processes"):
+        raise MiniCPMError(f"parallelism {parallelism!r}: must be 'auto', 'threads' or 'processes'")
+    if workers is not None and workers < 1:
+        raise MiniCPMError(f"--workers {workers}: must be at least 1")
     if not 0 <= val_fraction < 1:
         raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
     if out.exists() and not overwrite:
@@ -173,8 +208,9 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
     shutil.rmtree(tmp, ignore_errors=True)
     sink = _Sink(tmp, dtype, shard_tokens, sources, progress)
     try:
-        skipped = _tokenize(sources, options, encoder_args, Fraction(val_fraction).limit_denominator(1_000_000),
-                            workers or default_workers(), batch_bytes, sink)
+        with _tokenizers_serial():
+            skipped = _tokenize(sources, options, encoder_args, Fraction(val_fraction).limit_denominator(1_000_000),
+                                workers or default_workers(), parallelism, batch_bytes, sink)
         train, val = sink.stats["train"], sink.stats["val"]
         if train.documents + val.documents == 0:
             raise MiniCPMError(f"{' '.join(sources)}: no documents (empty corpus)")
@@ -205,7 +241,7 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
 
 
 def _tokenize(sources: list[str], options: SourceOptions | None, encoder_args: tuple, fraction: Fraction,
-              workers: int, batch_bytes: int, sink: _Sink) -> int:
+              workers: int, parallelism: Parallelism, batch_bytes: int, sink: _Sink) -> int:
     """Read, encode (in `workers` processes) and write every document; returns how many empty ones were skipped.
 
     The pool starts with the first full batch, so a corpus smaller than one batch is encoded in this process.
@@ -216,7 +252,7 @@ def _tokenize(sources: list[str], options: SourceOptions | None, encoder_args: t
     def submit(texts: list[str], splits: list[str], specs: list[str], last: bool) -> None:
         nonlocal pool, local
         if pool is None and workers > 1 and not last:
-            pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, encoder_args)
+            pool = _start_pool(workers, parallelism, encoder_args)
         if pool is None:
             local = local or _Encoder(*encoder_args)
             sink.write(local(texts), splits, specs)

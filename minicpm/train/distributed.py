@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import os
@@ -47,7 +48,21 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        if dev.type != "cuda":
+            atexit.register(_let_gloo_threads_finish)
     return DistInfo(rank, world_size, local_rank, dev)
+
+
+GLOO_EXIT_GRACE_S = 0.25
+
+
+def _let_gloo_threads_finish() -> None:
+    """A gloo worker thread drops each finished collective after the caller's wait() has returned, and dropping one
+    that holds tensors with Python objects (a barrier keeps the collectives before it) takes the GIL. If that thread
+    is still waiting for the GIL when the interpreter starts finalizing, it is made to exit inside a C++ destructor
+    and the whole process aborts ("terminate called without an active exception", SIGABRT) after a run that
+    succeeded. Exit handlers run before finalization; sleeping here hands the GIL to such a thread."""
+    time.sleep(GLOO_EXIT_GRACE_S)
 
 
 # ---------------------------------------------------------------- activation checkpointing
