@@ -3,7 +3,8 @@
 Both run in this one invocation, alternating, on the same text and tokenizer; the best and the median of
 `--repeats` runs of each are reported. Ours is the real command end to end (process start, reading files, encoding
 in worker threads, writing and checksumming shards). The peer gets the text already in memory and only encodes it
-(HF tokenizers' own thread pool on, as by default) and takes the ids out, batch by batch.
+(HF tokenizers' own thread pool on, as by default) and takes the ids out, batch by batch. Each run of either
+side is a fresh process.
 
     python benchmarks/prepare.py [--tokenizer T] [--vocab-size 8192] [--workers N] [--repeats 3]
 
@@ -27,7 +28,18 @@ from minicpm.data.sources import iter_documents
 from minicpm.data.tokenizer import load_tokenizer, train_tokenizer, vocab_size
 
 
-def peer_seconds(tokenizer: Path, texts: list[str]) -> float:
+def stdlib_texts() -> list[str]:
+    return [d.text for d in iter_documents("stdlib") if d.text]
+
+
+def peer_seconds(tokenizer: Path) -> float:
+    """The peer, in a fresh process like ours (neither inherits the other's heap or threads); only its loop is timed."""
+    proc = subprocess.run([sys.executable, __file__, "--peer-once", "--tokenizer", str(tokenizer)],
+                          check=True, capture_output=True, text=True)
+    return float(proc.stdout.split()[-1])
+
+
+def peer_loop_seconds(tokenizer: Path, texts: list[str]) -> float:
     """A single-process loop of Tokenizer.encode_batch over the texts, in batches like ours."""
     tok = load_tokenizer(tokenizer)
     batches, batch, size = [], [], 0
@@ -61,7 +73,11 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="when training (default: %(default)s)")
     parser.add_argument("--workers", type=int, default=default_workers(), help="ours (default: all cores)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each (default: %(default)s)")
+    parser.add_argument("--peer-once", action="store_true", help="time the peer's loop once and print the seconds")
     args = parser.parse_args()
+    if args.peer_once:
+        print(peer_loop_seconds(Path(args.tokenizer), stdlib_texts()))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -74,12 +90,12 @@ def main() -> None:
             tokenizer = train_tokenizer(["stdlib"], args.vocab_size, tmp / "tok")
             print(f"trained a {vocab_size(load_tokenizer(tokenizer))}-token tokenizer on the stdlib corpus in "
                   f"{time.perf_counter() - started:.1f} s")
-        texts = [d.text for d in iter_documents("stdlib") if d.text]
+        texts = stdlib_texts()
         megabytes = sum(len(t.encode("utf-8")) for t in texts) / 1e6
 
         ours, peer = [], []
         for _ in range(args.repeats):
-            peer.append(peer_seconds(tokenizer, texts))
+            peer.append(peer_seconds(tokenizer))
             seconds, meta = ours_seconds(tokenizer, tmp / "shards", args.workers)
             ours.append(seconds)
         prepared = sum(s["bytes"] for s in meta["splits"].values()) / 1e6

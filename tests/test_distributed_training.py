@@ -36,7 +36,8 @@ def config(out_dir, *overrides):
 
 
 class HangingData(PatternData):
-    """Announces (a marker file) and then hangs when asked for the batch of `step`: a process to be killed there."""
+    """Announces itself (MARKER.RANK holding its pid) and then hangs when asked for the batch of `step`: a process to
+    be killed there."""
 
     def __init__(self, schedule, step, marker):
         super().__init__(schedule)
@@ -44,7 +45,10 @@ class HangingData(PatternData):
 
     def next_batch(self, step, sequences):
         if step == self.hang_step:
-            self.marker.write_text("waiting")
+            announce = Path(f"{self.marker}.{os.environ.get('RANK', '0')}")
+            partial = Path(f"{announce}.partial")
+            partial.write_text(str(os.getpid()))
+            os.replace(partial, announce)  # never seen half-written
             time.sleep(600)
         return super().next_batch(step, sequences)
 
@@ -58,6 +62,14 @@ def torchrun(out_dir, *args, processes=2, wait=True):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def _kill(pid: int) -> None:
+    """SIGKILL to a process (a group when negative) that may be gone already."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def step_records(run_dir):
@@ -124,15 +136,20 @@ def test_a_checkpoint_from_one_process_resumes_in_two(runs, tmp_path):
 @pytest.mark.slow
 def test_a_killed_two_process_run_resumes(runs, tmp_path):
     marker = tmp_path / "hanging"
+    ranks = [Path(f"{marker}.{rank}") for rank in range(2)]
     proc = torchrun(tmp_path / "run", "--hang-at", "4", str(marker), wait=False)
     try:
         deadline = time.monotonic() + 180
-        while not marker.exists():
+        while not all(r.exists() for r in ranks):
             assert proc.poll() is None, proc.stderr.read()[-4000:]
             assert time.monotonic() < deadline, "the run never reached step 4"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks: nobody gets to clean up
+        # torchrun and both ranks (which run in sessions of their own): nobody gets to clean up
+        for r in ranks:
+            if r.exists():
+                _kill(int(r.read_text()))
+        _kill(-proc.pid)  # torchrun's process group
         proc.wait()
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
     torchrun(tmp_path / "run", "--resume")
