@@ -413,6 +413,7 @@ def register_experiment_commands(sub) -> None:
                    "eval_bpb is per byte, as paper §4.5)")
 
     def scaling_fit(args) -> int:
+        from minicpm import files
         from minicpm.experiments import fit, fit_data, fit_report
         report = None
         if args.form == "batch":
@@ -430,7 +431,7 @@ def register_experiment_commands(sub) -> None:
             doc, text = fit_report.report_json(report), fit_report.format_report(report)
         as_json = fit_report.dumps(doc)
         if args.out:
-            fit_report.write_atomic(args.out, as_json + "\n")
+            files.write_atomic(args.out, as_json + "\n")
         print(as_json if args.json else text, flush=True)
         if args.plot and report is not None:
             for path in fit_report.plot_scaling(report, args.plot):
@@ -456,13 +457,14 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="Huber scale on relative residuals (default %(default)s)")
 
     def scaling_fit_curve(args) -> int:
+        from minicpm import files
         from minicpm.experiments import curve_laws, fit_data, fit_report
         curves = [fit_data.load_curve(c, args.loss_key) for c in args.curves]
         result = curve_laws.fit_curve_law(args.law, curves, delta=args.delta, min_step=args.min_step,
                                           max_points=max(args.max_points, 1))
         as_json = fit_report.dumps(result.to_json())
         if args.out:
-            fit_report.write_atomic(args.out, as_json + "\n")
+            files.write_atomic(args.out, as_json + "\n")
         print(as_json if args.json else fit_report.format_curve_fit(result), flush=True)
         if args.plot:
             print(f"wrote {fit_report.plot_curve_fit(result, curves, args.plot)}", file=sys.stderr)
@@ -483,6 +485,7 @@ def register_experiment_commands(sub) -> None:
 
     def scaling_predict_curve(args) -> int:
         from pathlib import Path
+
         from minicpm.experiments import curve_laws, fit_data, fit_report
         law, params = curve_laws.load_fit_file(args.fit)
         lr = fit_data.load_schedule(args.schedule)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
-import os
-import tempfile
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 from minicpm.model.config import ModelConfig, preset
 from minicpm.optim.schedule import Schedule, resolve_schedule
 
@@ -220,15 +219,7 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically."""
-    write_text_atomic(Path(path), config_to_yaml(cfg))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, config_to_yaml(cfg))
 
 
 # ------------------------------------------------------------------------------------------ validation

@@ -27,7 +27,8 @@ from fractions import Fraction
 from pathlib import Path
 
 from minicpm.config import (BatchConfig, DataConfig, ModelSection, OptimConfig, ParallelConfig, RunConfig,
-                            ScheduleConfig, TrainConfig, write_text_atomic)
+                            ScheduleConfig, TrainConfig)
+from minicpm.files import write_atomic
 
 PIECE_CHARS = 1500
 VAL_FRACTION = Fraction(1, 50)
@@ -154,7 +155,7 @@ def write_corpus(out: Path, file_stride: int = 1) -> dict[str, Path]:
     documents = {name: _holdout_order(pieces, VAL_FRACTION, seed=0) for name, pieces in files.items()}
     documents["sample"] = [d for name in ("library", "tests") for d in documents[name][::TOKENIZER_SAMPLE_EVERY]]
     for name, path in paths.items():
-        write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in documents[name]))
+        write_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in documents[name]))
     return paths
 
 
@@ -281,7 +282,7 @@ def run_quickstart(out: str | Path = "quickstart", *, device: str = "auto", reci
         "final_checkpoint": str(final), "report": str(written[-1]),
         "samples": [{"prompt": p, "text": t} for p, t in samples],
     }
-    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, out, runs, tokenizer, datasets, written)
     return summary
 

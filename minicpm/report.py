@@ -10,9 +10,7 @@ import base64
 import html
 import io
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import yaml
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 from minicpm.train.metrics import read_metrics
 
 
@@ -157,13 +156,6 @@ def _table(runs: list[RunData]) -> str:
             + "".join("<tr>" + cells("td", row) + "</tr>" for row in rows) + "</table>")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
     """Write loss.png, bpb.png (when there are evaluations) and report.html; returns the paths written."""
     runs = [load_run(p) for p in run_dirs]
@@ -174,7 +166,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     written = []
     for name, data in images.items():
         if data is not None:
-            _write_atomic(out / name, data)
+            write_atomic(out / name, data)
             written.append(out / name)
     figures = "".join(f'<figure><img alt="{name}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
                       f"</figure>" for name, data in images.items() if data is not None)
@@ -193,6 +185,6 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}pre{{backgr
 {configs}
 </body></html>
 """
-    _write_atomic(out / "report.html", page.encode())
+    write_atomic(out / "report.html", page)
     written.append(out / "report.html")
     return written

@@ -12,7 +12,7 @@ import pytest
 from tokenizers import Tokenizer
 
 from minicpm.cli import main
-from minicpm.data.prepare import is_held_out, prepare
+from minicpm.data.prepare import THREADS_AT_MOST, is_held_out, prepare, uses_processes
 from minicpm.data.shards import open_dataset, verify
 from minicpm.data.tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, tokenizer_hash, \
     train_tokenizer
@@ -97,17 +97,18 @@ def test_output_is_byte_identical_whatever_the_worker_count_and_kind(tmp_path, t
     assert len([p for p in one if p.suffix == ".bin" and p.parts[0] == "train"]) >= 3  # several shards written
 
 
-def test_workers_past_the_thread_limit_are_processes(monkeypatch):
-    from minicpm.data import prepare as module
-    started = []
-    monkeypatch.setattr(module.multiprocessing.pool, "ThreadPool", lambda *a: started.append("threads"))
-    monkeypatch.setattr(module.multiprocessing, "get_context",
-                        lambda method: type("Ctx", (), {"Pool": lambda *a: started.append(method)}))
-    for workers in (1, module.THREADS_AT_MOST, module.THREADS_AT_MOST + 1):
-        module._start_pool(workers, "auto", ())
-    module._start_pool(2, "processes", ())
-    module._start_pool(64, "threads", ())
-    assert started == ["threads", "threads", "spawn", "spawn", "threads"]
+def test_workers_past_the_thread_limit_are_processes():
+    assert [uses_processes(n, "auto") for n in (1, THREADS_AT_MOST, THREADS_AT_MOST + 1)] == [False, False, True]
+    assert uses_processes(2, "processes") and not uses_processes(64, "threads")
+
+
+def test_bad_workers_or_parallelism_is_one_line(tmp_path, tokenizer):
+    source = write_jsonl(tmp_path / "d.jsonl", ["one"])
+    with pytest.raises(MiniCPMError, match=r"--workers 0: must be at least 1"):
+        prepare([str(source)], tokenizer, tmp_path / "out", workers=0, progress=False)
+    with pytest.raises(MiniCPMError, match=r"parallelism 'fibers': must be one of auto, threads, processes"):
+        prepare([str(source)], tokenizer, tmp_path / "out", parallelism="fibers", progress=False)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("vocab, dtype", [(65536, "uint16"), (65537, "uint32")])

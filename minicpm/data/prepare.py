@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from typing import Iterator, Literal, Sequence, get_args
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -135,8 +135,13 @@ def _tokenizers_serial() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = before
 
 
+def uses_processes(workers: int, parallelism: Parallelism) -> bool:
+    """Whether `workers` encoders run as processes rather than threads (see the module docstring)."""
+    return parallelism == "processes" or (parallelism == "auto" and workers > THREADS_AT_MOST)
+
+
 def _start_pool(workers: int, parallelism: Parallelism, encoder_args: tuple) -> multiprocessing.pool.Pool:
-    if parallelism == "processes" or (parallelism == "auto" and workers > THREADS_AT_MOST):
+    if uses_processes(workers, parallelism):
         return multiprocessing.get_context("spawn").Pool(workers, _init_worker, encoder_args)
     return multiprocessing.pool.ThreadPool(workers, _init_worker, encoder_args)
 
@@ -190,8 +195,8 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
     sources, out = list(sources), Path(out)
     if not sources:
         raise MiniCPMError("no sources given (a path, a glob, 'stdlib', 'jsonl:P', 'parquet:P' or 'hf:NAME')")
-    if parallelism not in ("auto", "threads", "processes"):
-        raise MiniCPMError(f"parallelism {parallelism!r}: must be 'auto', 'threads' or 'processes'")
+    if parallelism not in get_args(Parallelism):
+        raise MiniCPMError(f"parallelism {parallelism!r}: must be one of {', '.join(get_args(Parallelism))}")
     if workers is not None and workers < 1:
         raise MiniCPMError(f"--workers {workers}: must be at least 1")
     if not 0 <= val_fraction < 1:
@@ -242,7 +247,7 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
 
 def _tokenize(sources: list[str], options: SourceOptions | None, encoder_args: tuple, fraction: Fraction,
               workers: int, parallelism: Parallelism, batch_bytes: int, sink: _Sink) -> int:
-    """Read, encode (in `workers` processes) and write every document; returns how many empty ones were skipped.
+    """Read, encode (by `workers` threads or processes) and write every document; returns how many empty ones were skipped.
 
     The pool starts with the first full batch, so a corpus smaller than one batch is encoded in this process.
     """

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
-import json
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import json_object_line
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 FORMATS = ("text", "jsonl", "parquet")
@@ -179,12 +179,7 @@ def _jsonl_documents(path: Path, field: str) -> Iterator[Document]:
             line = _decode(raw, path, number)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MiniCPMError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise MiniCPMError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            record = json_object_line(line, f"{path}:{number}")
             if field not in record:
                 keys = ", ".join(sorted(record)[:8]) or "none"
                 raise MiniCPMError(f"{path}:{number}: no field '{field}' (keys: {keys}; choose one with --field)")
@@ -208,15 +203,8 @@ def _parquet_documents(path: Path, column: str) -> Iterator[Document]:
     names = pf.schema_arrow.names
     if column not in names:
         raise MiniCPMError(f"{path}: no column '{column}' (columns: {', '.join(names)}; choose one with --column)")
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
-        for value in batch.column(0).to_pylist():
-            row += 1
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise MiniCPMError(f"{path}:{row}: column '{column}' holds {type(value).__name__}, expected a string")
-            yield Document(value, str(path), row)
+    values = (v for batch in pf.iter_batches(batch_size=1024, columns=[column]) for v in batch.column(0).to_pylist())
+    yield from _text_values(values, str(path), f"column '{column}'")
 
 
 def _hf_documents(name_and_split: str, field: str) -> Iterator[Document]:
@@ -237,10 +225,14 @@ def _hf_documents(name_and_split: str, field: str) -> Iterator[Document]:
         raise MiniCPMError(f"hf:{name_and_split}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if field not in ds.column_names:
         raise MiniCPMError(f"hf:{name_and_split}: no field '{field}' (columns: {', '.join(ds.column_names)})")
-    for row, example in enumerate(ds, start=1):
-        value = example[field]
+    yield from _text_values((example[field] for example in ds), f"hf:{name_and_split}", f"field '{field}'")
+
+
+def _text_values(values: Iterator, origin: str, what: str) -> Iterator[Document]:
+    """Rows of a table column as documents (row numbers from 1); missing values are skipped, others must be text."""
+    for row, value in enumerate(values, start=1):
         if value is None:
             continue
         if not isinstance(value, str):
-            raise MiniCPMError(f"hf:{name_and_split}:{row}: field '{field}' is {type(value).__name__}, expected a string")
-        yield Document(value, f"hf:{name_and_split}", row)
+            raise MiniCPMError(f"{origin}:{row}: {what} is {type(value).__name__}, expected a string")
+        yield Document(value, origin, row)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -24,6 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalize
 
 from minicpm.data.sources import SourceOptions, iter_corpus
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -127,21 +126,10 @@ def save_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
     special_map = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token",
                                           "additional_special_tokens")}
     path = out_dir / "tokenizer.json"
-    _write_atomic(path, tok.to_str(pretty=True))
-    _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_atomic(out_dir / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
+    write_atomic(path, tok.to_str(pretty=True))
+    write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_atomic(out_dir / "special_tokens_map.json", json.dumps(special_map, indent=2) + "\n")
     return path
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

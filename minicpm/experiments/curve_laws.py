@@ -13,7 +13,6 @@ not annealing), so S1 + S_W is simply the whole area up to t and m_i = 0 through
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from scipy.optimize import least_squares, nnls
 from scipy.signal import lfilter
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import read_json_object
 from minicpm.experiments.fit import single_threaded_blas
 from minicpm.experiments.fit_data import Curve, lr_per_step
 
@@ -316,14 +316,7 @@ def load_fit_params(doc: object, source: str) -> tuple[str, dict[str, float]]:
 
 def load_fit_file(path: str | Path) -> tuple[str, dict[str, float]]:
     """(law, params) from a file holding the output of `fit-curve --json` (or `--out`)."""
-    path = Path(path)
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MiniCPMError(f"{path}: no such file") from None
-    except json.JSONDecodeError as e:
-        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return load_fit_params(doc, str(path))
+    return load_fit_params(read_json_object(path), str(path))
 
 
 def prediction_steps(last: int, every: Optional[int] = None) -> np.ndarray:

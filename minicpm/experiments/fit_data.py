@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ import numpy as np
 import yaml
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import json_object_line
 from minicpm.model.config import ModelConfig, preset
 
 NUMERIC_COLUMNS = ("params", "tokens", "loss", "flops", "batch_tokens")
@@ -91,13 +91,7 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
         for i, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MiniCPMError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise MiniCPMError(f"{path}:{i}: expected a JSON object per line")
-            records.append((f"{path}:{i}", rec))
+            records.append((f"{path}:{i}", json_object_line(line, f"{path}:{i}")))
     else:
         reader = csv.DictReader(text.splitlines())
         if not reader.fieldnames:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -15,6 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 from minicpm.experiments.curve_laws import FORMULAS, CurveFit, predict_loss, prediction_steps, warmup_end
 from minicpm.experiments.fit import (PAPER_NAMES, PARAMS, BatchSizeFit, Bootstrap, ChinchillaFit, Envelope, HeldOut,
                                      IsoflopFit, bootstrap_chinchilla, fit_chinchilla, fit_envelope, fit_isoflop,
@@ -242,23 +241,10 @@ def prediction_csv(steps: np.ndarray, lr: np.ndarray, loss: np.ndarray) -> str:
 
 # ------------------------------------------------------------------------------------------- files
 
-def write_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-    return path
-
-
 def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    os.replace(tmp, path)
-    return path
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
+    return write_atomic(path, png.getvalue())
 
 
 def _pyplot():

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import read_json_object
 from minicpm.model.config import ModelConfig, rope_scaling_type as scaling_type
 from minicpm.model.transformer import MiniCPM
 
@@ -104,15 +105,7 @@ def _weight_files(root: Path) -> list[Path]:
 
 def _read_config(root: Path) -> tuple[ModelConfig, dict]:
     path = root / CONFIG
-    if not path.exists():
-        raise MiniCPMError(f"{path}: no such file (a checkpoint directory needs config.json beside the weights)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise MiniCPMError(f"{path}: expected a JSON object")
-    raw = dict(raw)
+    raw = read_json_object(path, missing=" (a checkpoint directory needs config.json beside the weights)")
     raw.update(_rope_fields(raw))
     model_type = raw.get("model_type", "minicpm")
     if model_type == "llama":

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import read_json_object
 
 
 ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn")  # implemented in model/rope.py
@@ -154,16 +155,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise MiniCPMError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(d, dict):
-            raise MiniCPMError(f"{path}: expected a JSON object")
-        return cls.from_hf_dict(d, source=str(path))
+        return cls.from_hf_dict(read_json_object(path), source=str(path))
 
 
 def _proxy(d: int, layers: int, vocab: int = 122753) -> ModelConfig:

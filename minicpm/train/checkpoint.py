@@ -34,8 +34,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from minicpm.config import write_text_atomic
 from minicpm.errors import MiniCPMError
+from minicpm.files import read_json_object, write_atomic
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 from minicpm.train.distributed import fsdp_applied
@@ -98,13 +98,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    path = Path(checkpoint) / STATE_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MiniCPMError(f"{path}: no such file; not a complete checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return read_json_object(Path(checkpoint) / STATE_FILE, missing="; not a complete checkpoint")
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -123,7 +117,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
         shutil.rmtree(tmp)
     save_model(model, tmp, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+    write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
     _publish(run_dir, tmp, final, keep_last)
     return final
 
@@ -139,7 +133,7 @@ def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> Non
         shutil.rmtree(old)
     else:
         tmp.rename(final)
-    write_text_atomic(root / LATEST, final.name + "\n")
+    write_atomic(root / LATEST, final.name + "\n")
     if keep_last:
         for stale in list_checkpoints(run_dir)[:-keep_last]:
             shutil.rmtree(stale)
@@ -217,7 +211,7 @@ def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Modu
     if is_main:
         weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         dataclasses.replace(model.config, torch_dtype=weights_dtype).save(tmp / CONFIG_FILE)
-        write_text_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+        write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
         _publish(run_dir, tmp, final, keep_last)
     dist.barrier()
     return final

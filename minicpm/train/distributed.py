@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
         if dev.type != "cuda":
+            atexit.unregister(_let_gloo_threads_finish)  # once per process, however often it joins a group
             atexit.register(_let_gloo_threads_finish)
     return DistInfo(rank, world_size, local_rank, dev)
 
@@ -273,7 +274,7 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16)
     cached = float(cached) if isinstance(cached, (int, float)) else 0.0
     if _MEASURED[cache_key] > cached:
         table[cache_key] = _MEASURED[cache_key]
-        _write_json_atomic(cache, table)
+        write_atomic(cache, json.dumps(table, indent=2, sort_keys=True))
     return max(cached, _MEASURED[cache_key])
 
 
@@ -323,8 +324,3 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-    os.replace(f.name, path)

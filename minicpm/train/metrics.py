@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from minicpm.config import write_text_atomic
 from minicpm.errors import MiniCPMError
+from minicpm.files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -35,7 +35,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     if path.is_file():
         kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
+        write_atomic(path, "".join(line + "\n" for line in kept))
 
 
 class MetricsWriter:
