@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from minicpm.model.config import ModelConfig, preset
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 from minicpm.train.distributed import (apply_activation_checkpointing, apply_compile, device_peak_flops,
                                        fused_adamw_supported)
 from minicpm.train.losses import lm_loss

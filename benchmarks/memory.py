@@ -44,7 +44,7 @@ def build(case: str, args: argparse.Namespace, device: torch.device):
     heads = args.width // 64
     if case.startswith("ours"):
         from minicpm.model.config import ModelConfig
-        from minicpm.optim.mup import build_model
+        from minicpm.model.build import build_model
         from minicpm.train.losses import lm_loss
 
         config = ModelConfig(vocab_size=args.vocab, hidden_size=args.width, intermediate_size=args.width * 5 // 2,

@@ -51,7 +51,7 @@ def build(impl: str, size: str, seq: int, device: str):
     torch.manual_seed(0)
     if impl == "ours":
         from minicpm.model.config import ModelConfig
-        from minicpm.optim.mup import build_model
+        from minicpm.model.build import build_model
 
         model = build_model(ModelConfig(**shape), device=device)
         return model, lambda ids: model(ids)

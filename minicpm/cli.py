@@ -14,77 +14,38 @@ from minicpm.errors import MiniCPMError
 
 def register_model_commands(sub) -> None:
     """info, init, export, import, generate (model issue)."""
-    import json
-    from pathlib import Path
-
-    def model_config(name_or_path: str):
-        from minicpm.interop.hf import checkpoint_config
-        from minicpm.model.config import PRESETS, preset
-
-        if name_or_path in PRESETS or not (Path(name_or_path).exists() or "/" in name_or_path):
-            return preset(name_or_path)  # an unknown name fails here, listing the presets
-        return checkpoint_config(name_or_path)
-
-    def overridden(config, overrides: list[str]):
-        import dataclasses
-
-        from minicpm.model.config import ModelConfig
-
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        changes = {}
-        for item in overrides:
-            key, sep, value = item.partition("=")
-            if not sep or key not in fields:
-                raise MiniCPMError(f"override {item!r}: expected KEY=VALUE with KEY a model config field "
-                                   f"(e.g. vocab_size=4096, num_hidden_layers=4)")
-            try:
-                changes[key] = json.loads(value)
-            except json.JSONDecodeError:
-                changes[key] = value
-        return dataclasses.replace(config, **changes)
+    from minicpm.interop.export import EXPORT_FORMATS
+    from minicpm.interop.hf import DTYPE_CHOICES
 
     def info(args):
-        from minicpm.interop.hf import checkpoint_summary
-        from minicpm.model.summary import describe
+        from minicpm.interop.resolve import describe_model
 
-        is_checkpoint = Path(args.model).exists()
-        config = model_config(args.model)
-        print(describe(config, seq_len=args.seq_len, title=f"{args.model} ({'checkpoint' if is_checkpoint else 'preset'})"))
-        if is_checkpoint and Path(args.model).is_dir():
-            s = checkpoint_summary(args.model)
-            print(f"weights: {s['parameters']:,} parameters in {s['tensors']} tensors, {'/'.join(s['dtypes'])}, "
-                  f"{', '.join(s['files'])}")
+        print(describe_model(args.model, seq_len=args.seq_len))
 
     def init(args):
-        from minicpm.interop.hf import init_checkpoint
+        from minicpm.interop.initialise import init_checkpoint
+        from minicpm.interop.resolve import with_overrides
         from minicpm.model.config import preset
 
-        config = overridden(preset(args.preset), args.overrides)
+        config = with_overrides(preset(args.preset), args.overrides)
         out = init_checkpoint(config, args.out, seed=args.seed, dtype=args.dtype, tokenizer=args.tokenizer,
                               embedding_in_2d_group=args.embedding_in_2d_group,
                               progress=lambda message: print(message, file=sys.stderr, flush=True))
         print(f"wrote {out}")
 
     def export(args):
-        from minicpm.interop.hf import export_llama, import_checkpoint, parse_size, save_model
-        from minicpm.train.checkpoint import consolidated_model, is_sharded
+        from minicpm.interop.export import export_checkpoint
 
-        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
-        if is_sharded(args.checkpoint):  # written by several processes: gather the DCP shards into one model
-            model = consolidated_model(args.checkpoint)
-            out = (export_llama(model, args.out, args.dtype, max_shard_bytes=shard) if args.to == "llama" else
-                   save_model(model, args.out, dtype=args.dtype, max_shard_bytes=shard))
-        elif args.to == "llama":
-            out = export_llama(args.checkpoint, args.out, args.dtype, max_shard_bytes=shard)
-        else:
-            out = import_checkpoint(args.checkpoint, args.out, dtype=args.dtype, max_shard_bytes=shard)
+        out = export_checkpoint(args.checkpoint, args.out, to=args.to, dtype=args.dtype,
+                                max_shard_size=args.max_shard_size)
         print(f"wrote {out} ({args.to})")
 
     def import_(args):
-        from minicpm.interop.hf import import_checkpoint, parse_size
+        from minicpm.interop.export import export_checkpoint
 
-        shard = parse_size(args.max_shard_size) if args.max_shard_size else None
-        print(f"wrote {import_checkpoint(args.source, args.out, dtype=args.dtype, max_shard_bytes=shard)}")
+        out = export_checkpoint(args.source, args.out, to="minicpm", dtype=args.dtype,
+                                max_shard_size=args.max_shard_size)
+        print(f"wrote {out}")
 
     def generate(args):
         from minicpm.infer.generate import stream_text
@@ -100,7 +61,7 @@ def register_model_commands(sub) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
 
-    dtypes = ("bf16", "fp16", "fp32")
+    dtypes = DTYPE_CHOICES
     p = sub.add_parser("info", help="show a model's config, parameter counts and FLOPs per token",
                        description="Show a preset's or a checkpoint's config as a table; parameters (total, "
                                    "embedding, non-embedding N); the μP constants; training FLOPs per token.")
@@ -121,9 +82,9 @@ def register_model_commands(sub) -> None:
     p.add_argument("--tokenizer", default=None,
                    help="tokenizer.json or tokenizer.model to put beside the weights (default: byte-level)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default fp32)")
-    p.add_argument("--embedding-in-2d-group", action=argparse.BooleanOptionalAction, default=True,
-                   help="init the embedding like the 2-D weights (std initializer_range/√m; paper Table 7); "
-                        "--no-embedding-in-2d-group keeps it at initializer_range (classic μP)")
+    p.add_argument("--embedding-in-2d-group", action=argparse.BooleanOptionalAction, default=False,
+                   help="init the embedding like the 2-D weights (std initializer_range/√m, the literal reading of "
+                        "paper Table 7); the default keeps it at initializer_range (classic μP)")
     p.set_defaults(handler=init)
 
     p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in) or to MiniCPM",
@@ -132,7 +93,7 @@ def register_model_commands(sub) -> None:
                                    "rewrites the official MiniCPM layout (e.g. in another dtype or sharded).")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
     p.add_argument("out", metavar="OUT")
-    p.add_argument("--to", choices=("llama", "minicpm"), required=True, help="target format")
+    p.add_argument("--to", choices=EXPORT_FORMATS, required=True, help="target format")
     p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default: as stored)")
     p.add_argument("--max-shard-size", default=None, help="split weights into shards, e.g. 2GB (default: one file)")
     p.set_defaults(handler=export)
@@ -290,32 +251,18 @@ def register_data_commands(sub) -> None:
 def register_training_commands(sub) -> None:
     """train, quickstart, report (trainer issue)."""
 
-    def train(args):
-        from minicpm.train.launch import launch_config
-        from minicpm.train.trainer import train as run_training
+    from minicpm.optim.schedule import DECAYS
 
-        config, overrides = None, []
-        for item in args.config_and_overrides:
-            if "=" in item:
-                overrides.append(item)
-            elif config is None and not overrides:
-                config = item
-            else:
-                raise MiniCPMError(f"{item!r}: expected key=value (only the first argument may be a CONFIG file)")
+    def train(args):
+        from minicpm.train.launch import launch_config, split_config_and_overrides
+        from minicpm.train.loop import train as run_training
+
+        config, overrides = split_config_and_overrides(args.config_and_overrides)
         cfg = launch_config(config, overrides, out=args.out, resume=args.resume, init_from=args.init_from,
                             decay_steps=args.decay_steps, decay=args.decay, half_life=args.half_life)
         result = run_training(cfg, resume=args.resume)
-        if not result.is_main:
-            return 0  # under torchrun, rank 0 alone prints the summary
-        summary = [f"done: {result.run_dir} at step {result.step} ({result.tokens:,} tokens)"]
-        if "loss" in result.last_train:
-            summary.append(f"train loss {result.last_train['loss']:.4f}")
-        if "eval_loss" in result.last_eval:
-            summary.append(f"eval loss {result.last_eval['eval_loss']:.4f}, {result.last_eval['eval_bpb']:.4f} "
-                           f"bits/byte")
-        print("; ".join(summary))
-        print(f"checkpoint: {result.checkpoint}\nmetrics: {result.run_dir / 'metrics.jsonl'}\n"
-              f"report: minicpm report {result.run_dir}")
+        if result.is_main:  # under torchrun, rank 0 alone prints the summary
+            print(result.summary())
 
     def report(args):
         from minicpm.report import write_report
@@ -353,7 +300,7 @@ def register_training_commands(sub) -> None:
                         "data position and step; the source run is never modified")
     p.add_argument("--decay-steps", type=int, metavar="M",
                    help="with --from: branch a WSD decay of M steps from the checkpoint's step, on data.decay")
-    p.add_argument("--decay", choices=["exp", "linear", "cosine", "1-sqrt"],
+    p.add_argument("--decay", choices=DECAYS,
                    help="decay shape (schedule.decay; default exp, the paper's)")
     p.add_argument("--half-life", type=float, metavar="STEPS",
                    help="exponential decay half-life in steps (schedule.half_life; default decay_steps/5)")
@@ -375,6 +322,7 @@ def register_training_commands(sub) -> None:
 
 def register_experiment_commands(sub) -> None:
     """scaling fit, fit-curve, predict-curve (scaling-law issue)."""
+    from minicpm.experiments.fitting import CURVE_LAWS, FORMS
     scaling = sub.add_parser("scaling", help="scaling laws: fit L(N, D), batch-size and loss-curve laws")
     ssub = scaling.add_subparsers(dest="scaling_command", metavar="SUBCOMMAND")
     scaling.set_defaults(handler=lambda args: scaling.print_help() or 2)
@@ -391,7 +339,7 @@ def register_experiment_commands(sub) -> None:
                         "optional flops, run, batch_tokens) or to run directories (their last eval_loss), then "
                         "print intervals, the compute-optimal plan, held-out errors, isoFLOP and envelope fits.")
     p.add_argument("inputs", nargs="+", metavar="TABLE_OR_RUN_DIR")
-    p.add_argument("--form", choices=["loss", "batch"], default="loss",
+    p.add_argument("--form", choices=FORMS, default="loss",
                    help="loss: L(N, D) (default); batch: the optimal batch-size law bs = a/L^b from "
                    "(loss, batch_tokens) rows")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -413,29 +361,15 @@ def register_experiment_commands(sub) -> None:
                    "eval_bpb is per byte, as paper §4.5)")
 
     def scaling_fit(args) -> int:
-        from minicpm import files
-        from minicpm.experiments import fit, fit_data, fit_report
-        report = None
-        if args.form == "batch":
-            table = fit_data.load_runs(args.inputs, required=("loss", "batch_tokens"), loss_key=args.loss_key)
-            result = fit.fit_batch_size_law(table.loss, table.batch_tokens, table.run, n_boot=args.bootstrap,
-                                            confidence=args.confidence, seed=args.seed)
-            doc = fit_report.batch_fit_json(result, args.at_loss)
-            text = fit_report.format_batch_fit(result, args.at_loss)
-        else:
-            table = fit_data.load_runs(args.inputs, loss_key=args.loss_key)
-            report = fit_report.analyse_table(table, delta=args.delta, n_boot=args.bootstrap,
-                                              confidence=args.confidence, seed=args.seed, budgets=args.budget,
-                                              predictions=args.predict, isoflop_tol=args.isoflop_tol,
-                                              progress=sys.stderr.isatty())
-            doc, text = fit_report.report_json(report), fit_report.format_report(report)
-        as_json = fit_report.dumps(doc)
-        if args.out:
-            files.write_atomic(args.out, as_json + "\n")
-        print(as_json if args.json else text, flush=True)
-        if args.plot and report is not None:
-            for path in fit_report.plot_scaling(report, args.plot):
-                print(f"wrote {path}", file=sys.stderr)
+        from minicpm.experiments.fitting import fit_scaling
+
+        output = fit_scaling(args.inputs, form=args.form, loss_key=args.loss_key, delta=args.delta,
+                             bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
+                             budgets=args.budget, predictions=args.predict, at_loss=args.at_loss,
+                             isoflop_tol=args.isoflop_tol, out=args.out, plot=args.plot, progress=sys.stderr.isatty())
+        print(output.json if args.json else output.text, flush=True)
+        for path in output.written:
+            print(f"wrote {path}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_fit)
@@ -445,7 +379,7 @@ def register_experiment_commands(sub) -> None:
                         "2025) to curves: metrics.jsonl files, run directories or CSVs with step, lr, loss. The LR "
                         "is linear between logged rows and rises linearly from 0 at step 0 before the first one.")
     p.add_argument("curves", nargs="+", metavar="CURVE")
-    p.add_argument("--law", choices=["tissue", "mpl"], required=True, help="which law")
+    p.add_argument("--law", choices=CURVE_LAWS, required=True, help="which law")
     p.add_argument("--json", action="store_true", help="print {law, params, ...} as JSON (predict-curve reads it)")
     p.add_argument("--out", metavar="FILE", help="also write the JSON object to FILE")
     p.add_argument("--plot", metavar="DIR", help="write curve_fit.png (data and fitted curves) into DIR")
@@ -457,17 +391,13 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--delta", type=float, default=1e-3, help="Huber scale on relative residuals (default %(default)s)")
 
     def scaling_fit_curve(args) -> int:
-        from minicpm import files
-        from minicpm.experiments import curve_laws, fit_data, fit_report
-        curves = [fit_data.load_curve(c, args.loss_key) for c in args.curves]
-        result = curve_laws.fit_curve_law(args.law, curves, delta=args.delta, min_step=args.min_step,
-                                          max_points=max(args.max_points, 1))
-        as_json = fit_report.dumps(result.to_json())
-        if args.out:
-            files.write_atomic(args.out, as_json + "\n")
-        print(as_json if args.json else fit_report.format_curve_fit(result), flush=True)
-        if args.plot:
-            print(f"wrote {fit_report.plot_curve_fit(result, curves, args.plot)}", file=sys.stderr)
+        from minicpm.experiments.fitting import fit_curve
+
+        output = fit_curve(args.curves, law=args.law, loss_key=args.loss_key, delta=args.delta,
+                           min_step=args.min_step, max_points=args.max_points, out=args.out, plot=args.plot)
+        print(output.json if args.json else output.text, flush=True)
+        for path in output.written:
+            print(f"wrote {path}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_fit_curve)
@@ -484,20 +414,13 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--plot", metavar="DIR", help="write predicted_curve.png into DIR")
 
     def scaling_predict_curve(args) -> int:
-        from pathlib import Path
+        from minicpm.experiments.fitting import predict_curve
 
-        from minicpm.experiments import curve_laws, fit_data, fit_report
-        law, params = curve_laws.load_fit_file(args.fit)
-        lr = fit_data.load_schedule(args.schedule)
-        if args.every is not None and args.every < 1:
-            raise MiniCPMError(f"--every must be >= 1, got {args.every}")
-        steps = curve_laws.prediction_steps(len(lr) - 1, args.every)
-        loss = curve_laws.predict_loss(law, params, lr, steps)
-        sys.stdout.write(fit_report.prediction_csv(steps, lr, loss))
+        csv, written = predict_curve(args.fit, args.schedule, every=args.every, plot=args.plot)
+        sys.stdout.write(csv)
         sys.stdout.flush()
-        if args.plot:
-            out = fit_report.plot_prediction(Path(args.schedule).stem, law, params, lr, args.plot)
-            print(f"wrote {out}", file=sys.stderr)
+        for path in written:
+            print(f"wrote {path}", file=sys.stderr)
         return 0
 
     p.set_defaults(handler=scaling_predict_curve)

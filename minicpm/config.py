@@ -8,14 +8,15 @@ one-line MiniCPMError naming the file or override and the key. Each field's docs
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import inspect
-import textwrap
+import importlib
+import importlib.util
+import math
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -69,8 +70,9 @@ class OptimConfig:
     """Decoupled weight decay on 2-D weights (norm gains are not decayed)."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
-    embedding_in_2d_group: bool = True
-    """muP: the embedding gets the 2-D lr/m and init (paper Table 7 reading); false keeps it at the base."""
+    embedding_in_2d_group: bool = False
+    """muP: false (classic muP) keeps the vocabulary matrices at the base lr and init std; true gives them the 2-D
+    lr/m and init/sqrt(m) (the literal reading of paper Table 7, not width-stable in the coordinate check)."""
 
 
 @dataclass
@@ -123,7 +125,7 @@ class RunConfig:
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps (loss averaged over them)."""
     eval_every: int = 200
-    """Evaluate held-out loss every this many steps (and at the end); 0: only at the end."""
+    """Run the evaluators every this many steps (and at the end); 0: only at the end."""
     checkpoint_every: int = 1000
     """Save a checkpoint every this many steps (and at the end); 0: only at the end."""
     keep_last: int = 3
@@ -139,7 +141,14 @@ class RunConfig:
     progress: bool = True
     """Show a progress bar with ETA."""
     init_from: Optional[str] = None
-    """Checkpoint whose weights, optimizer, data position and step the run starts from (set by --from)."""
+    """Branch: checkpoint whose weights, optimizer, data position and step the run starts from (set by --from)."""
+    init_weights_from: Optional[str] = None
+    """Weights-only start: a checkpoint, run directory or official HF model directory whose weights the run starts
+    from, at step 0 with a fresh optimizer and this run's own data, schedule and objective (SFT, DPO, upcycled MoE
+    and context extension start this way). Null model.* fields are taken from its config.json."""
+    plugins: List[str] = field(default_factory=list)
+    """Python modules (dotted names, or .py files) imported before the run is built, to register objectives and
+    evaluators of your own."""
 
 
 @dataclass
@@ -159,8 +168,24 @@ class ParallelConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    """The training loss, built from the objective registry (minicpm/train/objectives.py)."""
+
+    kind: str = "next_token"
+    """Registered objective: next_token (pretraining and decay), or one a plugin registers."""
+    aux_loss_weights: Dict[str, float] = field(default_factory=lambda: {"load_balance": 0.01})
+    """Weight of each auxiliary loss the model reports (paper section 6: MoE load balance x 0.01)."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """The objective kind's own settings (each kind documents and checks its keys)."""
+
+
+def _default_evaluators() -> list:
+    return [{"kind": "heldout"}]
+
+
+@dataclass
 class TrainConfig:
-    """A pretraining (or decay) run."""
+    """A training run: pretraining, a decay, or a later stage (its objective, data and evaluators)."""
 
     model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
@@ -169,6 +194,10 @@ class TrainConfig:
     batch: BatchConfig = field(default_factory=BatchConfig)
     run: RunConfig = field(default_factory=RunConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    evaluators: List[Dict[str, Any]] = field(default_factory=_default_evaluators)
+    """Evaluations run every run.eval_every steps and at the end, each {kind, name?, every?, ...options} from the
+    evaluator registry (minicpm/eval/evaluators.py); each writes eval/<name>/<metric> to metrics.jsonl."""
 
 
 # ------------------------------------------------------------------------------------------ load / save
@@ -222,6 +251,44 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     write_atomic(path, config_to_yaml(cfg))
 
 
+# ------------------------------------------------------------------------------------------ plugins and options
+
+def import_plugins(plugins: list[str]) -> None:
+    """Import each run.plugins entry (a dotted module name, or a .py file) so that it registers its objectives and
+    evaluators; importing one twice does nothing."""
+    for plugin in plugins:
+        if plugin.endswith(".py"):
+            path = Path(plugin).resolve()
+            name = f"minicpm_plugin_{path.stem}_{abs(hash(str(path))) % 10**8}"
+            if name in sys.modules:
+                continue
+            if not path.is_file():
+                raise MiniCPMError(f"run.plugins: {plugin}: no such file")
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise MiniCPMError(f"run.plugins: {plugin}: {type(e).__name__}: {e}") from e
+            continue
+        try:
+            importlib.import_module(plugin)
+        except ImportError as e:
+            raise MiniCPMError(f"run.plugins: cannot import {plugin!r} ({e})") from None
+
+
+def typed_options(cls: type, values: dict[str, Any] | None, where: str) -> Any:
+    """A dataclass of a registered kind's options from a config mapping, type-checked by OmegaConf; an unknown key
+    or a wrong type is a one-line error naming `where` (e.g. "evaluators[1]") and the key."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(cls), values or {})
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _omegaconf_error(where, e) from None
+
+
 # ------------------------------------------------------------------------------------------ validation
 
 def _check(ok: bool, message: str) -> None:
@@ -266,19 +333,39 @@ def validate(cfg: TrainConfig) -> None:
            f"parallel.loss_chunk_size must be positive or null, got {p.loss_chunk_size}")
     _check(p.fsdp_param_dtype in (None, "bf16", "fp32"),
            f"parallel.fsdp_param_dtype: expected bf16, fp32 or null, got {p.fsdp_param_dtype!r}")
-    model_config(cfg)  # preset name and field values
+    _check(not (r.init_from and r.init_weights_from),
+           "run.init_from (--from: a branch with optimizer and data state) and run.init_weights_from (weights only) "
+           "are two ways to start; give one")
+    for name, weight in cfg.objective.aux_loss_weights.items():
+        _check(math.isfinite(weight) and weight >= 0,
+               f"objective.aux_loss_weights.{name} must be a finite number >= 0, got {weight}")
+    import_plugins(r.plugins)
+    from minicpm.eval.evaluators import check_evaluator_specs
+    from minicpm.train.objectives import check_objective
+
+    check_objective(cfg.objective)
+    check_evaluator_specs(cfg.evaluators)
+    if not r.init_weights_from or _model_given(cfg):
+        model_config(cfg)  # preset name and field values
 
 
-def model_config(cfg: TrainConfig, vocab_size: int | None = None) -> ModelConfig:
-    """The ModelConfig a run trains: the preset with the model.* overrides applied.
+def _model_given(cfg: TrainConfig) -> bool:
+    return any(getattr(cfg.model, f.name) is not None for f in dataclasses.fields(cfg.model))
 
-    vocab_size (the tokenizer's) fills model.vocab_size when the config leaves it null.
+
+def model_config(cfg: TrainConfig, vocab_size: int | None = None, base: ModelConfig | None = None) -> ModelConfig:
+    """The ModelConfig a run trains: the preset (or `base`, e.g. the config of the checkpoint a weights-only start
+    reads) with the model.* overrides applied.
+
+    vocab_size (the tokenizer's) fills model.vocab_size when the config leaves it null (a checkpoint's stays).
     """
     section = cfg.model
-    base = preset(section.preset) if section.preset else ModelConfig()
+    from_checkpoint = base is not None
+    if base is None:
+        base = preset(section.preset) if section.preset else ModelConfig()
     overrides = {f.name: getattr(section, f.name) for f in dataclasses.fields(ModelConfig)
                  if getattr(section, f.name) is not None}
-    if vocab_size is not None and "vocab_size" not in overrides:
+    if vocab_size is not None and "vocab_size" not in overrides and not from_checkpoint:
         overrides["vocab_size"] = vocab_size
     try:
         model = dataclasses.replace(base, **overrides)
@@ -324,17 +411,15 @@ def batch_plan(batch: BatchConfig, world_size: int) -> BatchPlan:
 # ------------------------------------------------------------------------------------------ help text
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (litgpt-style attribute docstrings)."""
+    """The docstring written under each dataclass field (litgpt-style attribute docstrings, read by
+    docstring_parser), whitespace folded to one line."""
+    import docstring_parser
+
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
+        parsed = docstring_parser.parse_from_object(cls)
+    except (OSError, TypeError):  # no source (e.g. a dataclass made at run time)
         return {}
-    docs, body = {}, tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    return {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
 
 
 def describe_fields() -> str:
@@ -343,8 +428,13 @@ def describe_fields() -> str:
     lines = []
     model_docs = {"preset": "Named architecture (minicpm.model.config.PRESETS), e.g. tiny, proxy-9m, minicpm-1.2b.",
                   **field_docs(ModelConfig)}
+    top = field_docs(TrainConfig)
     for section in dataclasses.fields(TrainConfig):
-        section_cls = type(getattr(default, section.name))
+        value = getattr(default, section.name)
+        if not dataclasses.is_dataclass(value):  # a list section (evaluators)
+            lines.append(f"{section.name} = {OmegaConf.to_yaml(value).strip()}\n      {top.get(section.name, '')}")
+            continue
+        section_cls = type(value)
         docs = model_docs if section.name == "model" else field_docs(section_cls)
         lines.append(f"{section.name}: {section_cls.__doc__.strip().splitlines()[0]}")
         for f in dataclasses.fields(section_cls):

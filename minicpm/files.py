@@ -1,12 +1,15 @@
-"""Files written so that no reader ever sees half of one, and JSON read with errors that name the file."""
+"""Files and directories written so that no reader ever sees half of one, and JSON read with errors that name
+the file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from minicpm.errors import MiniCPMError
 
@@ -54,3 +57,67 @@ def read_json_object(path: str | Path, *, missing: str = "") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise MiniCPMError(f"{path}: expected a JSON object")
     return data
+
+
+def temporary_directory_for(final: str | Path, *, name: str | None = None) -> Path:
+    """A fresh, empty hidden directory beside `final` to build it in (`name` fixes its name, so that several
+    processes can find the same one; a leftover of that name from a killed writer is removed first)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if name is None:
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp = final.parent / name
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def publish_directory(tmp: str | Path, final: str | Path) -> Path:
+    """Put the completed directory `tmp` in place of `final`. A new `final` appears by one rename; an existing one
+    is renamed aside, replaced, then deleted, so a reader sees the old or the new directory, never a mix."""
+    tmp, final = Path(tmp), Path(final)
+    if final.exists() and not final.is_dir():
+        raise MiniCPMError(f"{final}: exists and is not a directory")
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{os.getpid()}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    return final
+
+
+@contextlib.contextmanager
+def atomic_directory(final: str | Path, *, name: str | None = None) -> Iterator[Path]:
+    """Build a directory in a temporary one and publish it as `final` when the block ends without an error;
+    on an error (or an interrupt) the temporary directory is deleted and `final` is left as it was."""
+    tmp = temporary_directory_for(final, name=name)
+    try:
+        yield tmp
+        publish_directory(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
+    """Every JSON object of a JSONL file that a writer may have been killed in the middle of: a torn or
+    invalid line is skipped, as is anything but an object. A missing file has no records."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise MiniCPMError(f"{path}: cannot read ({e.strerror or e})") from None
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records

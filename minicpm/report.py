@@ -10,16 +10,13 @@ import base64
 import html
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
-from minicpm.train.metrics import read_metrics
+from minicpm.rundir import RunDir, checkpoint_step, run_of
 
 
 @dataclass
@@ -34,16 +31,13 @@ class RunData:
 
 
 def load_run(path: str | Path) -> RunData:
-    path = Path(path)
-    records = read_metrics(path)
+    run = RunDir(path)
+    records = run.read_metrics()
     if not records:
-        raise MiniCPMError(f"{path}: no metrics.jsonl records; is it a run directory?")
-    config = path / "config.yaml"
-    text = config.read_text() if config.is_file() else ""
-    init_from = (yaml.safe_load(text) or {}).get("run", {}).get("init_from") if text else None
-    return RunData(name=path.name or str(path), path=path,
+        raise MiniCPMError(f"{run.path}: no {run.metrics_file.name} records; is it a run directory?")
+    return RunData(name=run.path.name or str(run.path), path=run.path,
                    train=[r for r in records if "loss" in r], evals=[r for r in records if "eval_loss" in r],
-                   config_text=text, init_from=Path(init_from) if init_from else None)
+                   config_text=run.read_config_text(), init_from=run.source_checkpoint())
 
 
 def attach_branches(runs: list[RunData]) -> None:
@@ -51,13 +45,12 @@ def attach_branches(runs: list[RunData]) -> None:
     so that a decay visibly leaves the stable curve."""
     by_dir = {run.path.resolve(): run for run in runs}
     for run in runs:
-        source = by_dir.get(run.init_from.parent.parent.resolve()) if run.init_from else None
+        source = by_dir.get(run_of(run.init_from).path.resolve()) if run.init_from else None
         if source is None or source is run:
             continue
-        match = re.fullmatch(r"step_(\d+)", run.init_from.name)
-        if match is None:
+        step = checkpoint_step(run.init_from)
+        if step is None:
             continue
-        step = int(match.group(1))
         for mine, theirs in ((run.train, source.train), (run.evals, source.evals)):
             at = [r for r in theirs if r["step"] == step]
             if at and (not mine or mine[0]["step"] > step):
@@ -117,7 +110,9 @@ def bpb_plot(runs: list[RunData]) -> bytes | None:
     for i, run in enumerate(runs):
         if not run.evals:
             continue
-        sets = sorted(k[len("eval/"):-len("/bpb")] for k in run.evals[-1] if k.startswith("eval/") and k.endswith("/bpb"))
+        # eval/<evaluator>/<set>/bpb: one line per held-out set of each evaluator
+        sets = sorted(k[len("eval/"):-len("/bpb")] for k in run.evals[-1] if k.startswith("eval/") and k.endswith("/bpb")
+                      and k.count("/") == 3)
         for j, name in enumerate(sets):
             points = [(r["tokens"], r[f"eval/{name}/bpb"]) for r in run.evals if f"eval/{name}/bpb" in r]
             ax.plot(*zip(*points), color=f"C{i % 10}", ls=["-", "--", ":", "-."][j % 4], marker="o", ms=3,

@@ -14,8 +14,9 @@ import torch
 from train_helpers import PatternData, metrics_without_timing, tiny_config
 
 from minicpm.errors import MiniCPMError
+from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
-from minicpm.train.trainer import Trainer, train
+from minicpm.train.loop import Trainer, train
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,17 +30,18 @@ KILLED_RUN = textwrap.dedent("""
     from pathlib import Path
     import minicpm.interop.hf as hf
     from train_helpers import PatternData, tiny_config
-    from minicpm.train.trainer import train
+    from minicpm.train.loop import train
 
-    real_save = hf.save_model
+    real_write = hf.write_model_files
 
-    def save_then_hang(model, out_dir, **kwargs):
-        real_save(model, out_dir, **kwargs)
-        if "step_00000009" in str(out_dir):  # half of the step-9 checkpoint is on disk: wait for the kill
+    def write_then_hang(directory, model, **kwargs):
+        names = real_write(directory, model, **kwargs)
+        if "step_00000009" in str(directory):  # half of the step-9 checkpoint is on disk: wait for the kill
             Path(sys.argv[2]).write_text("saving")
             time.sleep(600)
+        return names
 
-    hf.save_model = save_then_hang
+    hf.write_model_files = write_then_hang
     cfg = tiny_config(sys.argv[1])
     train(cfg, data=PatternData(cfg.schedule.resolve()))
 """)
@@ -62,7 +64,7 @@ def test_a_run_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(t
     root = tmp_path / "run/checkpoints"
     assert (root / "latest").read_text().strip() == "step_00000006"
     assert any(p.name.startswith(".") for p in root.iterdir())  # the half-written step 9
-    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000006"
+    assert RunDir(tmp_path / "run").latest_checkpoint().name == "step_00000006"
 
     cfg = tiny_config(tmp_path / "run")
     resumed = train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
@@ -82,11 +84,11 @@ def make_run(tmp_path, *overrides):
 def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     make_run(tmp_path)
     run = tmp_path / "run"
-    assert [p.name for p in ckpt.list_checkpoints(run)] == ["step_00000003", "step_00000006"]
+    assert [p.name for p in RunDir(run).list_checkpoints()] == ["step_00000003", "step_00000006"]
     (run / "checkpoints/latest").write_text("step_00000099\n")
-    assert ckpt.latest_checkpoint(run).name == "step_00000006"
+    assert RunDir(run).latest_checkpoint().name == "step_00000006"
     (run / "checkpoints/step_00000006/trainer_state.json").unlink()  # incomplete: never picked
-    assert ckpt.latest_checkpoint(run).name == "step_00000003"
+    assert RunDir(run).latest_checkpoint().name == "step_00000003"
     assert ckpt.resolve_checkpoint(run).name == "step_00000003"
     with pytest.raises(MiniCPMError, match="not a checkpoint"):
         ckpt.resolve_checkpoint(tmp_path)
@@ -117,13 +119,13 @@ def test_loading_into_a_different_architecture_names_the_field(tmp_path):
     cfg = tiny_config(tmp_path / "other", "model.num_hidden_layers=3")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
     with pytest.raises(MiniCPMError, match="num_hidden_layers"):
-        ckpt.load_model_weights(result.checkpoint, trainer.model)
+        ckpt.load_model_weights(result.checkpoint, trainer.module.model)
 
 
 def test_loaded_optimizer_keeps_the_hyperparameters_of_the_new_config(tmp_path):
     result = make_run(tmp_path)
     cfg = tiny_config(tmp_path / "other", "optim.weight_decay=0.0")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
-    ckpt.load_optimizer(result.checkpoint, trainer.optimizer)
-    assert {g["weight_decay"] for g in trainer.optimizer.param_groups} == {0.0}
-    assert all(int(s["step"]) == 6 for s in trainer.optimizer.state.values())
+    ckpt.load_optimizer(result.checkpoint, trainer.module.optimizer)
+    assert {g["weight_decay"] for g in trainer.module.optimizer.param_groups} == {0.0}
+    assert all(int(s["step"]) == 6 for s in trainer.module.optimizer.state.values())

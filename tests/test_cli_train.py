@@ -8,8 +8,8 @@ import sys
 import pytest
 from train_helpers import make_datasets
 
-from minicpm.train.checkpoint import list_checkpoints, read_trainer_state
-from minicpm.train.metrics import read_metrics
+from minicpm.rundir import RunDir
+from minicpm.train.checkpoint import read_trainer_state
 
 
 def minicpm(*args, cwd):
@@ -36,14 +36,14 @@ run: {{log_every: 2, eval_every: 5, checkpoint_every: 5, progress: false, device
     stable = minicpm("train", recipe, "optim.lr=0.02", "--out", "stable", cwd=tmp_path)
     assert stable.returncode == 0, stable.stderr
     assert "done: stable at step 10" in stable.stdout and "eval loss" in stable.stdout
-    assert [p.name for p in list_checkpoints(tmp_path / "stable")] == ["step_00000005", "step_00000010"]
+    assert [p.name for p in RunDir(tmp_path / "stable").list_checkpoints()] == ["step_00000005", "step_00000010"]
 
     branch = minicpm("train", "--from", "stable/checkpoints/step_00000005", "--decay-steps", "4", "--decay", "linear",
                      "--out", "decay5", cwd=tmp_path)
     assert branch.returncode == 0, branch.stderr
     assert "resuming" in branch.stdout and "linear decay for 4 steps" in branch.stdout
-    assert read_trainer_state(list_checkpoints(tmp_path / "decay5")[-1])["step"] == 9
-    records = read_metrics(tmp_path / "decay5")
+    assert read_trainer_state(RunDir(tmp_path / "decay5").list_checkpoints()[-1])["step"] == 9
+    records = RunDir(tmp_path / "decay5").read_metrics()
     assert [r["step"] for r in records if "loss" in r] == [6, 8, 9]
     assert records[-1]["eval_loss"] > 0 and "optim:\n  lr: 0.02" in (tmp_path / "decay5/config.yaml").read_text()
 

@@ -92,7 +92,12 @@ def test_shipped_recipes_load():
         batch_plan(cfg.batch, 1)
 
 
-def test_the_quickstart_recipe_file_matches_the_quickstart_code():
+def test_the_quickstart_runs_its_recipe_file_with_the_paths_moved_under_its_out(tmp_path):
     from minicpm.quickstart import quickstart_config
 
-    assert load_config(CONFIGS / "quickstart.yaml") == quickstart_config(Path("quickstart"))
+    assert quickstart_config(Path("quickstart")) == load_config(CONFIGS / "quickstart.yaml")
+    moved = quickstart_config(tmp_path / "qs", device="cpu")
+    assert moved.run.out_dir == str(tmp_path / "qs/runs/stable") and moved.run.device == "cpu"
+    assert moved.data.tokenizer == str(tmp_path / "qs/tokenizer/tokenizer.json")
+    assert moved.data.decay == {str(tmp_path / "qs/data/library"): 0.8, str(tmp_path / "qs/data/tests"): 0.2}
+    assert moved.schedule == load_config(CONFIGS / "quickstart.yaml").schedule

@@ -20,8 +20,9 @@ import torch
 from train_helpers import PatternData, tiny_config
 
 from minicpm.model.transformer import MiniCPM
+from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
-from minicpm.train.trainer import Trainer, train
+from minicpm.train.loop import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,7 +116,7 @@ def test_a_sharded_checkpoint_holds_each_rank_shards_and_the_same_trainer_state(
     assert (state_two["world_size"], state_one["world_size"]) == (2, 1)
     for key in ("step", "tokens", "data", "interval", "bad_steps", "schedule"):
         assert state_two[key] == state_one[key], key
-    assert ckpt.latest_checkpoint(runs[1]).name == "step_00000006"
+    assert RunDir(runs[1]).latest_checkpoint().name == "step_00000006"
 
 
 def test_a_checkpoint_from_two_processes_resumes_in_one(runs, tmp_path):
@@ -151,7 +152,7 @@ def test_a_killed_two_process_run_resumes(runs, tmp_path):
                 _kill(int(r.read_text()))
         _kill(-proc.pid)  # torchrun's process group
         proc.wait()
-    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_00000003"
+    assert RunDir(tmp_path / "run").latest_checkpoint().name == "step_00000003"
     torchrun(tmp_path / "run", "--resume")
     assert_same_steps(step_records(tmp_path / "run"), step_records(runs[1]), range(1, 7))
 
@@ -166,8 +167,8 @@ def test_export_writes_a_sharded_checkpoint_in_the_official_layout(runs, tmp_pat
     # the weights a one-process resume loads from the same shards
     cfg = config(tmp_path / "load")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
-    ckpt.load_training_state(sharded, trainer.model, trainer.optimizer)
-    for name, tensor in trainer.model.state_dict().items():
+    ckpt.load_training_state(sharded, trainer.module.model, trainer.module.optimizer)
+    for name, tensor in trainer.module.model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
     proc = subprocess.run([sys.executable, "-m", "minicpm", "export", str(sharded), str(tmp_path / "official"),
                            "--to", "minicpm"], capture_output=True, text=True, timeout=120)

@@ -8,7 +8,7 @@ from minicpm.infer.generate import TextStream, generate, sample_next, stream_tex
 from minicpm.data.tokenizer import EOS_ID, SPECIAL_TOKENS, byte_level_tokenizer
 from minicpm.infer.tokenizer import TextCodec, load_codec
 from minicpm.model.config import ModelConfig
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

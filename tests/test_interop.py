@@ -12,7 +12,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.interop.hf import (INDEX, WEIGHTS, export_llama, import_checkpoint, load_model, read_checkpoint,
                                 save_model)
 from minicpm.model.config import ModelConfig
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,7 +9,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.model.config import PRESETS, ModelConfig, preset
 from minicpm.model.rope import inv_frequencies
 from minicpm.model.transformer import MiniCPM
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

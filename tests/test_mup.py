@@ -7,8 +7,10 @@ import torch
 
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
+from minicpm.model import build
 from minicpm.optim import mup
-from minicpm.optim.mup import build_model, coord_check, init_weights, param_groups, width_spread
+from minicpm.model.build import build_model, init_weights
+from minicpm.optim.mup import coord_check, param_groups, width_spread
 
 WIDTHS = [64, 128, 256, 512]
 STEPS = 4
@@ -126,7 +128,7 @@ def test_coord_check_fails_without_the_init_scaling(monkeypatch):
                 p.normal_(0, model.config.initializer_range) if p.ndim == 2 else p.fill_(1.0)
         return model
 
-    monkeypatch.setattr(mup, "init_weights", unscaled_init)
+    monkeypatch.setattr(build, "init_weights", unscaled_init)
     assert width_violations(run_check())
 
 

@@ -7,18 +7,20 @@ import torch
 from train_helpers import PatternData, metrics_without_timing, tiny_config
 
 from minicpm.errors import MiniCPMError
+from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.launch import launch_config
-from minicpm.train.trainer import NextTokenObjective, Trainer, train
+from minicpm.train.loop import Trainer, train
+from minicpm.train.objectives import NextToken
 
 
 # tiny models run on one thread (see conftest)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(cfg, *, resume=False, objective=None, data=None):
+def run(cfg, *, resume=False, data=None):
     data = data or PatternData(cfg.schedule.resolve())
-    return train(cfg, resume=resume, objective=objective, data=data)
+    return train(cfg, resume=resume, data=data)
 
 
 class Crash(Exception):
@@ -55,7 +57,7 @@ def test_training_lowers_the_loss_and_writes_the_run_directory(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"] - 1.0
     assert records[0]["lr"] == 0.01  # the last of 2 warmup steps reaches the peak
     assert {r["stage"] for r in records} == {"stable", "decay"}
-    names = [p.name for p in ckpt.list_checkpoints(tmp_path / "run")]
+    names = [p.name for p in RunDir(tmp_path / "run").list_checkpoints()]
     assert names == ["step_00000020", "step_00000030"]  # keep_last=2
     assert (tmp_path / "run/checkpoints/latest").read_text().strip() == "step_00000030"
     latest = result.checkpoint
@@ -116,19 +118,20 @@ def test_continuing_the_stable_phase_from_a_checkpoint_extends_the_run(tmp_path)
     assert [r["step"] for r in metrics_without_timing(tmp_path / "more")] == [8, 9]
 
 
-class NaNAt(NextTokenObjective):
+class NaNAt(NextToken):
     def __init__(self, bad_steps, trainer_step):
+        super().__init__()
         self.bad_steps, self.trainer_step = bad_steps, trainer_step
 
-    def loss(self, model, batch, *, chunk_size=None):
-        loss = super().loss(model, batch, chunk_size=chunk_size)
-        return loss * math.nan if self.trainer_step() in self.bad_steps else loss
+    def loss(self, model, batch, **kwargs):
+        loss, metrics = super().loss(model, batch, **kwargs)
+        return (loss * math.nan if self.trainer_step() in self.bad_steps else loss), metrics
 
 
 def test_nan_steps_are_skipped_and_logged_and_too_many_stop_the_run(tmp_path):
     cfg = tiny_config(tmp_path / "run", "run.log_every=1", "run.max_bad_steps=3")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
-    trainer.objective = NaNAt({4, 5}, lambda: trainer.step)
+    trainer.module.objective = NaNAt({4, 5}, lambda: trainer.step)
     trainer.fit()
     records = metrics_without_timing(tmp_path / "run")
     assert [r.get("skipped_steps") for r in records[3:6]] == [None, 1, 1]
@@ -136,10 +139,10 @@ def test_nan_steps_are_skipped_and_logged_and_too_many_stop_the_run(tmp_path):
 
     cfg = tiny_config(tmp_path / "bad", "run.log_every=1", "run.max_bad_steps=3")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
-    trainer.objective = NaNAt(set(range(4, 12)), lambda: trainer.step)
+    trainer.module.objective = NaNAt(set(range(4, 12)), lambda: trainer.step)
     with pytest.raises(MiniCPMError, match=r"3 steps in a row.*step_00000003"):
         trainer.fit()
-    good = ckpt.latest_checkpoint(tmp_path / "bad")
+    good = RunDir(tmp_path / "bad").latest_checkpoint()
     assert good.name == "step_00000003"  # no save during the streak of skipped steps
     assert ckpt.read_trainer_state(good)["bad_steps"] == 0
 
@@ -166,11 +169,11 @@ def test_mup_groups_get_their_scaled_learning_rate(tmp_path):
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
     trainer.fit()
     m = trainer.model_config.width_multiplier
-    lrs = {g["name"]: g["lr"] for g in trainer.optimizer.param_groups}
+    lrs = {g["name"]: g["lr"] for g in trainer.module.optimizer.param_groups}
     factor = cfg.schedule.resolve()(2)
     assert lrs["matrices"] == pytest.approx(0.01 * factor / m)
     assert lrs["gains"] == pytest.approx(0.01 * factor)
-    assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
+    assert all(p.dtype == torch.float32 for p in trainer.module.model.parameters())
 
 
 def test_activation_checkpointing_is_read_from_the_config_and_changes_nothing_but_memory(tmp_path):

@@ -7,8 +7,10 @@ from train_helpers import make_datasets, metrics_without_timing, tiny_config
 
 from minicpm.data.mixture import bytes_per_token
 from minicpm.errors import MiniCPMError
+from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
-from minicpm.train.trainer import PretrainData, Trainer, train
+from minicpm.data.pretrain import PretrainData
+from minicpm.train.loop import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,15 +39,15 @@ def test_resume_across_the_stable_to_decay_boundary_is_bitwise_identical(tmp_pat
     train(data_config(tmp_path / "ref", datasets))
     cfg = data_config(tmp_path / "run", datasets)
     trainer = Trainer(cfg)
-    crashing = CrashAt(cfg.data, trainer.schedule, seq_len=32, seed=0, tokenizer_hash=trainer.tokenizer_hash)
+    crashing = CrashAt(cfg.data.stable, cfg.data.decay, trainer.schedule, seq_len=32, seed=0, tokenizer_hash=trainer.tokenizer_hash)
     crashing.crash_step = 10  # checkpoint at 9, decay from step 8: the decay data state must come back too
     trainer.data = crashing
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     train(cfg, resume=True)
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "ref")
-    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(tmp_path / "run"))["data"] == \
-        ckpt.read_trainer_state(ckpt.latest_checkpoint(tmp_path / "ref"))["data"]
+    assert ckpt.read_trainer_state(RunDir(tmp_path / "run").latest_checkpoint())["data"] == \
+        ckpt.read_trainer_state(RunDir(tmp_path / "ref").latest_checkpoint())["data"]
 
 
 def test_the_decay_stage_reads_its_own_mix_where_the_stable_stage_stopped(tmp_path, datasets):
@@ -67,9 +69,10 @@ def test_evaluation_reports_loss_and_bits_per_byte_per_dataset(tmp_path, dataset
     evals = [r for r in metrics_without_timing(tmp_path / "run") if "eval_loss" in r]
     assert [r["step"] for r in evals] == [6, 12]
     last = evals[-1]
-    assert last["eval/code/bpb"] == pytest.approx(last["eval/code/loss"] / math.log(2) / bytes_per_token([code]))
-    assert last["eval_loss"] == pytest.approx((last["eval/code/loss"] + last["eval/prose/loss"]) / 2)
-    assert evals[1]["eval/code/loss"] < evals[0]["eval/code/loss"]
+    assert last["eval/heldout/code/bpb"] == pytest.approx(last["eval/heldout/code/loss"] / math.log(2) / bytes_per_token([code]))
+    assert last["eval_loss"] == pytest.approx((last["eval/heldout/code/loss"] + last["eval/heldout/prose/loss"]) / 2)
+    assert evals[1]["eval/heldout/code/loss"] < evals[0]["eval/heldout/code/loss"]
+    assert last["eval/heldout/loss"] == last["eval_loss"] and last["eval/heldout/bpb"] == last["eval_bpb"]
 
 
 def test_shards_from_another_tokenizer_are_rejected(tmp_path, datasets):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from minicpm.config import load_config
-from minicpm.train.trainer import rows_to_batch
+from minicpm.data.pretrain import rows_to_batch
 
 TIMING_KEYS = ("tokens_per_s", "mfu")
 

@@ -1,4 +1,4 @@
-"""Held-out loss and bits per byte.
+"""Held-out loss and bits per byte: the evaluator of kind `heldout`.
 
 Bits per byte divide a token loss by the bytes a token stands for, so models with different tokenizers compare
 (the paper's scaling fits use loss per byte, section 4.5, following GPT-4).
@@ -6,61 +6,93 @@ Bits per byte divide a token loss by the bytes a token stands for, so models wit
 
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import torch
-import torch.distributed as dist
 
-from minicpm.train.losses import lm_loss
+from minicpm.eval.evaluators import EvalSetup, EvalTarget, register_evaluator
+
+
+@dataclass
+class HeldoutOptions:
+    """Options of the held-out loss evaluator."""
+
+    datasets: Optional[List[str]] = None
+    """Prepared dataset directories whose validation split is evaluated; null: every dataset of both stages."""
+    sequences: Optional[int] = None
+    """Held-out sequences per dataset (the same rows at every evaluation); null: data.eval_sequences."""
+    batch_size: Optional[int] = None
+    """Sequences per forward pass; null: batch.micro_batch_size."""
+    headline: bool = True
+    """Also write the mean loss and bits per byte as eval_loss and eval_bpb (what sweeps, fits and reports read)."""
+    objective: Optional[str] = field(default="next_token")
+    """The objective the loss is measured under (null: the run's own)."""
+
+    def aliases(self) -> dict[str, str]:
+        return {"loss": "eval_loss", "bpb": "eval_bpb"} if self.headline else {}
+
+
+def split_rows(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """This process's equal, contiguous slice of a set's rows (a remainder of fewer rows than processes is left out,
+    so every process runs the same forward passes)."""
+    per_rank = rows.shape[0] // world_size
+    return rows[rank * per_rank:(rank + 1) * per_rank]
 
 
 @torch.no_grad()
-def heldout_loss_sum(model, rows: torch.Tensor, *, batch_size: int, device: torch.device,
-                     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                     chunk_size: int | None = None) -> tuple[float, int]:
-    """Summed next-token loss (nats) and the number of predicted tokens over rows of shape (n, seq_len+1)."""
-    total, count = torch.zeros((), dtype=torch.float64, device=device), 0
+def heldout_loss_sum(target: EvalTarget, rows: torch.Tensor, *, batch_size: int,
+                     objective: str | None = "next_token") -> tuple[float, int]:
+    """Summed next-token loss (nats) and the number of predicted tokens over rows of shape (n, seq_len+1), summed
+    over every process's rows."""
+    total = torch.zeros(2, dtype=torch.float64, device=target.device)
     for start in range(0, rows.shape[0], batch_size):
-        chunk = rows[start:start + batch_size].to(device, non_blocking=True)
-        with autocast():
-            hidden = model.hidden_states(chunk[:, :-1])
-            total += lm_loss(hidden, model.head_weight, chunk[:, 1:], chunk_size=chunk_size).double()
-        count += chunk[:, 1:].numel()
-    return float(total), count
+        chunk = rows[start:start + batch_size].to(target.device, non_blocking=True)
+        loss_sum, count = target.eval_step({"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}, objective)["loss"]
+        total[0] += loss_sum.double()
+        total[1] += float(count)
+    total = target.all_reduce(total)
+    return float(total[0]), int(total[1])
 
 
-def evaluate(model, datasets: Mapping[str, torch.Tensor], bytes_per_token: Mapping[str, float], *,
-             batch_size: int, device: torch.device, rank: int = 0, world_size: int = 1,
-             autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-             chunk_size: int | None = None) -> dict[str, float]:
-    """Loss and bits per byte on each held-out set, and their means over the sets (each set counts once).
+@register_evaluator("heldout", options=HeldoutOptions)
+class HeldoutLoss:
+    """Loss and bits per byte on each dataset's held-out split, and their means over the sets (each set counts
+    once): {"loss", "bpb", "<set>/loss", "<set>/bpb"}. Under several processes each takes an equal slice of every
+    set's rows and the sums are all-reduced."""
 
-    Under several processes each takes an equal contiguous slice of every set's rows (a remainder of fewer rows
-    than processes is left out, so every process runs the same forward passes) and the sums are all-reduced.
-    Returns {"eval_loss", "eval_bpb", "eval/NAME/loss", "eval/NAME/bpb", ...}.
-    """
-    was_training = model.training
-    model.eval()
-    out: dict[str, float] = {}
-    try:
-        for name, rows in datasets.items():
-            per_rank = rows.shape[0] // world_size
-            mine = rows[rank * per_rank:(rank + 1) * per_rank]
-            loss_sum, count = heldout_loss_sum(model, mine, batch_size=batch_size, device=device, autocast=autocast,
-                                               chunk_size=chunk_size)
-            if world_size > 1:
-                sums = torch.tensor([loss_sum, count], dtype=torch.float64, device=device)
-                dist.all_reduce(sums)
-                loss_sum, count = float(sums[0]), int(sums[1])
+    def __init__(self, name: str, every: int, options: HeldoutOptions, setup: EvalSetup):
+        from minicpm.data.mixture import bytes_per_token, validation_batches
+        from minicpm.data.pretrain import dataset_names
+
+        cfg = setup.config
+        self.name, self.every, self.options = name, every, options
+        self.aliases = options.aliases()
+        self.batch_size = options.batch_size or cfg.batch.micro_batch_size
+        sequences = cfg.data.eval_sequences if options.sequences is None else options.sequences
+        dirs = options.datasets if options.datasets is not None else \
+            list(dict.fromkeys([*cfg.data.stable, *(cfg.data.decay or {})]))
+        self.sets: dict[str, torch.Tensor] = {}
+        self.bytes_per_token: dict[str, float] = {}
+        if not sequences:
+            return
+        for set_name, path in zip(dataset_names(dirs), dirs):
+            self.sets[set_name] = validation_batches([path], seq_len=cfg.batch.seq_len, max_sequences=sequences,
+                                                     tokenizer_hash=setup.tokenizer_hash)
+            self.bytes_per_token[set_name] = bytes_per_token([path])
+
+    def __call__(self, target: EvalTarget) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for set_name, rows in self.sets.items():
+            mine = split_rows(rows, target.rank, target.world_size)
+            loss_sum, count = heldout_loss_sum(target, mine, batch_size=self.batch_size,
+                                               objective=self.options.objective)
             loss = loss_sum / max(count, 1)
-            out[f"eval/{name}/loss"] = loss
-            out[f"eval/{name}/bpb"] = loss / math.log(2) / bytes_per_token[name]
-    finally:
-        model.train(was_training)
-    if datasets:
-        names = list(datasets)
-        out["eval_loss"] = sum(out[f"eval/{n}/loss"] for n in names) / len(names)
-        out["eval_bpb"] = sum(out[f"eval/{n}/bpb"] for n in names) / len(names)
-    return out
+            out[f"{set_name}/loss"] = loss
+            out[f"{set_name}/bpb"] = loss / math.log(2) / self.bytes_per_token[set_name]
+        if self.sets:
+            names = list(self.sets)
+            out["loss"] = sum(out[f"{n}/loss"] for n in names) / len(names)
+            out["bpb"] = sum(out[f"{n}/bpb"] for n in names) / len(names)
+        return out

@@ -19,6 +19,7 @@ import yaml
 from minicpm.errors import MiniCPMError
 from minicpm.files import json_object_line
 from minicpm.model.config import ModelConfig, preset
+from minicpm.rundir import METRICS_FILE, MODEL_CONFIG_FILE, RunDir
 
 NUMERIC_COLUMNS = ("params", "tokens", "loss", "flops", "batch_tokens")
 
@@ -136,13 +137,10 @@ def load_table(path: str | Path, required: tuple[str, ...] = ("params", "tokens"
 
 def _model_config(run_dir: Path) -> ModelConfig:
     """The run's model, from config.yaml's `model` section (a preset name and/or HF fields) or a config.json."""
-    cfg_path = run_dir / "config.yaml"
+    run = RunDir(run_dir)
+    cfg_path = run.config_file
     if cfg_path.exists():
-        try:
-            cfg = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise MiniCPMError(f"{cfg_path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        model = cfg.get("model") if isinstance(cfg, dict) else None
+        model = run.read_config_dict().get("model")
         if isinstance(model, str):
             return preset(model)
         if isinstance(model, dict):
@@ -155,7 +153,7 @@ def _model_config(run_dir: Path) -> ModelConfig:
                 except TypeError as e:
                     raise MiniCPMError(f"{cfg_path}: model: {e}") from None
             return ModelConfig.from_hf_dict(fields, source=f"{cfg_path} (model section)")
-    for candidate in [run_dir / "config.json", *sorted(run_dir.glob("checkpoints/*/config.json"))]:
+    for candidate in [run_dir / MODEL_CONFIG_FILE, *(c / MODEL_CONFIG_FILE for c in run.list_checkpoints())]:
         if candidate.exists():
             return ModelConfig.load(candidate)
     raise MiniCPMError(f"{run_dir}: cannot tell the model size: no config.yaml with a 'model' section "
@@ -163,10 +161,11 @@ def _model_config(run_dir: Path) -> ModelConfig:
 
 
 def _metrics(run_dir: Path) -> list[tuple[str, dict]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        raise MiniCPMError(f"{run_dir}: no metrics.jsonl (is this a run directory?)")
-    return _read_records(path)
+    """(location, record) of every record of a run's metrics.jsonl (a torn last line of a killed run is skipped)."""
+    run = RunDir(run_dir)
+    if not run.metrics_file.exists():
+        raise MiniCPMError(f"{run_dir}: no {run.metrics_file.name} (is this a run directory?)")
+    return [(f"{run.metrics_file} record {i}", r) for i, r in enumerate(run.read_metrics(), 1)]
 
 
 def run_dir_row(run_dir: str | Path, loss_key: str = "eval_loss") -> dict[str, Any]:
@@ -177,7 +176,7 @@ def run_dir_row(run_dir: str | Path, loss_key: str = "eval_loss") -> dict[str, A
     evals = [(w, r) for w, r in records if isinstance(r.get(loss_key), (int, float))
              and math.isfinite(r[loss_key])]
     if not evals:
-        raise MiniCPMError(f"{run_dir / 'metrics.jsonl'}: no line with a finite {loss_key!r}")
+        raise MiniCPMError(f"{RunDir(run_dir).metrics_file}: no line with a finite {loss_key!r}")
     where, last = evals[-1]
     tokens = last.get("tokens")
     if tokens is None:  # an eval line may omit tokens: take the last training line at or before its step
@@ -219,8 +218,10 @@ def load_curve(path: str | Path, loss_key: str = "loss") -> Curve:
     """
     path = Path(path)
     if path.is_dir():
-        path = path / "metrics.jsonl"
-    records = _read_records(path)
+        path = RunDir(path).metrics_file
+        records = _metrics(path.parent)
+    else:
+        records = _read_records(path)
     lr_pts: dict[int, float] = {}
     loss_pts: dict[int, float] = {}
     for where, rec in records:
@@ -256,7 +257,7 @@ def load_curve(path: str | Path, loss_key: str = "loss") -> Curve:
         raise MiniCPMError(f"{path}: no line with step and {loss_key!r}")
     ls = np.array(sorted(lr_pts))
     ps = np.array(sorted(loss_pts))
-    name = path.parent.name if path.name == "metrics.jsonl" else path.stem
+    name = path.parent.name if path.name == METRICS_FILE else path.stem
     return Curve(name, ls, np.array([lr_pts[s] for s in ls]), ps, np.array([loss_pts[s] for s in ps]))
 
 

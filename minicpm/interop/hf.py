@@ -1,4 +1,5 @@
-"""Checkpoints in the official HF MiniCPM layout, and export to a plain Llama checkpoint with μP folded in.
+"""Model directories in the official HF MiniCPM layout: reading them (validated against their config.json) and
+writing them atomically. The folded Llama export is interop/llama.py; a fresh checkpoint, interop/initialise.py.
 
 A checkpoint directory holds `config.json` (official field names) and `model.safetensors`, or shards
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Tensor names are the official keys, which
@@ -13,17 +14,16 @@ import math
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Union
+from typing import Iterator, Mapping, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import read_json_object
-from minicpm.model.config import ModelConfig, rope_scaling_type as scaling_type
+from minicpm.files import publish_directory, read_json_object, temporary_directory_for
+from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 
 CONFIG = "config.json"
@@ -239,33 +239,23 @@ def _model_dtype(model: MiniCPM) -> torch.dtype:
     return model.head_weight.dtype
 
 
-def _plan_shards(sizes: Mapping[str, int], max_shard_bytes: int | None) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    total = 0
-    for key, size in sizes.items():
-        if max_shard_bytes and shards[-1] and total + size > max_shard_bytes:
-            shards.append([])
-            total = 0
-        shards[-1].append(key)
-        total += size
-    return shards
+def write_weight_files(directory: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                       max_shard_bytes: int | None) -> list[str]:
+    """model.safetensors, or shards of at most max_shard_bytes and their index (huggingface_hub plans the split, in
+    the sizes the tensors will have in `dtype`). Returns the names written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-
-def _write_weights(tmp: Path, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
-                   max_shard_bytes: int | None) -> list[str]:
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    sizes = {k: v.numel() * itemsize for k, v in tensors.items()}
-    shards = _plan_shards(sizes, max_shard_bytes)
-    names = [WEIGHTS] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                                                 for i in range(len(shards))]
-    for name, keys in zip(names, shards):
+    planned = {k: torch.empty(v.shape, dtype=dtype, device="meta") for k, v in tensors.items()}
+    split = split_torch_state_dict_into_shards(planned, filename_pattern="model{suffix}.safetensors",
+                                               max_shard_size=max_shard_bytes or 2**62)
+    for name, keys in split.filename_to_tensors.items():
         # converted shard by shard, so a save needs one shard of extra memory, not a second model
         part = {k: tensors[k].detach().to(device="cpu", dtype=dtype).contiguous() for k in keys}
-        save_file(part, str(tmp / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
-        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        save_file(part, str(directory / name), metadata={"format": "pt"})
+    names = list(split.filename_to_tensors)
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
         names.append(INDEX)
     return names
 
@@ -274,23 +264,30 @@ def _is_weight_file(name: str) -> bool:
     return name == INDEX or (name.startswith("model") and name.endswith(".safetensors"))
 
 
-def _write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
-               max_shard_bytes: int | None, extra_files: Mapping[str, bytes | str | Path] | None) -> Path:
-    """Everything is written under a temporary name first. A new directory appears by one rename; into an existing
-    one (a training step's directory, say) each file is renamed into place, and stale weight files are removed."""
+def write_files(directory: Path, config: dict, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                max_shard_bytes: int | None, extra_files: Mapping[str, bytes | str | Path] | None) -> list[str]:
+    """Weights, extra files and config.json (last) into `directory`, which the caller makes atomic."""
+    names = write_weight_files(directory, tensors, dtype, max_shard_bytes)
+    for name, content in (extra_files or {}).items():
+        if isinstance(content, Path):
+            shutil.copyfile(content, directory / name)
+        else:
+            (directory / name).write_bytes(content.encode() if isinstance(content, str) else content)
+        names.append(name)
+    (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return names + [CONFIG]
+
+
+def write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor], dtype: torch.dtype,
+              max_shard_bytes: int | None, extra_files: Mapping[str, bytes | str | Path] | None) -> Path:
+    """A model directory written atomically: a new one appears by one rename; into an existing directory each file
+    is renamed into place and stale weight files are removed, so what else it holds stays."""
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MiniCPMError(f"{out_dir}: exists and is not a directory")
+    tmp = temporary_directory_for(out_dir)
     try:
-        names = _write_weights(tmp, tensors, dtype, max_shard_bytes)
-        for name, content in (extra_files or {}).items():
-            if isinstance(content, Path):
-                shutil.copyfile(content, tmp / name)
-            else:
-                (tmp / name).write_bytes(content.encode() if isinstance(content, str) else content)
-            names.append(name)
-        (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        names.append(CONFIG)
+        names = write_files(tmp, config, tensors, dtype, max_shard_bytes, extra_files)
         # mkdtemp makes a private directory; give it and the files the permissions a plain mkdir/open would
         umask = os.umask(0)
         os.umask(umask)
@@ -298,10 +295,7 @@ def _write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor],
         for name in names:
             (tmp / name).chmod(0o666 & ~umask)
         if not out_dir.exists():
-            os.rename(tmp, out_dir)
-            return out_dir
-        if not out_dir.is_dir():
-            raise MiniCPMError(f"{out_dir}: exists and is not a directory")
+            return publish_directory(tmp, out_dir)
         for name in names:
             os.replace(tmp / name, out_dir / name)
         for stale in out_dir.iterdir():
@@ -318,7 +312,20 @@ def save_state(config: ModelConfig, state: Mapping[str, torch.Tensor], out_dir: 
     """Write a full state dict (official keys) and its config in the official layout; see save_model."""
     dtype = parse_dtype(dtype) or next(iter(state.values())).dtype
     hf = dataclasses.replace(config, torch_dtype=dtype_name(dtype)).to_hf_dict()
-    return _write_dir(Path(out_dir), hf, state, dtype, max_shard_bytes, extra_files)
+    return write_dir(Path(out_dir), hf, state, dtype, max_shard_bytes, extra_files)
+
+
+def _hf_config(model: MiniCPM, dtype: torch.dtype) -> dict:
+    return dataclasses.replace(model.config, torch_dtype=dtype_name(dtype)).to_hf_dict()
+
+
+def write_model_files(directory: Path, model: MiniCPM, *,
+                      extra_files: Mapping[str, bytes | str | Path] | None = None) -> list[str]:
+    """A model's config.json and weights (in its own dtype) into a directory the caller makes atomic, such as a
+    training checkpoint being written."""
+    model = getattr(model, "_orig_mod", model)
+    dtype = _model_dtype(model)
+    return write_files(Path(directory), _hf_config(model, dtype), model.state_dict(), dtype, None, extra_files)
 
 
 def save_model(model: MiniCPM, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
@@ -331,37 +338,6 @@ def save_model(model: MiniCPM, out_dir: PathLike, *, dtype: str | torch.dtype | 
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key with _orig_mod.
     return save_state(model.config, model.state_dict(), out_dir, dtype=dtype or _model_dtype(model),
                       max_shard_bytes=max_shard_bytes, extra_files=extra_files)
-
-
-def init_checkpoint(config: ModelConfig, out_dir: PathLike, *, seed: int = 0, dtype: str | torch.dtype | None = None,
-                    tokenizer: PathLike | None = None, embedding_in_2d_group: bool = True,
-                    progress: Callable[[str], None] | None = None) -> Path:
-    """A freshly μP-initialised model in the official layout, with a tokenizer beside it (the given one, else the
-    byte-level tokenizer) so that even a fresh model can generate. progress(message) hears what is slow."""
-    from minicpm.data.tokenizer import byte_level_tokenizer, vocab_size
-    from minicpm.infer.tokenizer import find_tokenizer, load_codec
-    from minicpm.optim.mup import build_model
-
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise MiniCPMError(f"{out_dir}: already exists and is not an empty directory")
-    if tokenizer is not None:
-        path = find_tokenizer(None, tokenizer)
-        size = load_codec(path).vocab_size
-        extra: dict = {"tokenizer.model" if path.suffix == ".model" else "tokenizer.json": path}
-    else:
-        byte_level = byte_level_tokenizer()
-        size = vocab_size(byte_level)
-        extra = {"tokenizer.json": byte_level.to_str()}
-    if size > config.vocab_size:
-        raise MiniCPMError(f"tokenizer has {size} tokens but vocab_size is {config.vocab_size}; "
-                           f"set vocab_size={size} or more")
-    if progress:
-        progress(f"initialising {config.total_params():,} parameters (μP, seed {seed})")
-    model = build_model(config, dtype=parse_dtype(dtype), seed=seed, embedding_in_2d_group=embedding_in_2d_group)
-    if progress:
-        progress(f"writing {out_dir}")
-    return save_model(model, out_dir, extra_files=extra)
 
 
 def parse_size(text: str) -> int:
@@ -391,75 +367,6 @@ def import_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dt
     config, tensors = read_checkpoint(src)
     return save_state(config, tensors, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
                       extra_files=tokenizer_files(src))
-
-
-# ---------------------------------------------------------------- Llama export
-
-def fold_mup(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The weights of a plain Llama that computes exactly what the MiniCPM does (DESIGN §3, last bullet).
-
-    embed × scale_emb; lm_head = the original head ÷ (d/dim_model_base), so the head is untied; o_proj and
-    down_proj × scale_depth/√L (RMSNorm sees the residual stream only after the branch outputs are added).
-    Arithmetic in fp32; tensors come back in fp32.
-    """
-    folded = {k: v.detach().float() for k, v in state.items()}
-    embed = folded["model.embed_tokens.weight"]
-    head = embed if config.tie_word_embeddings else folded["lm_head.weight"]
-    folded["lm_head.weight"] = head / config.width_multiplier
-    folded["model.embed_tokens.weight"] = embed * config.scale_emb
-    for i in range(config.num_hidden_layers):
-        for key in (f"model.layers.{i}.self_attn.o_proj.weight", f"model.layers.{i}.mlp.down_proj.weight"):
-            folded[key] = folded[key] * config.residual_scale
-    return folded
-
-
-def llama_config(config: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json for transformers' LlamaForCausalLM (loads with transformers 4.x and 5.x)."""
-    theta, scaling = config.rope_theta, None
-    kind = scaling_type(config.rope_scaling)
-    rope = config.rope_scaling or {}
-    if kind in ("ntk", "dynamic"):
-        # our NTK-aware scaling is a static base change, which a plain Llama expresses as rope_theta
-        theta = theta * float(rope.get("factor", 1.0)) ** (config.head_dim / (config.head_dim - 2))
-    elif kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(rope.get("factor", 1.0))}
-    elif kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(rope.get("factor", 1.0)),
-                   "original_max_position_embeddings": int(rope.get("original_max_position_embeddings", 4096)),
-                   "beta_fast": float(rope.get("beta_fast", 32)), "beta_slow": float(rope.get("beta_slow", 1))}
-        if rope.get("attention_factor"):
-            scaling["attention_factor"] = float(rope["attention_factor"])
-    if scaling:
-        scaling["type"] = scaling["rope_type"]  # the transformers 4.x key
-    rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=theta)
-    rope_parameters.pop("type", None)
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "intermediate_size": config.intermediate_size, "num_hidden_layers": config.num_hidden_layers,
-        "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads,
-        "head_dim": config.head_dim, "hidden_act": "silu", "max_position_embeddings": config.max_position_embeddings,
-        "rms_norm_eps": config.rms_norm_eps, "rope_theta": theta, "rope_scaling": scaling,
-        "rope_parameters": rope_parameters, "tie_word_embeddings": False, "attention_bias": False,
-        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": config.initializer_range,
-        "bos_token_id": 1, "eos_token_id": 2, "use_cache": True, "torch_dtype": dtype_name(dtype),
-    }
-
-
-def export_llama(model_or_path: MiniCPM | PathLike, out_dir: PathLike, dtype: str | torch.dtype | None = None, *,
-                 max_shard_bytes: int | None = None) -> Path:
-    """A plain Llama checkpoint (μP folded in) that LlamaForCausalLM loads with no custom code."""
-    if isinstance(model_or_path, MiniCPM):
-        config, state, extra = model_or_path.config, model_or_path.state_dict(), {}
-        stored = _model_dtype(model_or_path)
-    else:
-        config, state = read_checkpoint(model_or_path)
-        extra, stored = tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
-    if config.num_experts:
-        raise MiniCPMError(f"model has {config.num_experts} experts: a MoE model does not export as a plain Llama")
-    dtype = parse_dtype(dtype) or stored
-    return _write_dir(Path(out_dir), llama_config(config, dtype), fold_mup(config, state), dtype, max_shard_bytes,
-                      extra)
 
 
 def checkpoint_summary(path: PathLike) -> dict:

@@ -70,16 +70,16 @@ class Attention(nn.Module):
                 # queries sit at positions start_pos.. : bottom-right aligned causal mask
                 causal = False
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-        if self.n_kv_heads != self.n_heads:
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-        # paper section 3.1: the standard 1/sqrt(head_dim) attention scale, no muP 1/d
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        # paper section 3.1: the standard 1/sqrt(head_dim) attention scale, no muP 1/d; grouped-query heads share
+        # their K/V inside SDPA (enable_gqa) instead of copies of them
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)). A dense MLP reports no auxiliary loss (an MoE layer adds its balance
+    loss to `aux_losses`, the channel the training objective reads)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -87,7 +87,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -106,9 +106,10 @@ class DecoderLayer(nn.Module):
         # paper Table 7: each residual branch is scaled by scale_depth/sqrt(L)
         self.residual_scale = config.residual_scale
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+                aux_losses: dict[str, torch.Tensor] | None = None):
         x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
-        x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x))
+        x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x), aux_losses)
         return x
 
 
@@ -128,6 +129,10 @@ class MiniCPM(nn.Module):
     forward(input_ids) -> fp32 logits (B, T, vocab). For losses that never materialise the logits,
     `hidden_states(input_ids)` returns the final normed, muP-scaled hidden state and `head_weight` the output
     matrix, so that logits = hidden_states @ head_weight.T.
+
+    Auxiliary losses (an MoE's load balance) come out through one channel: pass a dict as `aux_losses` and the
+    layers that have such a loss add theirs into it by name (each a per-token mean over the batch); the training
+    objective weighs and adds them.
     """
 
     def __init__(self, config: ModelConfig):
@@ -145,15 +150,15 @@ class MiniCPM(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None,
-                      start_pos: int = 0) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0,
+                      aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.config
         positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
         cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         # paper Table 7: embedding output x scale_emb
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos)
+            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos, aux_losses)
         # paper Table 7: logits divided by the width multiplier d/dim_model_base
         return self.model.norm(h) / cfg.width_multiplier
 

@@ -1,53 +1,30 @@
-"""μP as MiniCPM applies it (paper Table 7, DESIGN §3): initialisation, AdamW parameter groups, coordinate check.
+"""μP as MiniCPM applies it (paper Table 7, DESIGN §3): AdamW parameter groups and the coordinate check.
 
 With the width multiplier m = hidden_size / dim_model_base:
-  2-D weights   init N(0, (initializer_range/√m)²), learning rate lr/m, weight decay
-  1-D weights   (RMSNorm gains) init 1, the base learning rate, no weight decay
-The forward-pass multipliers (scale_emb, scale_depth/√L, logits ÷ m) live in the model.
-
-Whether the vocabulary matrices (the embedding, and the head when untied) count as 2-D weights is the switch
-`embedding_in_2d_group`. True is the literal reading of Table 7 ("each 2-D tensor"), the default; False is classic
-μP, where they are "vector-like": init N(0, initializer_range²), base learning rate (weight decay kept).
-The coordinate check below tells them apart: under the literal reading the embedding output shrinks like 1/√m
-and the logits like 1/m as the width grows; under classic μP both stay flat (tests/test_mup.py).
+  2-D hidden weights   learning rate lr/m, weight decay
+  1-D weights          (RMSNorm gains) the base learning rate, no weight decay
+  vocabulary matrices  (the embedding, and the head when untied) the base learning rate, weight decay: classic μP
+                       (default); `embedding_in_2d_group=True` gives them lr/m (the literal reading of Table 7)
+The initialisation is minicpm/model/build.py; the forward-pass multipliers (scale_emb, scale_depth/√L, logits ÷ m)
+live in the model. The coordinate check below tells the two readings apart: under the literal one the embedding
+output shrinks like 1/√m and the logits like 1/m as the width grows; under classic μP both stay flat
+(tests/test_mup.py).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
+from minicpm.model.build import build_model, is_hidden_matrix
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 
-VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
-
-
-def _scaled_as_hidden(name: str, embedding_in_2d_group: bool) -> bool:
-    # endswith: a wrapped model (torch.compile, FSDP) prefixes the names
-    return embedding_in_2d_group or not name.endswith(VOCAB_MATRICES)
-
-
-@torch.no_grad()
-def init_weights(model: MiniCPM, *, embedding_in_2d_group: bool = True,
-                 generator: torch.Generator | None = None) -> MiniCPM:
-    """μP initialisation in place (also right after `to_empty`, whose memory holds garbage). Returns the model."""
-    cfg = model.config
-    hidden_std = cfg.initializer_range / math.sqrt(cfg.width_multiplier)
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            std = hidden_std if _scaled_as_hidden(name, embedding_in_2d_group) else cfg.initializer_range
-            p.normal_(0.0, std, generator=generator)
-        else:
-            p.fill_(1.0)
-    return model
-
 
 def param_groups(model: MiniCPM, *, lr: float, weight_decay: float,
-                 embedding_in_2d_group: bool = True) -> list[dict]:
+                 embedding_in_2d_group: bool = False) -> list[dict]:
     """AdamW parameter groups. Each carries `lr_scale` (its lr over the base lr) and a `name`, so that a schedule
     sets `group["lr"] = base_lr * factor * group["lr_scale"]`."""
     m = model.config.width_multiplier
@@ -57,7 +34,7 @@ def param_groups(model: MiniCPM, *, lr: float, weight_decay: float,
             continue
         if p.ndim < 2:
             gains.append(p)
-        elif _scaled_as_hidden(name, embedding_in_2d_group):
+        elif is_hidden_matrix(name, embedding_in_2d_group):
             hidden.append(p)
         else:
             vocab.append(p)
@@ -67,18 +44,6 @@ def param_groups(model: MiniCPM, *, lr: float, weight_decay: float,
         dict(name="gains", params=gains, lr=lr, lr_scale=1.0, weight_decay=0.0),
     ]
     return [g for g in groups if g["params"]]
-
-
-def build_model(config: ModelConfig, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                seed: int = 0, embedding_in_2d_group: bool = True) -> MiniCPM:
-    """A μP-initialised model, built on the meta device and materialised once (no second copy of the weights)."""
-    with torch.device("meta"):
-        model = MiniCPM(config)
-    if dtype is not None:
-        model.to(dtype=dtype)  # still on meta: free
-    model.to_empty(device=device)
-    generator = None if torch.device(device).type == "meta" else torch.Generator(device=device).manual_seed(seed)
-    return init_weights(model, embedding_in_2d_group=embedding_in_2d_group, generator=generator)
 
 
 # ---------------------------------------------------------------- coordinate check
@@ -95,7 +60,7 @@ def coord_check_config(width: int, *, mup: bool, base_width: int, layers: int = 
 
 def coord_check(widths: Sequence[int], *, steps: int, mup: bool, base_width: int | None = None, layers: int = 2,
                 head_dim: int = 16, vocab_size: int = 256, seq_len: int = 32, batch_size: int = 4,
-                lr: float = 0.01, seed: int = 0, embedding_in_2d_group: bool = True) -> dict[int, dict[str, list[float]]]:
+                lr: float = 0.01, seed: int = 0, embedding_in_2d_group: bool = False) -> dict[int, dict[str, list[float]]]:
     """Activation scales per width, module and step: {width: {module: [mean|x| at t=0, ..., t=steps]}}.
 
     t=0 is the initialisation, t=k the forward after k AdamW steps on one fixed batch (as in microsoft/mup's

@@ -8,10 +8,12 @@ or, from several (FSDP2-sharded) processes,
   config.json + dcp/                torch.distributed.checkpoint: each rank's shards of the model weights (official
                                     key names) and of the optimizer moments, with dcp/.metadata
   trainer_state.json                the same trainer state
-and RUN/checkpoints/latest names the newest complete one. Either format resumes on any number of processes
-(load_training_state); consolidate() turns either into the official layout's full state dict. A checkpoint is written into a hidden temporary
-directory and renamed into place when complete, so a process killed mid-save leaves the previous checkpoint as
-the newest complete one; trainer_state.json is written last and marks a directory as complete.
+and RUN/checkpoints/latest names the newest complete one (the layout is minicpm/rundir.py's). Either format
+resumes on any number of processes (load_training_state); consolidate() turns either, or an official HF model
+directory, into the official layout's full state dict, which a weights-only start loads (load_weights_only).
+A checkpoint is written into a hidden temporary directory and renamed into place when complete, so a process killed
+mid-save leaves the previous checkpoint as the newest complete one; trainer_state.json is written last and marks a
+directory as complete.
 """
 
 from __future__ import annotations
@@ -20,8 +22,6 @@ import base64
 import dataclasses
 import json
 import random
-import re
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,111 +32,45 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import read_json_object, write_atomic
+from minicpm.files import publish_directory, read_json_object, temporary_directory_for, write_atomic
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
+from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, RunDir, is_sharded)
 from minicpm.train.distributed import fsdp_applied
-
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-SHARDS_DIR = "dcp"
-LATEST = "latest"
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_complete(path: Path) -> bool:
-    return (path / STATE_FILE).is_file() and ((path / WEIGHTS_FILE).is_file() or is_sharded(path))
-
-
-def is_sharded(checkpoint: str | Path) -> bool:
-    """Whether a checkpoint holds DCP shards (written by several processes) rather than model.safetensors."""
-    return (Path(checkpoint) / SHARDS_DIR / ".metadata").is_file()
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and is_complete(p)]
-    return [p for _, p in sorted(found)]
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint `latest` names, or, if that one is missing or incomplete, the newest complete one."""
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if is_complete(named):
-            return named
-    found = list_checkpoints(run_dir)
-    return found[-1] if found else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, given either that directory or a run directory (then its latest checkpoint)."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    if (path / "checkpoints").is_dir():
-        latest = latest_checkpoint(path)
-        if latest is None:
-            raise MiniCPMError(f"{path}: the run has no complete checkpoint")
-        return latest
-    raise MiniCPMError(f"{path}: not a checkpoint (no {STATE_FILE} with {WEIGHTS_FILE} or {SHARDS_DIR}/) "
-                       f"nor a run directory")
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
     return read_json_object(Path(checkpoint) / STATE_FILE, missing="; not a complete checkpoint")
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], *, keep_last: int = 0, tokenizer: str | Path | None = None) -> Path:
     """Write RUN/checkpoints/step_N atomically, point `latest` at it, delete all but the newest keep_last.
 
     tokenizer: the run's tokenizer.json; it and its companion files are copied in, so that a checkpoint is a
     complete model directory (`minicpm generate CHECKPOINT` finds its tokenizer).
     """
-    from minicpm.interop.hf import save_model
+    from minicpm.interop.hf import write_model_files
 
-    root = Path(run_dir) / "checkpoints"
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    save_model(model, tmp, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
+    final = run.checkpoint_dir(step)
+    tmp = temporary_directory_for(final, name=run.temporary_checkpoint_name(step))
+    write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
     write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
-    _publish(run_dir, tmp, final, keep_last)
+    _publish(run, tmp, final, keep_last)
     return final
 
 
-def _publish(run_dir: str | Path, tmp: Path, final: Path, keep_last: int) -> None:
-    """Rename a written checkpoint into place, point `latest` at it, delete all but the newest keep_last."""
-    root = final.parent
-    if final.exists():  # the same step saved again (e.g. a run resumed at its last step): swap, then delete
-        old = root / f".old-{final.name}"
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
-    write_atomic(root / LATEST, final.name + "\n")
-    if keep_last:
-        for stale in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(stale)
+def _publish(run: RunDir, tmp: Path, final: Path, keep_last: int) -> None:
+    """Rename a written checkpoint into place (swapping out the same step saved before, e.g. by a run resumed at
+    its last step), point `latest` at it, delete all but the newest keep_last."""
+    publish_directory(tmp, final)
+    run.set_latest(final)
+    run.prune_checkpoints(keep_last)
 
 
 def _tokenizer_files(tokenizer: str | Path) -> dict[str, Path]:
@@ -146,15 +80,6 @@ def _tokenizer_files(tokenizer: str | Path) -> dict[str, Path]:
     if path.is_dir() or path.name in ("tokenizer.json", "tokenizer.model"):
         return tokenizer_files(path if path.is_dir() else path.parent)
     return {"tokenizer.model" if path.suffix == ".model" else "tokenizer.json": path}
-
-
-def remove_incomplete(run_dir: str | Path) -> None:
-    """Delete the hidden temporary directories a killed save leaves behind."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.is_dir() and p.name.startswith("."):
-                shutil.rmtree(p, ignore_errors=True)
 
 
 def load_model_weights(checkpoint: str | Path, model: torch.nn.Module) -> None:
@@ -193,26 +118,24 @@ def load_optimizer(checkpoint: str | Path, optimizer: torch.optim.Optimizer) -> 
 
 # ------------------------------------------------------------------------------------------ sharded checkpoints
 
-def save_sharded_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
+def save_sharded_checkpoint(run: RunDir, step: int, model: torch.nn.Module,
                             optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any], *, keep_last: int = 0,
                             is_main: bool) -> Path:
     """Every process calls this: each writes its shards of the weights and optimizer moments (DCP) into
     RUN/checkpoints/.tmp-step_N/dcp/, then rank 0 adds config.json and trainer_state.json and renames the directory
     into place, as save_checkpoint does. With several nodes, RUN must be on a filesystem they all share."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{final.name}"
+    final = run.checkpoint_dir(step)
+    name = run.temporary_checkpoint_name(step)
+    tmp = final.parent / name
     if is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        temporary_directory_for(final, name=name)
     dist.barrier()
     dcp.save(_dcp_state(model, optimizer)[0], checkpoint_id=tmp / SHARDS_DIR)
     if is_main:
         weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-        dataclasses.replace(model.config, torch_dtype=weights_dtype).save(tmp / CONFIG_FILE)
+        dataclasses.replace(model.config, torch_dtype=weights_dtype).save(tmp / MODEL_CONFIG_FILE)
         write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
-        _publish(run_dir, tmp, final, keep_last)
+        _publish(run, tmp, final, keep_last)
     dist.barrier()
     return final
 
@@ -226,7 +149,7 @@ def load_training_state(checkpoint: str | Path, model: torch.nn.Module, optimize
     """
     checkpoint = Path(checkpoint)
     if is_sharded(checkpoint):
-        _check_architecture(checkpoint, ModelConfig.load(checkpoint / CONFIG_FILE), model.config)
+        _check_architecture(checkpoint, ModelConfig.load(checkpoint / MODEL_CONFIG_FILE), model.config)
         _load_shards(checkpoint, model, optimizer)
     elif fsdp_applied(model):
         _load_whole_into_shards(checkpoint, model, optimizer)
@@ -243,7 +166,7 @@ def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     checkpoint = Path(checkpoint)
     if not is_sharded(checkpoint):
         return read_checkpoint(checkpoint)
-    config = ModelConfig.load(checkpoint / CONFIG_FILE)
+    config = ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
     shards = checkpoint / SHARDS_DIR
     stored = FileSystemReader(str(shards)).read_metadata().state_dict_metadata
     state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
@@ -258,6 +181,39 @@ def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
                                f"{tuple(tensor.shape)}")
     _dcp_load({"model": state}, shards, no_dist=True)
     return config, {name: state[name] for name in expected}
+
+
+def source_model_config(source: str | Path) -> ModelConfig:
+    """The architecture of a weights directory of any layout (ours, sharded, official HF)."""
+    from minicpm.interop.hf import checkpoint_config
+
+    source = Path(source)
+    return ModelConfig.load(source / MODEL_CONFIG_FILE) if is_sharded(source) else checkpoint_config(source)
+
+
+def load_weights_only(source: str | Path, model: torch.nn.Module) -> None:
+    """A weights-only start: the weights of `source` (one of our checkpoints, a sharded one, or an official HF
+    model directory) into a plain or FSDP2-sharded model of the same shapes. Nothing else of the source is read —
+    no optimizer state, step or data position."""
+    _, state = consolidate(source)
+    ours = model.state_dict()
+    for name, tensor in ours.items():
+        if name not in state:
+            raise MiniCPMError(f"{source}: has no tensor {name} (the run's model has it; model.* must describe "
+                               f"the source's architecture)")
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise MiniCPMError(f"{source}: {name} has shape {tuple(state[name].shape)}, the run's model "
+                               f"{tuple(tensor.shape)} (model.* must describe the source's architecture)")
+    extra = sorted(set(state) - set(ours))
+    if extra:
+        raise MiniCPMError(f"{source}: tensor {extra[0]} has no place in the run's model")
+    state = {name: state[name].to(ours[name].dtype) for name in ours}
+    if fsdp_applied(model):
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+        return
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            tensor.copy_(state[name])
 
 
 def consolidated_model(checkpoint: str | Path) -> MiniCPM:

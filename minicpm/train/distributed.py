@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import os
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,7 +14,6 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
 
 
 @dataclass(frozen=True)
@@ -223,104 +219,3 @@ def fused_adamw_supported(device: torch.device) -> bool:
     except ImportError:
         return device.type == "cuda"
     return device.type in _get_fused_kernels_supported_devices()
-
-
-# ---------------------------------------------------------------- peak FLOP/s for MFU
-
-# Dense bf16 tensor-core peaks from the vendors' datasheets (no 2:4 sparsity). Matched as substrings of the
-# device name, first match wins, so the more specific names come first.
-GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165e12),
-    ("MI300X", 1307e12),
-)
-
-
-# Per process: what this process measured for each cache key, so it measures at most once.
-_MEASURED: dict[str, float] = {}
-
-
-def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
-    """Peak FLOP/s for MFU: the datasheet bf16 figure for known GPUs, else the best matmul rate ever measured.
-
-    Elsewhere each process measures once (best of a few 2048^3 matmuls in `dtype`, about a second) and keeps the
-    highest rate seen in $XDG_CACHE_HOME/minicpm/peak.json (default ~/.cache), under the device name, dtype and
-    thread count. A machine busy with other work measures low; keeping the maximum means one such reading cannot
-    lower the peak for good (which would push MFU past 100%), and a later quiet run raises it to the true peak.
-    """
-    device = torch.device(device)
-    name = _device_name(device)
-    if device.type == "cuda":
-        for key, flops in GPU_PEAK_BF16_FLOPS:
-            if key in name:
-                return flops
-    cache_key = f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}"
-    if cache_key not in _MEASURED:
-        _MEASURED[cache_key] = measure_matmul_flops(device, dtype)
-    cache = _peak_cache_path()
-    table = _read_json(cache)
-    cached = table.get(cache_key)
-    cached = float(cached) if isinstance(cached, (int, float)) else 0.0
-    if _MEASURED[cache_key] > cached:
-        table[cache_key] = _MEASURED[cache_key]
-        write_atomic(cache, json.dumps(table, indent=2, sort_keys=True))
-    return max(cached, _MEASURED[cache_key])
-
-
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) matmul over a few repeats."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
-    return device.type
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_cache_path() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "minicpm" / "peak.json"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-

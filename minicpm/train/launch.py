@@ -9,7 +9,21 @@ from pathlib import Path
 
 from minicpm.config import TrainConfig, load_config, validate
 from minicpm.errors import MiniCPMError
-from minicpm.train.checkpoint import read_trainer_state, resolve_checkpoint
+from minicpm.rundir import RunDir, resolve_checkpoint, run_of
+from minicpm.train.checkpoint import read_trainer_state
+
+
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """`minicpm train`'s positional arguments: an optional YAML recipe first, then key=value overrides."""
+    config, overrides = None, []
+    for item in items:
+        if "=" in item:
+            overrides.append(item)
+        elif config is None and not overrides:
+            config = item
+        else:
+            raise MiniCPMError(f"{item!r}: expected key=value (only the first argument may be a CONFIG file)")
+    return config, overrides
 
 
 def launch_config(config: str | Path | None, overrides: list[str], *, out: str | None = None, resume: bool = False,
@@ -28,11 +42,11 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
         source = resolve_checkpoint(init_from)
         if not out:
             raise MiniCPMError("--from needs --out NEW_RUN: a branch or continuation gets its own run directory")
-        source_run = source.parent.parent
+        source_run = run_of(source).path
         if Path(out).resolve() == source_run.resolve():
             raise MiniCPMError(f"--out {out} is the source run: a branch never writes into its source; "
                                f"choose a new directory")
-        recipe = Path(config) if config else source_run / "config.yaml"
+        recipe = Path(config) if config else run_of(source).config_file
         if not recipe.is_file():
             raise MiniCPMError(f"{recipe}: no such config; give the source run's config as CONFIG")
         cfg = load_config(recipe, overrides)
@@ -46,7 +60,7 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
     elif config is None:
         if not (resume and out):
             raise MiniCPMError("give a CONFIG (a YAML recipe), or --resume --out RUN to continue a run")
-        recipe = Path(out) / "config.yaml"
+        recipe = RunDir(out).config_file
         if not recipe.is_file():
             raise MiniCPMError(f"{recipe}: no such file; {out} is not a run directory")
         cfg = load_config(recipe, overrides)

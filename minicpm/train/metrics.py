@@ -1,48 +1,31 @@
-"""What a run reports: metrics.jsonl, optional TensorBoard, throughput and MFU, a progress bar with ETA."""
+"""What a run reports: metrics.jsonl, optional TensorBoard, throughput and MFU against the device's peak FLOP/s,
+a progress bar with ETA."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import filelock
+import torch
+
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
-
-METRICS_FILE = "metrics.jsonl"
-
-
-def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
-    """Every record of RUN/metrics.jsonl (a torn last line, from a killed run, is ignored)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def truncate_metrics(run_dir: str | Path, step: int) -> None:
-    """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint."""
-    path = Path(run_dir) / METRICS_FILE
-    if path.is_file():
-        kept = [json.dumps(r) for r in read_metrics(run_dir) if r.get("step", 0) <= step]
-        write_atomic(path, "".join(line + "\n" for line in kept))
+from minicpm.files import read_json_object, write_atomic
+from minicpm.rundir import RunDir
 
 
 class MetricsWriter:
     """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard if asked."""
 
-    def __init__(self, run_dir: str | Path, *, tensorboard: bool = False):
-        self.path = Path(run_dir) / METRICS_FILE
+    def __init__(self, run: RunDir, *, tensorboard: bool = False):
+        self.path = run.metrics_file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         self._tb = None
@@ -52,7 +35,7 @@ class MetricsWriter:
             except ImportError:
                 raise MiniCPMError("run.tensorboard needs the tensorboard package: "
                                    "pip install 'minicpm[tensorboard]'") from None
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self._tb = SummaryWriter(str(run.path / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
@@ -70,26 +53,33 @@ class MetricsWriter:
 
 @dataclass
 class IntervalStats:
-    """Train loss and gradient norm accumulated between two metrics lines (saved in checkpoints, so a resumed
-    run writes the same lines)."""
+    """The named values of each applied step (loss, grad_norm, the objective's metrics) between two metrics lines,
+    averaged over the steps when a line is written; saved in checkpoints, so a resumed run writes the same lines."""
 
-    loss_sum: float = 0.0
-    grad_norm_sum: float = 0.0
+    sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     skipped: int = 0
 
-    def add(self, loss: float, grad_norm: float) -> None:
-        self.loss_sum += loss
-        self.grad_norm_sum += grad_norm
+    def add(self, values: dict[str, float]) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
         self.steps += 1
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        if self.steps:
-            out.update(loss=self.loss_sum / self.steps, grad_norm=self.grad_norm_sum / self.steps)
+        out: dict[str, Any] = {key: total / self.steps for key, total in self.sums.items()} if self.steps else {}
         if self.skipped:
             out["skipped_steps"] = self.skipped
         return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": dict(self.sums), "steps": self.steps, "skipped": self.skipped}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "IntervalStats":
+        if "sums" not in state:  # checkpoints written before named metrics: loss_sum and grad_norm_sum
+            sums = {"loss": state["loss_sum"], "grad_norm": state["grad_norm_sum"]} if state["steps"] else {}
+            return cls(sums, int(state["steps"]), int(state["skipped"]))
+        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]), int(state["skipped"]))
 
 
 @dataclass
@@ -112,6 +102,9 @@ class Throughput:
         return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * self.flops_per_token / self.peak_flops}
 
 
+_NOT_IN_BAR = ("lr", "grad_norm", "tokens_per_s", "mfu")
+
+
 class Progress:
     """A tqdm bar over the optimizer steps (ETA included); without one, metrics lines are printed instead."""
 
@@ -128,7 +121,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
             if record and "loss" in record:
-                self._bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+                shown = {key: f"{value:.4g}" for key, value in record.items()
+                         if key not in _NOT_IN_BAR and isinstance(value, float)}
+                self._bar.set_postfix(lr=f"{record['lr']:.2e}", **shown, refresh=False)
 
     def print(self, line: str) -> None:
         if self._bar is not None:
@@ -152,3 +147,108 @@ def format_record(record: dict[str, Any]) -> str:
         else:
             parts.append(f"{key} {value}")
     return "  ".join(parts)
+
+
+# ---------------------------------------------------------------- peak FLOP/s for MFU
+
+# Dense bf16 tensor-core peaks from the vendors' datasheets (no 2:4 sparsity). Matched as substrings of the
+# device name, first match wins, so the more specific names come first.
+GPU_PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+    ("MI300X", 1307e12),
+)
+
+
+# Per process: what this process measured for each cache key, so it measures at most once.
+_MEASURED: dict[str, float] = {}
+
+
+def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Peak FLOP/s for MFU: the datasheet bf16 figure for known GPUs, else the best matmul rate ever measured.
+
+    Elsewhere each process measures once (best of a few 2048^3 matmuls in `dtype`, about a second) and keeps the
+    highest rate seen in $XDG_CACHE_HOME/minicpm/peak.json (default ~/.cache), under the device name, dtype and
+    thread count. A machine busy with other work measures low; keeping the maximum means one such reading cannot
+    lower the peak for good (which would push MFU past 100%), and a later quiet run raises it to the true peak.
+    """
+    device = torch.device(device)
+    name = _device_name(device)
+    if device.type == "cuda":
+        for key, flops in GPU_PEAK_BF16_FLOPS:
+            if key in name:
+                return flops
+    cache_key = f"{device.type}|{name}|{str(dtype).removeprefix('torch.')}|threads={torch.get_num_threads()}"
+    if cache_key not in _MEASURED:
+        _MEASURED[cache_key] = measure_matmul_flops(device, dtype)
+    cache = _peak_cache_path()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    # several processes (torchrun ranks, sweep trials) may raise the same file's entries at once: read-modify-write
+    # under a file lock, so that no process's higher reading is lost
+    with filelock.FileLock(str(cache) + ".lock", timeout=60):
+        table = _read_json(cache)
+        cached = table.get(cache_key)
+        cached = float(cached) if isinstance(cached, (int, float)) else 0.0
+        if _MEASURED[cache_key] > cached:
+            table[cache_key] = _MEASURED[cache_key]
+            write_atomic(cache, json.dumps(table, indent=2, sort_keys=True))
+    return max(cached, _MEASURED[cache_key])
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
+    """Best FLOP/s of a (size x size) @ (size x size) matmul over a few repeats."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first run warms up
+        _synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        _synchronize(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        try:
+            for line in open("/proc/cpuinfo"):
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return platform.processor() or platform.machine()
+    return device.type
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "minicpm" / "peak.json"
+
+
+def _read_json(path: Path) -> dict:
+    """The cache's table; an unreadable or damaged cache is an empty one (it only ever holds measurements)."""
+    try:
+        return read_json_object(path)
+    except MiniCPMError:
+        return {}
+
+

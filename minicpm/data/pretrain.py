@@ -1,0 +1,93 @@
+"""The pretraining data a run trains on: the stable-stage and decay-stage mixtures of token shards (paper
+section 5, two-stage pretraining), turned into next-token batches, and the facts of the run's tokenizer.
+
+A data source hands out whole global batches, deterministically in the step and its saved state, so that every
+process draws the same batch (and takes its own rows of it) and a resumed run continues the same stream.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from minicpm.errors import MiniCPMError
+
+
+class DataSource(Protocol):
+    """Where global batches come from: deterministic in the step and the saved state."""
+
+    def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]: ...
+
+    def stage(self, step: int) -> str:
+        """The name of the training stage a step belongs to (logged with each metrics line)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def rows_to_batch(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Packed rows of seq_len+1 tokens → inputs and next-token labels."""
+    return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+
+
+class PretrainData:
+    """The stable-stage and decay-stage mixtures; the schedule says which stage a step belongs to. Without a decay
+    mixture the stable one continues through the decay.
+
+    At its first step the decay mixture takes over each shared dataset's reading position from the stable one,
+    so the decay does not revisit what the stable stage read; a decay branched from a checkpoint at step N thus
+    sees the same data as the run's own decay starting at N would.
+    """
+
+    def __init__(self, stable: dict[str, float], decay: dict[str, float] | None, schedule, *, seq_len: int,
+                 seed: int, tokenizer_hash: str | None = None):
+        from minicpm.data.mixture import Mixture
+
+        if not stable:
+            raise MiniCPMError("data.stable is empty: give at least one prepared dataset directory, "
+                               "e.g. data.stable={path/to/shards: 1.0}")
+        self.schedule = schedule
+        self.stable = Mixture(dict(stable), seq_len=seq_len, seed=seed, tokenizer_hash=tokenizer_hash)
+        self.decay = (Mixture(dict(decay), seq_len=seq_len, seed=seed, tokenizer_hash=tokenizer_hash)
+                      if decay else None)
+        self.decay_started = False
+
+    def stage(self, step: int) -> str:
+        return "decay" if self.decay is not None and self.schedule.in_decay(step) else "stable"
+
+    def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]:
+        if self.stage(step) == "stable":
+            return rows_to_batch(self.stable.next_batch(sequences))
+        if not self.decay_started:
+            self.decay.load_state_dict(self.stable.state_dict(), streams_only=True)
+            self.decay_started = True
+        return rows_to_batch(self.decay.next_batch(sequences))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stable": self.stable.state_dict(),
+                "decay": self.decay.state_dict() if self.decay_started else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stable.load_state_dict(state["stable"])
+        if state.get("decay") is not None and self.decay is not None:
+            self.decay.load_state_dict(state["decay"])
+            self.decay_started = True
+
+
+def tokenizer_facts(path: str | None) -> tuple[str | None, int | None]:
+    """(hash, vocabulary size) of a run's tokenizer, or (None, None) without one."""
+    if not path:
+        return None, None
+    from minicpm.data.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
+
+    tokenizer = load_tokenizer(path)
+    return tokenizer_hash(tokenizer), vocab_size(tokenizer)
+
+
+def dataset_names(paths: list[str]) -> list[str]:
+    """Each dataset's directory name, or its whole path where two names would clash."""
+    names = [Path(p).name or p for p in paths]
+    return [n if names.count(n) == 1 else p for n, p in zip(names, paths)]
