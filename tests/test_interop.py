@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minicpm.errors import MiniCPMError
-from minicpm.interop.hf import (INDEX, WEIGHTS, export_llama, import_checkpoint, load_model, read_checkpoint,
-                                save_model)
+from minicpm.interop.hf import INDEX, WEIGHTS, import_checkpoint, load_model, read_checkpoint, save_model
+from minicpm.interop.llama import export_llama
 from minicpm.model.config import ModelConfig
 from minicpm.model.build import build_model
 

@@ -11,7 +11,8 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.interop.hf import (PathLike, _model_dtype, dtype_name, parse_dtype, read_checkpoint, tokenizer_files,
                                 write_dir)
-from minicpm.model.config import ModelConfig, rope_scaling_type as scaling_type
+from minicpm.model.config import ModelConfig
+from minicpm.model.rope import transformers_rope
 from minicpm.model.transformer import MiniCPM
 
 
@@ -35,20 +36,7 @@ def fold_mup(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str
 
 def llama_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json for transformers' LlamaForCausalLM (loads with transformers 4.x and 5.x)."""
-    theta, scaling = config.rope_theta, None
-    kind = scaling_type(config.rope_scaling)
-    rope = config.rope_scaling or {}
-    if kind in ("ntk", "dynamic"):
-        # our NTK-aware scaling is a static base change, which a plain Llama expresses as rope_theta
-        theta = theta * float(rope.get("factor", 1.0)) ** (config.head_dim / (config.head_dim - 2))
-    elif kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(rope.get("factor", 1.0))}
-    elif kind == "yarn":
-        scaling = {"rope_type": "yarn", "factor": float(rope.get("factor", 1.0)),
-                   "original_max_position_embeddings": int(rope.get("original_max_position_embeddings", 4096)),
-                   "beta_fast": float(rope.get("beta_fast", 32)), "beta_slow": float(rope.get("beta_slow", 1))}
-        if rope.get("attention_factor"):
-            scaling["attention_factor"] = float(rope["attention_factor"])
+    theta, scaling = transformers_rope(config)  # every type transformers' Llama computes, defaults written out
     if scaling:
         scaling["type"] = scaling["rope_type"]  # the transformers 4.x key
     rope_parameters = dict(scaling or {"rope_type": "default"}, rope_theta=theta)

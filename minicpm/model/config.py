@@ -13,19 +13,77 @@ from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object
 
 
-ROPE_SCALING_TYPES = ("linear", "ntk", "dynamic", "yarn")  # implemented in model/rope.py
+# transformers' rope_type names (modeling_rope_utils.ROPE_INIT_FUNCTIONS) plus our static NTK-aware "ntk";
+# computed in model/rope.py exactly as transformers computes them
+ROPE_SCALING_TYPES = ("linear", "dynamic", "yarn", "longrope", "llama3", "ntk")
+_ROPE_TYPE_ALIASES = {"su": "longrope"}  # Phi-3's first name for LongRoPE, kept by the MiniCPM-1B re-release
+
+
+def _named_type(scaling: dict) -> Any:
+    kind = scaling.get("rope_type", scaling.get("type"))
+    return _ROPE_TYPE_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
 
 
 def rope_scaling_type(scaling: dict | None) -> str | None:
     """The scaling's type (None for plain RoPE), under either HF key ("type" in v4 configs, "rope_type" in v5)."""
     if not scaling:
         return None
-    kind = scaling.get("type", scaling.get("rope_type"))
+    if not isinstance(scaling, dict):
+        raise MiniCPMError(f"model config: rope_scaling {scaling!r} is not an object")
+    kind = _named_type(scaling)
     if kind in (None, "default"):
         return None
     if kind not in ROPE_SCALING_TYPES:
-        raise MiniCPMError(f"model config: rope_scaling type {kind!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+        raise MiniCPMError(f"model config: rope_scaling type {kind!r} is not one of default, "
+                           f"{', '.join(ROPE_SCALING_TYPES)} (or su)")
     return kind
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddings: int) -> None:
+    """One-line MiniCPMError for a rope_scaling that transformers would reject or compute into nonsense."""
+    kind = rope_scaling_type(scaling)
+    if kind is None:
+        return
+
+    def bad(key: str, expected: str) -> MiniCPMError:
+        return MiniCPMError(f"model config: rope_scaling {key} {scaling.get(key)!r} for type {kind}: "
+                            f"expected {expected}")
+
+    required = {"linear": ("factor",), "dynamic": ("factor",), "ntk": ("factor",), "yarn": (),
+                "longrope": ("short_factor", "long_factor"),
+                "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    for key in required[kind]:
+        if key not in scaling:
+            raise MiniCPMError(f"model config: rope_scaling of type {kind} needs {key!r}")
+    factor = scaling.get("factor")
+    if factor is not None and (not _is_number(factor) or factor < 1):
+        raise bad("factor", "a number >= 1")
+    original = scaling.get("original_max_position_embeddings")
+    if original is not None and (not isinstance(original, int) or isinstance(original, bool) or original <= 0):
+        raise bad("original_max_position_embeddings", "a positive integer")
+    if kind == "dynamic" and original not in (None, max_position_embeddings):
+        # transformers' dynamic NTK scales from max_position_embeddings and ignores this key
+        raise bad("original_max_position_embeddings", f"max_position_embeddings ({max_position_embeddings}), the "
+                  f"length dynamic NTK scales from; set max_position_embeddings instead")
+    for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "low_freq_factor",
+                "high_freq_factor"):
+        if scaling.get(key) is not None and not _is_number(scaling[key]):
+            raise bad(key, "a number")
+    if scaling.get("attention_factor") is not None and scaling["attention_factor"] <= 0:
+        raise bad("attention_factor", "a number > 0")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise bad("high_freq_factor", f"more than low_freq_factor ({scaling['low_freq_factor']})")
+    if kind == "longrope":
+        for key in ("short_factor", "long_factor"):
+            values = scaling[key]
+            if not (isinstance(values, list) and len(values) == head_dim // 2 and all(map(_is_number, values))):
+                raise bad(key, f"a list of {head_dim // 2} numbers (head_dim/2)")
+    if scaling.get("partial_rotary_factor", 1.0) != 1.0:
+        raise bad("partial_rotary_factor", "1.0 (MiniCPM rotates the whole head)")
 
 
 @dataclass
@@ -49,7 +107,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base; raising it is the ABF long-context change."""
     rope_scaling: Optional[dict] = None
-    """None, or {"type": "linear"|"ntk"|"yarn", "factor": f, ...} (see model/rope.py)."""
+    """None, or transformers' rope_scaling: {"rope_type" (or "type"): linear|dynamic|yarn|longrope|llama3|ntk,
+    "factor": f, ...} (see model/rope.py)."""
     rms_norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     scale_emb: float = 12.0
@@ -83,7 +142,7 @@ class ModelConfig:
                                f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise MiniCPMError(f"model config: head_dim {self.head_dim} must be even for RoPE")
-        rope_scaling_type(self.rope_scaling)  # raises on an unknown rope_scaling type
+        check_rope_scaling(self.rope_scaling, self.head_dim, self.max_position_embeddings)
 
     @property
     def head_dim(self) -> int:
@@ -142,6 +201,7 @@ class ModelConfig:
         if missing:
             raise MiniCPMError(f"{source}: missing field {missing[0]!r}")
         kwargs = {k: v for k, v in d.items() if k in known and v is not None}
+        kwargs.update(_rope_fields(d))
         kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
         if "intermediate_size" not in kwargs:
             raise MiniCPMError(f"{source}: missing field 'intermediate_size'")
@@ -156,6 +216,24 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         return cls.from_hf_dict(read_json_object(path), source=str(path))
+
+
+def _rope_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta and rope_scaling as transformers reads them: from v5's `rope_parameters` (theta inside) when
+    there is no rope_scaling, with Phi-3's top-level `original_max_position_embeddings` moved into the scaling
+    (transformers prefers it to the scaling's own key)."""
+    fields: dict[str, Any] = {}
+    scaling, rope = d.get("rope_scaling"), d.get("rope_parameters")
+    if isinstance(rope, dict) and not scaling:
+        if "rope_theta" in rope:
+            fields["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if not isinstance(scaling, dict) or _named_type(scaling) in (None, "default"):
+        return fields
+    fields["rope_scaling"] = dict(scaling)
+    if d.get("original_max_position_embeddings") is not None and _named_type(scaling) in ("yarn", "longrope", "llama3"):
+        fields["rope_scaling"]["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+    return fields
 
 
 def _proxy(d: int, layers: int, vocab: int = 122753) -> ModelConfig:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm.model.config import ModelConfig
-from minicpm.model.rope import apply_rope, rope_cos_sin
+from minicpm.model.rope import RotaryCache, apply_rope
 
 
 class RMSNorm(nn.Module):
@@ -145,6 +145,7 @@ class MiniCPM(nn.Module):
         ))
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
+        self.rotary = RotaryCache()
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -153,8 +154,7 @@ class MiniCPM(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0,
                       aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         cfg = self.config
-        positions = torch.arange(start_pos, start_pos + input_ids.shape[1], device=input_ids.device)
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        cos, sin = self.rotary.cos_sin(cfg, start_pos, start_pos + input_ids.shape[1], input_ids.device)
         # paper Table 7: embedding output x scale_emb
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         for i, layer in enumerate(self.model.layers):
