@@ -19,7 +19,7 @@ from minicpm.eval.harness import MiniCPMLM  # noqa: E402
 from minicpm.eval.stdlib_task import build_stdlib_task, stdlib_questions  # noqa: E402
 from minicpm.interop.hf import save_model  # noqa: E402
 from minicpm.model.config import ModelConfig  # noqa: E402
-from minicpm.optim.mup import build_model  # noqa: E402
+from minicpm.model.build import build_model  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
