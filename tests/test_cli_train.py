@@ -45,7 +45,9 @@ run: {{log_every: 2, eval_every: 5, checkpoint_every: 5, progress: false, device
     assert read_trainer_state(RunDir(tmp_path / "decay5").list_checkpoints()[-1])["step"] == 9
     records = RunDir(tmp_path / "decay5").read_metrics()
     assert [r["step"] for r in records if "loss" in r] == [6, 8, 9]
-    assert records[-1]["eval_loss"] > 0 and "optim:\n  lr: 0.02" in (tmp_path / "decay5/config.yaml").read_text()
+    stable_at_5 = [r for r in RunDir(tmp_path / "stable").read_metrics() if r["step"] == 5 and "eval_loss" in r][0]
+    assert records[-1]["eval_loss"] < stable_at_5["eval_loss"]  # the decay lowers the held-out loss of its source
+    assert "optim:\n  lr: 0.02" in (tmp_path / "decay5/config.yaml").read_text()
 
     again = minicpm("train", "--resume", "--out", "decay5", cwd=tmp_path)
     assert again.returncode == 0 and "at step 9" in again.stdout, again.stderr

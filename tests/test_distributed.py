@@ -1,4 +1,4 @@
-"""Parallelism applied from outside the model: activation checkpointing, compile, FSDP2 (2 gloo processes), peak FLOPs.
+"""Parallelism applied from outside the model: activation checkpointing, compile, FSDP2 (2 gloo processes).
 
 Run as a script under torchrun, this file is the FSDP worker that the 2-process test launches.
 """
@@ -19,7 +19,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.model.config import preset
 from minicpm.model.transformer import MiniCPM
 from minicpm.train import distributed
-from minicpm.train.distributed import apply_activation_checkpointing, apply_compile, device_peak_flops
+from minicpm.train.distributed import apply_activation_checkpointing, apply_compile
 from minicpm.train.losses import IGNORE_INDEX, lm_loss
 
 
@@ -111,42 +111,6 @@ def test_compiled_blocks_give_eager_loss_and_gradients(tiny):
     assert list(tiny.state_dict()) == keys
     # inductor may fuse and reorder float ops: equal to float32 rounding, not bitwise
     _assert_same(_loss_and_grads(tiny, ids, labels), eager, rtol=1e-4, atol=1e-5)
-
-
-def test_peak_flops_known_gpus_from_table(monkeypatch):
-    for name, flops in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12)):
-        monkeypatch.setattr(distributed, "_device_name", lambda device, name=name: name)
-        assert device_peak_flops(torch.device("cuda")) == flops
-
-
-def test_peak_flops_cpu_is_measured_once_a_process_and_the_cache_keeps_the_maximum(monkeypatch, tmp_path):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    readings = iter([1.5e11, 4.0e11, 1.0e11])  # a busy machine, then a quiet one, then a busy one again
-    calls = []
-    monkeypatch.setattr(distributed, "measure_matmul_flops",
-                        lambda device, dtype: calls.append(dtype) or next(readings))
-    cache = tmp_path / "minicpm" / "peak.json"
-
-    def new_process():
-        monkeypatch.setattr(distributed, "_MEASURED", {})
-
-    new_process()
-    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 1.5e11
-    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 1.5e11
-    assert len(calls) == 1  # the same process does not measure again
-    assert list(json.loads(cache.read_text()).values()) == [1.5e11]
-    new_process()
-    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 4.0e11  # a higher reading replaces it
-    assert list(json.loads(cache.read_text()).values()) == [4.0e11]
-    new_process()
-    assert device_peak_flops(torch.device("cpu"), torch.bfloat16) == 4.0e11  # a lower one does not
-    assert list(json.loads(cache.read_text()).values()) == [4.0e11]
-    assert len(calls) == 3
-
-
-def test_measured_matmul_flops_is_positive():
-    assert distributed.measure_matmul_flops(torch.device("cpu"), torch.float32, size=128, repeats=1) > 0
 
 
 # ---------------------------------------------------------------- FSDP2 with 2 gloo processes
