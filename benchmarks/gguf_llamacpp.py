@@ -42,8 +42,9 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog. 1234567890 naïve café 日本語 😀\n",
     "\tindented with tabs\n\t\tand more tabs\n" * 3,
 ] * 20
-SHIM = ('printf \'#include <exception>\\nextern "C" void __cxa_call_terminate(void*) noexcept { std::terminate(); }\\n\''
-        ' > shim.cc && g++ -shared -fPIC -o libshim.so shim.cc && LD_PRELOAD=$PWD/libshim.so python ...')
+SHIM = ("""printf '#include <exception>\\nextern "C" void __cxa_call_terminate(void*) noexcept """
+        """{ std::terminate(); }\\n' > shim.cc && g++ -shared -fPIC -o libshim.so shim.cc && """
+        """LD_PRELOAD=$PWD/libshim.so python benchmarks/gguf_llamacpp.py""")
 
 
 def llama_cpp_lib():
