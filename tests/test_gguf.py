@@ -9,7 +9,8 @@ import torch
 
 from minicpm.data.tokenizer import byte_level_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer, vocab_size
 from minicpm.errors import MiniCPMError
-from minicpm.interop.hf import fold_mup, read_checkpoint, save_model
+from minicpm.interop.hf import read_checkpoint, save_model
+from minicpm.interop.llama import fold_mup
 from minicpm.model.config import ModelConfig
 from minicpm.model.rope import apply_rope, rope_cos_sin
 from minicpm.optim.mup import build_model

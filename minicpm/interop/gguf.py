@@ -26,8 +26,10 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object
-from minicpm.interop.hf import PathLike, checkpoint_config, fold_mup, llama_config, tokenizer_files
+from minicpm.interop.hf import PathLike, checkpoint_config, tokenizer_files
+from minicpm.interop.llama import fold_mup
 from minicpm.model.config import ModelConfig
+from minicpm.model.rope import transformers_rope
 from minicpm.model.transformer import MiniCPM
 
 ARCHES = ("minicpm", "llama")
@@ -105,14 +107,14 @@ def _write_file_atomically(out_file: Path, write) -> Path:
 
 
 def _rope(config: ModelConfig) -> tuple[float, float | None]:
-    """(base, linear factor or None): our RoPE in the plain-Llama form of interop.hf.llama_config, where NTK is
-    folded into the base (one formula for both exports)."""
-    rope = llama_config(config, torch.float32)
-    scaling = rope["rope_scaling"]
+    """(base, linear factor or None): our RoPE as a Llama computes it (static NTK is a base change there, the one
+    formula the Llama export uses too); llama.cpp has no dynamic NTK, and YaRN, LongRoPE and Llama-3 scaling do
+    not export yet."""
+    theta, scaling = transformers_rope(config)
     if scaling and scaling["rope_type"] != "linear":
         raise MiniCPMError(f"rope_scaling type {scaling['rope_type']!r} does not export to GGUF yet "
-                           f"(plain RoPE, ABF, NTK and linear do)")
-    return rope["rope_theta"], scaling["factor"] if scaling else None
+                           f"(plain RoPE, ABF, static NTK and linear do)")
+    return theta, scaling["factor"] if scaling else None
 
 
 # ---------------------------------------------------------------- model metadata and tensors
