@@ -14,8 +14,7 @@ from minicpm.errors import MiniCPMError
 
 def register_model_commands(sub) -> None:
     """info, init, export, import, generate (model issue)."""
-    from minicpm.interop.export import EXPORT_FORMATS
-    from minicpm.interop.hf import DTYPE_CHOICES
+    from minicpm.interop.formats import EXPORT_FORMATS, GGUF_ARCHES, GGUF_TYPES, WEIGHT_DTYPES
 
     def info(args):
         from minicpm.interop.resolve import describe_model
@@ -37,7 +36,8 @@ def register_model_commands(sub) -> None:
         from minicpm.interop.export import export_checkpoint
 
         out = export_checkpoint(args.checkpoint, args.out, to=args.to, dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, gguf_arch=args.gguf_arch,
+                                gguf_type=args.gguf_type, tokenizer=args.tokenizer)
         print(f"wrote {out} ({args.to})")
 
     def import_(args):
@@ -61,7 +61,7 @@ def register_model_commands(sub) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
 
-    dtypes = DTYPE_CHOICES
+    dtypes = WEIGHT_DTYPES
     p = sub.add_parser("info", help="show a model's config, parameter counts and FLOPs per token",
                        description="Show a preset's or a checkpoint's config as a table; parameters (total, "
                                    "embedding, non-embedding N); the μP constants; training FLOPs per token.")
@@ -87,15 +87,22 @@ def register_model_commands(sub) -> None:
                         "paper Table 7); the default keeps it at initializer_range (classic μP)")
     p.set_defaults(handler=init)
 
-    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in) or to MiniCPM",
+    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in), MiniCPM, or GGUF",
                        description="--to llama writes a checkpoint transformers' LlamaForCausalLM loads without "
                                    "custom code (μP multipliers folded into the weights, head untied); --to minicpm "
-                                   "rewrites the official MiniCPM layout (e.g. in another dtype or sharded).")
+                                   "rewrites the official MiniCPM layout (e.g. in another dtype or sharded); --to gguf "
+                                   "writes one .gguf file for llama.cpp (the MiniCPM architecture with its μP scales, "
+                                   "or the folded Llama), the tokenizer embedded.")
     p.add_argument("checkpoint", metavar="CHECKPOINT")
-    p.add_argument("out", metavar="OUT")
+    p.add_argument("out", metavar="OUT", help="a directory (llama, minicpm) or a .gguf file (gguf)")
     p.add_argument("--to", choices=EXPORT_FORMATS, required=True, help="target format")
     p.add_argument("--dtype", choices=dtypes, default=None, help="weight dtype (default: as stored)")
     p.add_argument("--max-shard-size", default=None, help="split weights into shards, e.g. 2GB (default: one file)")
+    p.add_argument("--gguf-arch", choices=GGUF_ARCHES, default="minicpm",
+                   help="gguf: llama.cpp architecture (default %(default)s; llama folds the μP scales in)")
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default="f16",
+                   help="gguf: tensor type (default %(default)s; q8_0 falls back to f16 for rows not a multiple of 32)")
+    p.add_argument("--tokenizer", default=None, help="gguf: tokenizer to embed (default: the one beside CHECKPOINT)")
     p.set_defaults(handler=export)
 
     p = sub.add_parser("import", help="validate an official HF MiniCPM (or Llama) directory and copy it here",
@@ -426,6 +433,49 @@ def register_experiment_commands(sub) -> None:
     p.set_defaults(handler=scaling_predict_curve)
 
 
+# ---------------------------------------------------------------- evaluation: eval tasks
+
+def register_eval_commands(sub) -> None:
+    """eval tasks (evaluation issue)."""
+    from minicpm.interop.formats import WEIGHT_DTYPES
+
+    evaluate = sub.add_parser("eval", help="evaluate a checkpoint (lm-evaluation-harness tasks)",
+                              description="Evaluation of a checkpoint.")
+    esub = evaluate.add_subparsers(dest="eval_command", metavar="SUBCOMMAND")
+    evaluate.set_defaults(handler=lambda args: evaluate.print_help() or 2)
+
+    p = esub.add_parser("tasks", help="run lm-evaluation-harness tasks offline (built in: stdlib_names)",
+                        description="Run lm-evaluation-harness tasks on CHECKPOINT in this process, offline (local "
+                                    "task YAMLs and data, or data already in the HF datasets cache), and print "
+                                    "lm-eval's table. Built in: stdlib_names, a 4-way multiple-choice task made from "
+                                    "this Python's standard library (name a function from its first lines; 25%% is "
+                                    "chance). Needs the eval extra: pip install 'minicpm[eval]'.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory (config.json + weights + tokenizer)")
+    p.add_argument("--tasks", required=True, help="comma-separated lm-eval task names or globs, e.g. stdlib_names")
+    p.add_argument("--include-path", action="append", metavar="DIR", help="a folder of task YAMLs (repeatable)")
+    p.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's, else 0)")
+    p.add_argument("--limit", type=float, default=None, help="examples per task (below 1: a fraction)")
+    p.add_argument("--batch-size", type=int, default=8, help="requests per forward pass (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda (default %(default)s)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default=None, help="weights dtype (default: as stored)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside CHECKPOINT)")
+    p.add_argument("--output", metavar="FILE", default=None, help="also write the results JSON to FILE")
+
+    def tasks(args) -> int:
+        from minicpm.eval.task_runner import evaluate_tasks, format_results
+
+        limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+        results = evaluate_tasks(args.checkpoint, args.tasks, include_path=args.include_path,
+                                 num_fewshot=args.num_fewshot, limit=limit, batch_size=args.batch_size,
+                                 device=args.device, output=args.output, tokenizer=args.tokenizer, dtype=args.dtype)
+        print(format_results(results))
+        if args.output:
+            print(f"wrote {args.output}", file=sys.stderr)
+        return 0
+
+    p.set_defaults(handler=tasks)
+
+
 # ---------------------------------------------------------------- entry point
 
 REGISTER = [
@@ -434,6 +484,7 @@ REGISTER = [
     register_data_commands,
     register_training_commands,
     register_experiment_commands,
+    register_eval_commands,
 ]
 
 

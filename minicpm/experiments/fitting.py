@@ -8,12 +8,11 @@ from pathlib import Path
 from typing import Sequence
 
 from minicpm.errors import MiniCPMError
-from minicpm.experiments import curve_laws, fit, fit_data, fit_report
 from minicpm.files import write_atomic
 
 FORMS = ("loss", "batch")
 """loss: L(N, D) = E + A/N^alpha + B/D^beta; batch: the optimal batch-size law bs = a/L^b."""
-CURVE_LAWS = tuple(curve_laws.LAWS)
+CURVE_LAWS = ("tissue", "mpl")
 """The LR-annealing law (Tissue et al. 2024) and the multi-power law (Luo et al. 2025)."""
 
 
@@ -33,6 +32,7 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
                 isoflop_tol: float = 0.05, out: str | None = None, plot: str | None = None,
                 progress: bool = False) -> FitOutput:
     """Fit L(N, D) (or the batch-size law) to tables or run directories; JSON to `out`, plots into `plot`."""
+    from minicpm.experiments import fit, fit_data, fit_report
     if form not in FORMS:
         raise MiniCPMError(f"--form {form!r}: expected one of {', '.join(FORMS)}")
     report = None
@@ -58,6 +58,7 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
 def fit_curve(curves: Sequence[str], *, law: str, loss_key: str = "loss", delta: float = 1e-3, min_step: int = 0,
               max_points: int = 200, out: str | None = None, plot: str | None = None) -> FitOutput:
     """Fit a loss-curve law to training curves (metrics.jsonl, run directories or CSVs of step, lr, loss)."""
+    from minicpm.experiments import curve_laws, fit_data, fit_report
     if law not in CURVE_LAWS:
         raise MiniCPMError(f"--law {law!r}: expected one of {', '.join(CURVE_LAWS)}")
     loaded = [fit_data.load_curve(c, loss_key) for c in curves]
@@ -73,6 +74,7 @@ def fit_curve(curves: Sequence[str], *, law: str, loss_key: str = "loss", delta:
 def predict_curve(fit_file: str, schedule: str, *, every: int | None = None,
                   plot: str | None = None) -> tuple[str, list[Path]]:
     """CSV step,lr,predicted_loss of a schedule under a fitted curve law, and the plot written, if asked."""
+    from minicpm.experiments import curve_laws, fit_data, fit_report
     law, params = curve_laws.load_fit_file(fit_file)
     lr = fit_data.load_schedule(schedule)
     if every is not None and every < 1:

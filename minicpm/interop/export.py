@@ -5,21 +5,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from minicpm.errors import MiniCPMError
+from minicpm.interop.formats import EXPORT_FORMATS
 from minicpm.interop.hf import PathLike, import_checkpoint, parse_size, save_model
 from minicpm.interop.llama import export_llama
 
-EXPORT_FORMATS = ("llama", "minicpm")
-"""llama: plain LlamaForCausalLM with μP folded in; minicpm: the official MiniCPM layout (another dtype, sharded)."""
 
 
 def export_checkpoint(checkpoint: PathLike, out: PathLike, *, to: str, dtype: str | None = None,
-                      max_shard_size: str | None = None) -> Path:
-    """Write `checkpoint` to `out` in the format `to` (one of EXPORT_FORMATS); max_shard_size like '2GB'."""
+                      max_shard_size: str | None = None, gguf_arch: str = "minicpm", gguf_type: str = "f16",
+                      tokenizer: PathLike | None = None) -> Path:
+    """Write `checkpoint` to `out` in the format `to` (one of EXPORT_FORMATS); max_shard_size like '2GB'.
+    For gguf: gguf_arch (minicpm | llama), gguf_type (f32 | f16 | bf16 | q8_0) and the tokenizer to embed
+    (default: the one beside the checkpoint)."""
     from minicpm.rundir import is_sharded
     from minicpm.train.checkpoint import consolidated_model
 
     if to not in EXPORT_FORMATS:
         raise MiniCPMError(f"--to {to!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    if to == "gguf":
+        from minicpm.interop.gguf import export_gguf
+
+        return export_gguf(checkpoint, out, arch=gguf_arch, dtype=gguf_type, tokenizer=tokenizer)
     shard = parse_size(max_shard_size) if max_shard_size else None
     if is_sharded(checkpoint):  # written by several processes: gather the DCP shards into one model
         model = consolidated_model(checkpoint)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.interop.formats import GGUF_ARCHES, GGUF_TYPES
 from minicpm.files import read_json_object
 from minicpm.interop.hf import PathLike, checkpoint_config, tokenizer_files
 from minicpm.interop.llama import fold_mup
@@ -32,8 +33,8 @@ from minicpm.model.config import ModelConfig
 from minicpm.model.rope import transformers_rope
 from minicpm.model.transformer import MiniCPM
 
-ARCHES = ("minicpm", "llama")
-DTYPES = ("f32", "f16", "bf16", "q8_0")
+ARCHES = GGUF_ARCHES
+DTYPES = GGUF_TYPES
 
 
 def _gguf():

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
+from minicpm.interop.formats import WEIGHT_DTYPES
 from minicpm.files import publish_directory, read_json_object, temporary_directory_for
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
@@ -34,7 +35,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
                 "half": torch.float16, "float32": torch.float32, "fp32": torch.float32, "float": torch.float32}
-DTYPE_CHOICES = ("bf16", "fp16", "fp32")
+DTYPE_CHOICES = WEIGHT_DTYPES
 
 PathLike = Union[str, os.PathLike]
 
