@@ -4,9 +4,9 @@
     python benchmarks/gpu_throughput.py --tiny     # CPU smoke run of the same code on the tiny preset
 
 Each (preset, compile) case runs in its own subprocess, so that peak memory, the compile cache and an
-out-of-memory in one case do not leak into another. A step is the trainer's step on random tokens: bf16 autocast
-over fp32 master weights, the chunked linear + cross-entropy, fused AdamW where the device has it, compile per
-decoder block. The first steps (compilation, allocator warm-up) are not timed. MFU = model FLOPs per token
+out-of-memory in one case do not leak into another. A step is the trainer's own public step
+(TrainModule.train_step, built from a TrainConfig) on random tokens: bf16 autocast over fp32 master weights, the
+chunked linear + cross-entropy, μP AdamW groups (fused where the device has it), compile per decoder block. The first steps (compilation, allocator warm-up) are not timed. MFU = model FLOPs per token
 (ModelConfig.flops_per_token: 6·N + head + attention, no recomputation counted) × tokens/s / device peak
 (datasheet bf16 dense peak for known GPUs, a measured matmul on CPU). Peak memory is
 torch.cuda.max_memory_allocated on GPU and the process's RSS high-water mark on CPU.
@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from minicpm.config import load_config, model_config as trainer_model_config
 from minicpm.model.config import ModelConfig, preset
-from minicpm.model.build import build_model
-from minicpm.train.distributed import (apply_activation_checkpointing, apply_compile, device_peak_flops,
-                                       fused_adamw_supported)
-from minicpm.train.losses import lm_loss
+from minicpm.train.distributed import init_distributed
+from minicpm.train.metrics import device_peak_flops
+from minicpm.train.module import TrainModule
 
 
 @dataclass
@@ -56,32 +56,35 @@ def model_config(case: Case) -> ModelConfig:
     return config
 
 
+def train_config(case: Case):
+    """The TrainConfig of a case: the preset at the case's sequence length, one micro-batch per step."""
+    return load_config(None, [
+        f"model.preset={case.preset}", f"model.max_position_embeddings={max(model_config(case).max_position_embeddings, case.seq)}",
+        f"batch.seq_len={case.seq}", f"batch.tokens_per_step={case.batch * case.seq}",
+        f"batch.micro_batch_size={case.batch}", f"parallel.compile={case.compile}",
+        f"parallel.activation_checkpointing={case.activation_checkpointing}",
+        f"parallel.loss_chunk_size={case.loss_chunk}", f"run.dtype={case.dtype}", f"run.device={case.device}",
+        "run.out_dir=unused", "schedule.kind=constant"])
+
+
 def run_case(case: Case) -> dict:
     """Train `case.warmup + case.steps` steps on random tokens in this process; time the last `case.steps`."""
     device = torch.device(case.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
-    config = model_config(case)
-    model = build_model(config, device=device, seed=0)
-    apply_activation_checkpointing(model, case.activation_checkpointing)
-    if case.compile:
-        apply_compile(model)
-    fused = fused_adamw_supported(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused or None)
+    cfg = train_config(case)
+    config = trainer_model_config(cfg)
+    module = TrainModule.build(cfg, config, init_distributed(case.device))
+    fused = module.optimizer.defaults.get("fused") or False
     autocast_dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)
     tokens_per_step = case.batch * case.seq
 
     def step() -> float:
+        # the trainer's own public step (it returns the loss as a number: the host sync is part of a step)
         ids = torch.randint(0, config.vocab_size, (case.batch, case.seq + 1), device=device, generator=generator)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=case.dtype == "bf16"):
-            loss = lm_loss(model.hidden_states(ids[:, :-1]), model.head_weight, ids[:, 1:], case.loss_chunk)
-        (loss / tokens_per_step).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.item() / tokens_per_step  # the trainer logs every step, so the host sync is part of a step
+        return module.train_step([{"input_ids": ids[:, :-1], "labels": ids[:, 1:]}], lr=1e-3)["loss"]
 
     warmup_start = time.perf_counter()
     for _ in range(case.warmup):

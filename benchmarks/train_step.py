@@ -4,9 +4,9 @@
     python benchmarks/train_step.py --preset proxy-9m --seq 512 --micro 8       # a 10.7M-parameter proxy (vocab 4096)
     python benchmarks/train_step.py --preset proxy-0.1b --seq 1024 --tokens-per-step 65536 --micro 16 --device cuda
 
-Ours is the real thing: minicpm.train.trainer.Trainer built from a TrainConfig, timed through Trainer._train_step
-(schedule → lr per muP group, gradient accumulation over micro-batches, bf16 autocast over fp32 weights, loss
-normalised by the batch's token count, clipping, NaN check, fused AdamW where the device has it).
+Ours is the real thing: the trainer's TrainModule built from a TrainConfig, timed through its public train_step
+(lr per muP group, gradient accumulation over micro-batches, bf16 autocast over fp32 weights, loss normalised by
+the batch's token count, the objective's metrics reduced, clipping, NaN check, fused AdamW where the device has it).
 The peer is the loop a person would write with transformers: LlamaForCausalLM of identical shapes (tied
 embedding, SDPA attention, no biases; the same parameter count), labels=..., loss / accumulation, backward,
 clip_grad_norm_, torch.optim.AdamW with its defaults, zero_grad.
@@ -31,8 +31,10 @@ import torch
 
 from minicpm.config import config_to_yaml, load_config, model_config
 from minicpm.quickstart import quickstart_config
-from minicpm.train.distributed import device_peak_flops
-from minicpm.train.trainer import Trainer, rows_to_batch
+from minicpm.data.pretrain import rows_to_batch
+from minicpm.train.distributed import init_distributed
+from minicpm.train.metrics import device_peak_flops
+from minicpm.train.module import TrainModule
 
 
 class FixedRows:
@@ -45,19 +47,6 @@ class FixedRows:
         start = self.position % (len(self.rows) // self.per_step) * self.per_step
         self.position += 1
         return self.rows[start:start + self.per_step]
-
-    # the trainer's DataSource protocol
-    def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]:
-        return rows_to_batch(self.next_rows())
-
-    def stage(self, step: int) -> str:
-        return "stable"
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def our_config(args, out_dir: str):
@@ -77,12 +66,16 @@ def our_config(args, out_dir: str):
 
 
 def ours(cfg, rows: torch.Tensor):
-    trainer = Trainer(cfg, data=FixedRows(rows, cfg.batch.tokens_per_step // cfg.batch.seq_len))
+    """The trainer's own step: TrainModule.build from the TrainConfig, timed through its public train_step."""
+    module = TrainModule.build(cfg, model_config(cfg), init_distributed(cfg.run.device))
+    data = FixedRows(rows, cfg.batch.tokens_per_step // cfg.batch.seq_len)
+    mb = cfg.batch.micro_batch_size
+    lr = cfg.optim.lr * cfg.schedule.resolve()(100)  # a step past the warmup
 
     def step() -> float:
-        loss, _, _, _ = trainer._train_step()
-        trainer.step += 1
-        return loss
+        batch = rows_to_batch(data.next_rows())
+        micro = [{k: v[i:i + mb] for k, v in batch.items()} for i in range(0, len(batch["input_ids"]), mb)]
+        return module.train_step(micro, lr=lr)["loss"]
 
     return step
 

@@ -132,8 +132,9 @@ class RunConfig:
     """Checkpoints kept (older ones are deleted); 0 keeps all."""
     device: str = "auto"
     """auto | cpu | cuda."""
-    dtype: str = "bf16"
-    """bf16: autocast matmuls to bfloat16 over fp32 master weights; fp32: no autocast."""
+    dtype: str = "auto"
+    """bf16: autocast matmuls to bfloat16 over fp32 master weights; fp32: no autocast; auto: bf16 on GPUs and on
+    CPUs with native bf16 kernels (AVX-512, AMX), fp32 on others (AVX2 has none: bf16 there is ~60x slower)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
     tensorboard: bool = False
@@ -325,7 +326,7 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.max_bad_steps > 0, f"run.max_bad_steps must be positive, got {r.max_bad_steps}")
     _check(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
            f"run.device: expected auto, cpu or cuda, got {r.device!r}")
-    _check(r.dtype in ("bf16", "fp32"), f"run.dtype: expected bf16 or fp32, got {r.dtype!r}")
+    _check(r.dtype in ("auto", "bf16", "fp32"), f"run.dtype: expected auto, bf16 or fp32, got {r.dtype!r}")
     p = cfg.parallel
     _check(p.activation_checkpointing in ("none", "block", "selective"),
            f"parallel.activation_checkpointing: expected none, block or selective, got {p.activation_checkpointing!r}")

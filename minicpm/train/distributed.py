@@ -50,6 +50,23 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world_size, local_rank, dev)
 
 
+def has_fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively: on CUDA, and on CPUs where oneDNN has bf16 kernels (AVX-512, AMX). On an
+    AVX2-only CPU they are emulated, about 60x slower than fp32 (a 1024^3 matmul: 7.6 s against 0.11 s)."""
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """run.dtype for this device: `auto` becomes bf16 where bf16 is fast, else fp32; bf16 and fp32 stay."""
+    if dtype == "auto":
+        return "bf16" if has_fast_bf16(device) else "fp32"
+    return dtype
+
+
 GLOO_EXIT_GRACE_S = 0.25
 
 

@@ -29,7 +29,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, Evaluator, build_evaluators
 from minicpm.rundir import RunDir, resolve_checkpoint, resolve_weights
 from minicpm.train import checkpoint as ckpt
-from minicpm.train.distributed import DistInfo, init_distributed
+from minicpm.train.distributed import DistInfo, has_fast_bf16, init_distributed, resolve_dtype
 from minicpm.train.metrics import IntervalStats, MetricsWriter, Progress, Throughput, device_peak_flops, format_record
 from minicpm.train.module import TrainModule
 
@@ -63,9 +63,12 @@ class Trainer:
         if not cfg.run.out_dir:
             raise MiniCPMError("run.out_dir is not set: pass --out DIR or run.out_dir=DIR")
         import_plugins(cfg.run.plugins)
+        self.dist = dist_info or init_distributed(cfg.run.device)
+        # the run records the precision it trains in (auto resolved for this device)
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=resolve_dtype(cfg.run.dtype,
+                                                                                              self.dist.device)))
         self.cfg = cfg
         self.run = RunDir(cfg.run.out_dir)
-        self.dist = dist_info or init_distributed(cfg.run.device)
         self.schedule = cfg.schedule.resolve()
         self.plan = batch_plan(cfg.batch, self.dist.world_size)
         self.tokenizer_hash, vocab_size = tokenizer_facts(cfg.data.tokenizer)
@@ -264,6 +267,9 @@ class Trainer:
               f"{', '.join(e.name for e in self.evaluators) or 'none'}\n"
               f"  schedule: {self.schedule.describe()}; lr {cfg.optim.lr:g}\n"
               f"  device: {self.dist.device}, {cfg.run.dtype}", flush=True)
+        if cfg.run.dtype == "bf16" and not has_fast_bf16(self.dist.device):
+            print(f"  warning: this {self.dist.device.type} has no native bf16 kernels; bf16 runs far slower than "
+                  f"fp32 here (run.dtype=auto picks fp32)", flush=True)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, data: DataSource | None = None) -> TrainResult:

@@ -206,18 +206,25 @@ def device_peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16)
     return max(cached, _MEASURED[cache_key])
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
-    """Best FLOP/s of a (size x size) @ (size x size) matmul over a few repeats."""
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first run warms up
-        _synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        _synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 2048, repeats: int = 5,
+                         min_seconds: float = 0.02) -> float:
+    """Best FLOP/s of a (n x n) @ (n x n) matmul over a few repeats, n the smallest power of two from 256 up to
+    `size` whose matmul takes at least min_seconds (so a slow device, e.g. bf16 on an AVX2 CPU, is measured in
+    well under a second, and a fast one at a size that fills it)."""
+    n = min(256, size)
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(repeats + 1):  # the first run warms up
+            _synchronize(device)
+            start = time.perf_counter()
+            a @ b
+            _synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        if best >= min_seconds or n >= size:
+            return 2 * n ** 3 / best
+        n *= 2
 
 
 def _device_name(device: torch.device) -> str:

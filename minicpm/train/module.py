@@ -15,6 +15,7 @@ The learning rate of each μP group is `lr · group["lr_scale"]`, set from the l
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from minicpm.optim.mup import param_groups
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.distributed import (DistInfo, apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                       clip_grad_norm, fused_adamw_supported)
+                                       clip_grad_norm, fused_adamw_supported, resolve_dtype)
 from minicpm.train.objectives import Objective, build_objective
 
 
@@ -49,6 +50,8 @@ class TrainModule:
     @classmethod
     def build(cls, cfg, model_config: ModelConfig, dist_info: DistInfo) -> "TrainModule":
         """From a TrainConfig: model and optimizer initialised from run.seed, parallelism and compile applied."""
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=resolve_dtype(cfg.run.dtype,
+                                                                                              dist_info.device)))
         objective = build_objective(cfg.objective)
         model = _wrapped_model(cfg, model_config, dist_info)
         reference = None
