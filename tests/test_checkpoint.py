@@ -14,7 +14,7 @@ import torch
 from train_helpers import PatternData, metrics_without_timing, tiny_config
 
 from minicpm.errors import MiniCPMError
-from minicpm.rundir import RunDir
+from minicpm.rundir import RunDir, resolve_checkpoint
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import Trainer, train
 
@@ -89,15 +89,15 @@ def test_latest_falls_back_to_the_newest_complete_checkpoint(tmp_path):
     assert RunDir(run).latest_checkpoint().name == "step_00000006"
     (run / "checkpoints/step_00000006/trainer_state.json").unlink()  # incomplete: never picked
     assert RunDir(run).latest_checkpoint().name == "step_00000003"
-    assert ckpt.resolve_checkpoint(run).name == "step_00000003"
+    assert resolve_checkpoint(run).name == "step_00000003"
     with pytest.raises(MiniCPMError, match="not a checkpoint"):
-        ckpt.resolve_checkpoint(tmp_path)
+        resolve_checkpoint(tmp_path)
 
 
 def test_checkpoint_files_load_without_unpickling(tmp_path):
     result = make_run(tmp_path)
     state = torch.load(result.checkpoint / "optimizer.pt", weights_only=True)
-    assert [g["name"] for g in state["param_groups"]] == ["matrices", "gains"]
+    assert [g["name"] for g in state["param_groups"]] == ["matrices", "vocabulary", "gains"]  # classic muP
     trainer_state = json.loads((result.checkpoint / "trainer_state.json").read_text())
     assert (trainer_state["step"], trainer_state["tokens"]) == (6, 6 * 256)
     assert set(trainer_state["rng"]) >= {"python", "numpy", "torch"}

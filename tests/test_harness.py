@@ -201,3 +201,19 @@ def test_bad_model_args_are_one_line_errors(checkpoint):
         MiniCPMLM(checkpoint, batchsize=4)
     with pytest.raises(MiniCPMError, match="batch_size must be a positive integer, got 'auto'"):
         MiniCPMLM(checkpoint, batch_size="auto")
+
+
+@pytest.mark.slow
+def test_lm_eval_tasks_run_as_an_evaluator_during_training(tmp_path):
+    from train_helpers import PatternData, make_datasets, tiny_config
+
+    from minicpm.rundir import RunDir
+    from minicpm.train.loop import train
+
+    tokenizer, code, _ = make_datasets(tmp_path / "data")
+    cfg = tiny_config(tmp_path / "run", f"data.tokenizer={tokenizer}", "schedule.total_steps=4",
+                      "schedule.decay_start=3", "run.eval_every=0",
+                      "evaluators=[{kind: lm_eval, name: tasks, tasks: [stdlib_names], limit: 4}]")
+    train(cfg, data=PatternData(cfg.schedule.resolve(), vocab_size=256))  # ids below the tokenizer's vocabulary
+    [last] = [r for r in RunDir(tmp_path / "run").read_metrics() if "eval/tasks/stdlib_names/acc" in r]
+    assert last["step"] == 4 and last["eval/tasks/stdlib_names/acc"] in (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -248,11 +248,11 @@ def test_a_weights_only_start_reads_the_official_layout_and_takes_its_architectu
     official = save_model(load_model(source.checkpoint), tmp_path / "hf")  # config.json + model.safetensors only
     assert sorted(p.name for p in official.iterdir()) == ["config.json", "model.safetensors"]
     cfg = tiny_config(tmp_path / "next", "run.dtype=fp32", f"run.init_weights_from={official}", "model.preset=null",
-                      "schedule.total_steps=2", "schedule.decay_start=1")
+                      "schedule.total_steps=4", "schedule.decay_start=3")
     trainer = Trainer(cfg, data=PatternData(cfg.schedule.resolve()))
     assert trainer.model_config.to_hf_dict() == load_model(official).config.to_hf_dict()
     trainer.fit()
-    assert (tmp_path / "next/checkpoints/step_00000002/model.safetensors").is_file()
+    assert (tmp_path / "next/checkpoints/step_00000004/model.safetensors").is_file()
 
 
 def test_a_weights_only_start_from_another_architecture_is_a_one_line_error(tmp_path):
@@ -310,5 +310,5 @@ def test_a_stale_lock_of_a_killed_process_does_not_block(tmp_path):
     run.mkdir()
     (run / ".lock").write_text("")
     (run / ".lock.owner").write_text("pid 999999 on elsewhere\n")  # its process is gone, and with it the OS lock
-    cfg = tiny_config(run, "schedule.total_steps=2", "schedule.decay_start=1")
-    assert train(cfg, data=PatternData(cfg.schedule.resolve())).step == 2
+    cfg = tiny_config(run, "schedule.total_steps=4", "schedule.decay_start=3")
+    assert train(cfg, data=PatternData(cfg.schedule.resolve())).step == 4

@@ -81,6 +81,7 @@ def register_evaluator(kind: str, *, options: type | None = None):
 
 def _builtin() -> None:
     importlib.import_module("minicpm.eval.loss")  # registers "heldout"
+    importlib.import_module("minicpm.eval.task_runner")  # registers "lm_eval" (lm-eval itself loads when it runs)
 
 
 @dataclass(frozen=True)

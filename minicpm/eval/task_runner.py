@@ -11,10 +11,12 @@ import difflib
 import fnmatch
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, List, Optional, Sequence
 
 from minicpm.errors import MiniCPMError
+from minicpm.eval.evaluators import EvalSetup, EvalTarget, register_evaluator
 from minicpm.files import write_atomic
 
 BUILTIN_QUESTIONS = 500
@@ -128,3 +130,51 @@ def format_results(results: dict[str, Any]) -> str:
     if results.get("groups"):
         table += "\n" + make_table(results, "groups")
     return table
+
+
+@dataclass
+class TasksOptions:
+    """Options of the lm-eval tasks evaluator (kind `lm_eval`)."""
+
+    tasks: List[str] = field(default_factory=lambda: ["stdlib_names"])
+    """lm-eval task names (built in: stdlib_names)."""
+    limit: Optional[float] = 64
+    """Examples per task (below 1: a fraction; null: all) — evaluations during training should stay short."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples (null: the task's own)."""
+    include_path: Optional[List[str]] = None
+    """Folders of task YAMLs."""
+    batch_size: int = 8
+    """Requests per forward pass."""
+
+
+@register_evaluator("lm_eval", options=TasksOptions)
+class TasksEvaluator:
+    """lm-evaluation-harness tasks on the model being trained, as `<task>/<metric>` (e.g. stdlib_names/acc).
+    One process only: under several, the harness would need the whole model on each."""
+
+    aliases: dict[str, str] = {}
+
+    def __init__(self, name: str, every: int, options: TasksOptions, setup: EvalSetup):
+        if not setup.config.data.tokenizer:
+            raise MiniCPMError(f"evaluators: {name} (lm_eval) needs data.tokenizer, the run's tokenizer")
+        self.name, self.every, self.options = name, every, options
+        self.tokenizer = setup.config.data.tokenizer
+
+    def __call__(self, target: EvalTarget) -> dict[str, float]:
+        if target.world_size > 1:
+            raise MiniCPMError(f"evaluators: {self.name} (lm_eval) runs in single-process runs only; evaluate "
+                               f"a checkpoint with `minicpm eval tasks` instead")
+        limit = self.options.limit
+        results = evaluate_tasks(target.model, self.options.tasks, include_path=self.options.include_path,
+                                 num_fewshot=self.options.num_fewshot,
+                                 limit=int(limit) if limit is not None and limit >= 1 else limit,
+                                 batch_size=self.options.batch_size, device=str(target.device),
+                                 tokenizer=self.tokenizer)
+        out = {}
+        for task, metrics in results["results"].items():
+            for key, value in metrics.items():
+                metric, _, filter_name = key.partition(",")
+                if isinstance(value, (int, float)) and not metric.endswith("_stderr") and filter_name == "none":
+                    out[f"{task}/{metric}"] = float(value)
+        return out
