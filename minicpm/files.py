@@ -35,6 +35,8 @@ def json_object_line(line: str, where: str) -> dict[str, Any]:
         record = json.loads(line)
     except json.JSONDecodeError as e:
         raise MiniCPMError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    except (ValueError, RecursionError) as e:
+        raise MiniCPMError(f"{where}: not valid JSON ({_beyond_limits(e)})") from None
     if not isinstance(record, dict):
         raise MiniCPMError(f"{where}: expected a JSON object, got {type(record).__name__}")
     return record
@@ -54,6 +56,8 @@ def read_json_object(path: str | Path, *, missing: str = "") -> dict[str, Any]:
         raise MiniCPMError(f"{path}: not valid JSON (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise MiniCPMError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:
+        raise MiniCPMError(f"{path}: not valid JSON ({_beyond_limits(e)})") from None
     if not isinstance(data, dict):
         raise MiniCPMError(f"{path}: expected a JSON object")
     return data
@@ -116,8 +120,16 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     for line in text.splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # a torn line, or one past the parser's limits
             continue
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def _beyond_limits(e: ValueError | RecursionError) -> str:
+    """What json rejects past its parser's limits: nesting deeper than the recursion limit, integers longer than
+    Python's digit limit for int conversion."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply"
+    return str(e).split(":")[0]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -151,7 +152,67 @@ def read_meta(path: str | Path) -> dict:
             raise MiniCPMError(f"{meta_path}: no '{key}' key")
     if meta["dtype"] not in ("uint16", "uint32"):
         raise MiniCPMError(f"{meta_path}: dtype {meta['dtype']!r}, expected uint16 or uint32")
+    _check_meta_fields(meta, meta_path)
     return meta
+
+
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_SHARD_NAME = re.compile(r"^[0-9]{5,}$")  # ShardWriter numbers its shards 00000, 00001, ...
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _check_meta_fields(meta: dict, meta_path: Path) -> None:
+    """Types and ranges of every field the readers use; the first wrong one is a MiniCPMError naming it."""
+    def fail(field: str, what: str) -> None:
+        raise MiniCPMError(f"{meta_path}: {field} {what}")
+
+    def count(value: object, field: str) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            fail(field, f"must be an integer >= 0, got {value!r}")
+
+    def mapping(value: object, field: str) -> None:
+        if not isinstance(value, dict):
+            fail(field, f"must be an object, got {type(value).__name__}")
+
+    tok = meta["tokenizer"]
+    mapping(tok, "tokenizer")
+    if not isinstance(tok.get("hash"), str):
+        fail("tokenizer.hash", f"must be a string, got {tok.get('hash')!r}")
+    vocab, eos = tok.get("vocab_size"), tok.get("eos_id")
+    count(vocab, "tokenizer.vocab_size")
+    count(eos, "tokenizer.eos_id")
+    if eos >= vocab:
+        fail("tokenizer.eos_id", f"{eos} is outside the vocabulary of {vocab}")
+    mapping(meta["splits"], "splits")
+    for split, info in meta["splits"].items():
+        if not _SPLIT_NAME.match(split):
+            fail("splits", f"has a split named {split!r}, not a plain directory name")
+        where = f"splits.{split}"
+        mapping(info, where)
+        for key in ("documents", "tokens", "bytes"):
+            count(info.get(key), f"{where}.{key}")
+        if not isinstance(info.get("shards"), list):
+            fail(f"{where}.shards", f"must be a list, got {type(info.get('shards')).__name__}")
+        for i, shard in enumerate(info["shards"]):
+            mapping(shard, f"{where}.shards[{i}]")
+            if not isinstance(shard.get("name"), str) or not _SHARD_NAME.match(shard["name"]):
+                fail(f"{where}.shards[{i}].name", f"must be a shard number such as '00000', got {shard.get('name')!r}")
+            for key in ("documents", "tokens"):
+                count(shard.get(key), f"{where}.shards[{i}].{key}")
+            for key in ("sha256_bin", "sha256_idx"):
+                if not isinstance(shard.get(key), str) or not _SHA256_HEX.match(shard[key]):
+                    fail(f"{where}.shards[{i}].{key}", "must be 64 lowercase hex digits")
+    sources = meta.get("sources", [])
+    if not isinstance(sources, list):
+        fail("sources", f"must be a list, got {type(sources).__name__}")
+    for i, source in enumerate(sources):
+        mapping(source, f"sources[{i}]")
+        if not isinstance(source.get("spec"), str):
+            fail(f"sources[{i}].spec", f"must be a string, got {source.get('spec')!r}")
+        for key in ("documents", "bytes"):
+            count(source.get(key), f"sources[{i}].{key}")
+    if "skipped_empty_documents" in meta:
+        count(meta["skipped_empty_documents"], "skipped_empty_documents")
 
 
 class TokenDataset:
@@ -301,12 +362,15 @@ def describe(path: str | Path, *, samples: int = 3, sample_chars: int = 240, see
         lines.append(f"{split:<6} {info['documents']:>10,} {info['tokens']:>14,} {info['bytes'] / 1e6:>10.2f} "
                      f"{info['bytes'] / max(info['tokens'], 1):>12.3f} {len(info['shards']):>7}")
     lines += ["", "sources:"]
-    lines += [f"  {s['spec']}: {s['documents']:,} documents, {s['bytes'] / 1e6:.2f} MB" for s in meta["sources"]]
+    lines += [f"  {s['spec']}: {s['documents']:,} documents, {s['bytes'] / 1e6:.2f} MB"
+              for s in meta.get("sources", [])]
     if meta.get("skipped_empty_documents"):
         lines.append(f"  ({meta['skipped_empty_documents']:,} empty documents skipped)")
 
     ds = open_dataset(path, "train")
     lengths = ds.document_lengths()
+    if not len(lengths):
+        return "\n".join([*lines, "", "the train split holds no documents"])
     lines += ["", f"document length in tokens (train; eos included): min {lengths.min():,}, "
                   f"median {int(np.median(lengths)):,}, mean {lengths.mean():,.1f}, max {lengths.max():,}"]
     lines += _histogram(lengths)

@@ -24,6 +24,10 @@ def _named_type(scaling: dict) -> Any:
     return _ROPE_TYPE_ALIASES.get(kind, kind) if isinstance(kind, str) else kind
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def rope_scaling_type(scaling: dict | None) -> str | None:
     """The scaling's type (None for plain RoPE), under either HF key ("type" in v4 configs, "rope_type" in v5)."""
     if not scaling:
@@ -130,10 +134,26 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "dim_model_base"):
+                     "num_attention_heads", "num_key_value_heads", "dim_model_base", "max_position_embeddings"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if not _is_int(value) or value <= 0:
                 raise MiniCPMError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps", "scale_emb", "scale_depth", "initializer_range"):
+            value = getattr(self, name)
+            if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+                raise MiniCPMError(f"model config: {name} must be a positive finite number, got {value!r}")
+        if not _is_int(self.num_experts) or self.num_experts < 0:
+            raise MiniCPMError(f"model config: num_experts must be an integer >= 0, got {self.num_experts!r}")
+        top_k = self.num_experts_per_tok
+        if not _is_int(top_k) or top_k < 1 or (self.num_experts and top_k > self.num_experts):
+            raise MiniCPMError(f"model config: num_experts_per_tok must be an integer in 1..num_experts, got {top_k!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise MiniCPMError(f"model config: tie_word_embeddings must be true or false, "
+                               f"got {self.tie_word_embeddings!r}")
+        if not isinstance(self.torch_dtype, str):
+            raise MiniCPMError(f"model config: torch_dtype must be a string, got {self.torch_dtype!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise MiniCPMError(f"model config: rope_scaling must be null or an object, got {self.rope_scaling!r}")
         if self.hidden_size % self.num_attention_heads:
             raise MiniCPMError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                                f"num_attention_heads {self.num_attention_heads}")
