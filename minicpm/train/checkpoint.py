@@ -22,7 +22,6 @@ import base64
 import dataclasses
 import json
 import random
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
@@ -41,6 +39,7 @@ from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, RunDir, is_sharded)
 from minicpm.train.distributed import fsdp_applied
+from minicpm.train.safe_dcp import load_dcp, read_dcp_metadata
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -168,17 +167,18 @@ def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
         return read_checkpoint(checkpoint)
     config = ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
     shards = checkpoint / SHARDS_DIR
-    stored = FileSystemReader(str(shards)).read_metadata().state_dict_metadata
-    state = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in stored.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    stored = read_dcp_metadata(shards).state_dict_metadata  # allow-list unpickler: a crafted file runs nothing
     with torch.device("meta"):
         expected = MiniCPM(config).state_dict()
-    for name, tensor in expected.items():
-        if name not in state:
+    sizes = {key.removeprefix("model."): meta for key, meta in stored.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    for name, tensor in expected.items():  # checked before anything is allocated
+        if name not in sizes:
             raise MiniCPMError(f"{shards}: no shards of {name}")
-        if state[name].shape != tensor.shape:
-            raise MiniCPMError(f"{shards}: {name} has shape {tuple(state[name].shape)}, config.json implies "
+        if tuple(sizes[name].size) != tuple(tensor.shape):
+            raise MiniCPMError(f"{shards}: {name} has shape {tuple(sizes[name].size)}, config.json implies "
                                f"{tuple(tensor.shape)}")
+    state = {name: torch.empty(sizes[name].size, dtype=sizes[name].properties.dtype) for name in expected}
     _dcp_load({"model": state}, shards, no_dist=True)
     return config, {name: state[name] for name in expected}
 
@@ -227,8 +227,9 @@ def consolidated_model(checkpoint: str | Path) -> MiniCPM:
 
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what DCP saves and loads, the optimizer's state dict): weights and optimizer moments keyed by official
-    parameter names. Only tensors go into the shards, so loading unpickles nothing of ours (DCP's own .metadata
-    is a pickle torch writes); the param_groups stay out, as a resumed run keeps the current config's."""
+    parameter names. Only tensors go into the shards, and DCP's own .metadata (a pickle torch writes) is read by the
+    allow-list unpickler of train/safe_dcp.py; the param_groups stay out, as a resumed run keeps the current
+    config's."""
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optim_state["state"]}, optim_state
 
@@ -241,10 +242,8 @@ def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.opti
 
 
 def _dcp_load(state: dict[str, Any], shards: Path, *, no_dist: bool) -> None:
-    with warnings.catch_warnings():
-        # one process reading N processes' shards is intended; DCP warns that it assumes so
-        warnings.filterwarnings("ignore", message=".*load in a single process")
-        dcp.load(state, checkpoint_id=shards, no_dist=no_dist)
+    # through the allow-list reader: neither .metadata nor a "bytes" entry is ever unpickled
+    load_dcp(state, shards, no_dist=no_dist)
 
 
 def _load_whole_into_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
