@@ -34,7 +34,7 @@ from minicpm.data.tokenizer import load_tokenizer, train_tokenizer
 from minicpm.interop.gguf import export_gguf
 from minicpm.interop.hf import load_model, save_model
 from minicpm.model.config import ModelConfig
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 TEXT = "def add(a, b):\n    return a + b  # 42 naïve café 😀\n\tThe quick brown fox"
 CORPUS = [

@@ -16,7 +16,7 @@ from train_helpers import PatternData, tiny_config
 from minicpm.errors import MiniCPMError
 from minicpm.train.integrity import CHUNK_BYTES, file_digests, safe_relative, sha256_file, verify_digests
 from minicpm.train.state_schema import check_trainer_state
-from minicpm.train.trainer import train
+from minicpm.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             # MFU's peak is measured with 2048^3 bf16 matmuls, minutes on a busy CPU; no test here reads MFU
-            patch.setattr("minicpm.train.trainer.device_peak_flops", lambda *args: 1e12)
+            patch.setattr("minicpm.train.loop.device_peak_flops", lambda *args: 1e12)
             cfg = tiny_config(tmp_path_factory.mktemp("run") / "run", "schedule.total_steps=3",
                               "schedule.decay_start=2")
             return train(cfg, data=PatternData(cfg.schedule.resolve())).checkpoint

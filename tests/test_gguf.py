@@ -13,7 +13,7 @@ from minicpm.interop.hf import read_checkpoint, save_model
 from minicpm.interop.llama import fold_mup
 from minicpm.model.config import ModelConfig
 from minicpm.model.rope import apply_rope, rope_cos_sin
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 gguf = pytest.importorskip("gguf")
 from minicpm.interop.gguf import export_gguf  # noqa: E402  (after the skip: it needs gguf)
