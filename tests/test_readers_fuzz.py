@@ -224,7 +224,8 @@ def config_sections():
     from minicpm.config import TrainConfig
 
     default = TrainConfig()
-    return {f.name: [g.name for g in dataclasses.fields(getattr(default, f.name))] for f in dataclasses.fields(default)}
+    return {f.name: [g.name for g in dataclasses.fields(getattr(default, f.name))] for f in dataclasses.fields(default)
+            if dataclasses.is_dataclass(getattr(default, f.name))}
 
 
 SECTIONS = config_sections()

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.registry import Registry
 
 COMMON_KEYS = ("kind", "name", "every")
 
@@ -61,22 +62,10 @@ class Evaluator(Protocol):
         """{metric: value}; the loop writes them as eval/<name>/<metric>. {} when there is nothing to evaluate."""
 
 
-@dataclass(frozen=True)
-class _Registered:
-    cls: Callable[..., Evaluator]
-    options: type | None
-
-
-EVALUATORS: dict[str, _Registered] = {}
-
-
-def register_evaluator(kind: str, *, options: type | None = None):
-    """Class decorator: make an evaluator buildable as `{kind: <kind>, ...}` in the evaluators list; the class is
-    built as `cls(name, every, options, setup)`."""
-    def decorate(cls):
-        EVALUATORS[kind] = _Registered(cls, options)
-        return cls
-    return decorate
+EVALUATORS = Registry("evaluator", "evaluators[].kind")
+register_evaluator = EVALUATORS.register
+"""Class decorator: `@register_evaluator("kind", options=OptionsDataclass)` makes an evaluator buildable as
+`{kind: <kind>, ...}` in the evaluators list; the class is built as `cls(name, every, options, setup)`."""
 
 
 def _builtin() -> None:
@@ -93,29 +82,21 @@ class _Spec:
 
 
 def _parse(specs: list[dict[str, Any]]) -> list[_Spec]:
-    from minicpm.config import typed_options
-
     _builtin()
     parsed, names, aliases = [], set(), set()
     for i, raw in enumerate(specs):
         where = f"evaluators[{i}]"
         if not isinstance(raw, dict) or "kind" not in raw:
-            raise MiniCPMError(f"{where}: expected a mapping with a 'kind' (known: {', '.join(sorted(EVALUATORS))})")
+            raise MiniCPMError(f"{where}: expected a mapping with a 'kind' (known: {', '.join(EVALUATORS.kinds())})")
         kind = raw["kind"]
-        if kind not in EVALUATORS:
-            raise MiniCPMError(f"{where}.kind: {kind!r} is not a registered evaluator (known: "
-                               f"{', '.join(sorted(EVALUATORS))}; run.plugins can register more)")
+        EVALUATORS.get(kind, f"{where}.kind")
         name, every = str(raw.get("name") or kind), raw.get("every")
         if name in names:
             raise MiniCPMError(f"{where}.name: {name!r} is used twice; give each evaluator its own name")
         if every is not None and (not isinstance(every, int) or every < 0):
             raise MiniCPMError(f"{where}.every must be an integer >= 0, got {every!r}")
         names.add(name)
-        values = {k: v for k, v in raw.items() if k not in COMMON_KEYS}
-        entry = EVALUATORS[kind]
-        if entry.options is None and values:
-            raise MiniCPMError(f"{where}: the {kind} evaluator takes no options, got {', '.join(values)}")
-        options = typed_options(entry.options, values, where) if entry.options else None
+        options = EVALUATORS.options(kind, {k: v for k, v in raw.items() if k not in COMMON_KEYS}, where)
         for alias in getattr(options, "aliases", lambda: {})().values():
             if alias in aliases:
                 raise MiniCPMError(f"{where}: another evaluator already writes {alias}; set headline: false on one")
@@ -131,5 +112,5 @@ def check_evaluator_specs(specs: list[dict[str, Any]]) -> None:
 
 def build_evaluators(specs: list[dict[str, Any]], setup: EvalSetup) -> list[Evaluator]:
     every = setup.config.run.eval_every
-    return [EVALUATORS[s.kind].cls(s.name, every if s.every is None else s.every, s.options, setup)
+    return [EVALUATORS.get(s.kind).cls(s.name, every if s.every is None else s.every, s.options, setup)
             for s in _parse(specs)]

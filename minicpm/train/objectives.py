@@ -17,12 +17,12 @@ Register an objective with `@register_objective("name", options=OptionsDataclass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Protocol
 
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.registry import Registry
 from minicpm.train.losses import IGNORE_INDEX, lm_loss
 
 Metric = tuple[torch.Tensor, torch.Tensor]
@@ -41,50 +41,21 @@ class Objective(Protocol):
         """The summed loss of a micro-batch and its named metrics."""
 
 
-@dataclass(frozen=True)
-class _Registered:
-    cls: Callable[..., Objective]
-    options: type | None
-
-
-OBJECTIVES: dict[str, _Registered] = {}
-
-
-def register_objective(kind: str, *, options: type | None = None):
-    """Class decorator: make an objective buildable as `objective.kind: <kind>` (options: its settings' dataclass,
-    filled from objective.options)."""
-    def decorate(cls):
-        OBJECTIVES[kind] = _Registered(cls, options)
-        return cls
-    return decorate
-
-
-def _registered(kind: str) -> _Registered:
-    if kind not in OBJECTIVES:
-        raise MiniCPMError(f"objective.kind: {kind!r} is not a registered objective (known: "
-                           f"{', '.join(sorted(OBJECTIVES))}; run.plugins can register more)")
-    return OBJECTIVES[kind]
-
-
-def _options(kind: str, values: dict[str, Any]):
-    from minicpm.config import typed_options
-
-    entry = _registered(kind)
-    if entry.options is None:
-        if values:
-            raise MiniCPMError(f"objective.options: the {kind} objective takes no options, got {', '.join(values)}")
-        return None
-    return typed_options(entry.options, values, "objective.options")
+OBJECTIVES = Registry("objective", "objective.kind")
+register_objective = OBJECTIVES.register
+"""Class decorator: `@register_objective("kind", options=OptionsDataclass)` makes an objective buildable as
+`objective.kind: <kind>`, its options filled from objective.options."""
 
 
 def check_objective(cfg) -> None:
     """Validate an ObjectiveConfig (kind registered, options of the right keys and types) without building it."""
-    _options(cfg.kind, dict(cfg.options))
+    OBJECTIVES.options(cfg.kind, dict(cfg.options), "objective.options")
 
 
 def build_objective(cfg) -> Objective:
     """The objective an ObjectiveConfig describes."""
-    return _registered(cfg.kind).cls(_options(cfg.kind, dict(cfg.options)), dict(cfg.aux_loss_weights))
+    options = OBJECTIVES.options(cfg.kind, dict(cfg.options), "objective.options")
+    return OBJECTIVES.get(cfg.kind).cls(options, dict(cfg.aux_loss_weights))
 
 
 def add_aux_losses(loss: torch.Tensor, metrics: dict[str, Metric], aux_losses: dict[str, torch.Tensor],
