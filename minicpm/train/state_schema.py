@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.train.integrity import check_manifest
-from minicpm.train.metrics import IntervalStats
 
 MT19937_WORDS = 624  # Mersenne Twister state: 624 32-bit words and a position (Python adds it as a 625th)
 _WORD = 1 << 32
@@ -70,17 +68,31 @@ def _integer(value: object, field: str, minimum: int, fail, maximum: int | None 
         fail(field, f"is {value}, expected {'>= ' + str(minimum) if maximum is None else f'{minimum}..{maximum}'}")
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_interval(interval: object, fail) -> None:
+    """IntervalStats.state_dict(): {"sums": {name: number}, "steps", "skipped"}; checkpoints written before named
+    metrics hold {"loss_sum", "grad_norm_sum", "steps", "skipped"}."""
     if not isinstance(interval, Mapping):
         fail("interval", f"must be an object, got {_kind(interval)}")
-    fields = {f.name: f.type for f in dataclasses.fields(IntervalStats)}
-    for key, value in interval.items():
-        if key not in fields:
-            fail(f"interval.{key}", f"is not one of {', '.join(fields)}")
-        if fields[key] in (int, "int"):
-            _integer(value, f"interval.{key}", 0, fail)
-        elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
-            fail(f"interval.{key}", f"must be a finite number, got {value!r}")
+    old = "sums" not in interval
+    expected = ("loss_sum", "grad_norm_sum", "steps", "skipped") if old else ("sums", "steps", "skipped")
+    for key in expected:
+        if key not in interval:
+            fail(f"interval.{key}", "is missing")
+    for key in interval:
+        if key not in expected:
+            fail(f"interval.{key}", f"is not one of {', '.join(expected)}")
+    _integer(interval["steps"], "interval.steps", 0, fail)
+    _integer(interval["skipped"], "interval.skipped", 0, fail)
+    sums = {"loss_sum": interval["loss_sum"], "grad_norm_sum": interval["grad_norm_sum"]} if old else interval["sums"]
+    if not isinstance(sums, Mapping):
+        fail("interval.sums", f"must be an object, got {_kind(sums)}")
+    for key, value in sums.items():
+        if not _finite(value):
+            fail(f"interval.sums.{key}" if not old else f"interval.{key}", f"must be a finite number, got {value!r}")
 
 
 def _check_rng(rng: object, fail) -> None:
