@@ -1,104 +1,216 @@
-"""Sampling from a MiniCPM, token by token, with or without the KV cache; and streaming the decoded text."""
+"""Generating from a MiniCPM: batches of prompts (left-padded) on a preallocated KV cache, stop tokens and stop
+strings, repetition penalty, temperature, top-k, top-p, min-p; token ids, final texts, or text streamed piece by
+piece for one prompt."""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence
 
 import torch
 
 from minicpm.errors import MiniCPMError
+from minicpm.infer.decoder import Decoder
+from minicpm.infer.sampling import Sampling, next_tokens, penalize_repetition
+from minicpm.infer.text import TextStream
 from minicpm.model.transformer import MiniCPM
+
+__all__ = ["Completion", "Sampling", "TextStream", "generate", "generate_batch", "generate_text", "sample_next",
+           "stream_text"]
+
+
+@dataclass
+class Completion:
+    """One prompt's continuation: its token ids (without the stop token), its text when the batch was given a
+    decoder (cut where a stop string begins), and why it ended: "eos" (a stop token), "stop" (a stop string) or
+    "length" (max_new_tokens)."""
+
+    ids: list[int]
+    text: str | None
+    finish: str
 
 
 def sample_next(logits: torch.Tensor, *, temperature: float = 1.0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> int:
-    """One token id from fp32 logits (vocab,): greedy when temperature is 0, else nucleus sampling."""
-    if temperature <= 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0.0
-        return int(order[torch.multinomial(sorted_probs, 1, generator=generator)])
-    return int(torch.multinomial(probs, 1, generator=generator))
+                generator: torch.Generator | None = None, **options) -> int:
+    """One token id from fp32 logits (vocab,): greedy when temperature is 0, else sampled (options: top_k, min_p)."""
+    sampling = Sampling(temperature=temperature, top_p=top_p, **options)
+    return int(next_tokens(logits[None], sampling, generator)[0])
+
+
+def _generators(batch: int, seed: int | Sequence[int] | None, generator: torch.Generator | None, device):
+    if seed is not None and generator is not None:
+        raise MiniCPMError("generate: give either seed or generator, not both")
+    if generator is not None or seed is None:
+        return generator
+    if isinstance(seed, int):
+        return torch.Generator(device=device).manual_seed(seed)
+    if len(seed) != batch:
+        raise MiniCPMError(f"generate: {len(seed)} seeds for {batch} prompts (give one seed per prompt, or one int)")
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seed]
+
+
+def _check_prompts(model: MiniCPM, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MiniCPMError(f"generate: max_new_tokens {max_new_tokens} is not an integer >= 1")
+    if len(prompts) == 0:
+        raise MiniCPMError("generate: the prompt batch is empty (give at least one prompt)")
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise MiniCPMError(f"generate: prompt {i} is empty (encode at least one token, e.g. the BOS id)")
+        if max(prompt) >= vocab or min(prompt) < 0:
+            bad = max(prompt) if max(prompt) >= vocab else min(prompt)
+            raise MiniCPMError(f"generate: prompt {i} has token id {bad}, outside the model's vocabulary ({vocab})")
 
 
 @torch.inference_mode()
+def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling,
+                 generators, use_cache: bool, pack: bool = False) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row (B,), max_new_tokens times (the caller stops early by closing it).
+
+    Rows are left-padded to the longest prompt; the Decoder gives each row its own positions and hides the pads.
+    Without use_cache every step recomputes the whole sequence with MiniCPM.forward (the reference the cache is
+    tested against; prompts of one length only).
+    """
+    device = model.head_weight.device
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * pad + list(p) for pad, p in zip(pads, prompts)], dtype=torch.long, device=device)
+    seen = None
+    if sampling.repetition_penalty != 1.0:
+        seen = torch.zeros(len(prompts), model.config.vocab_size, dtype=torch.bool, device=device)
+        for row, prompt in zip(seen, prompts):
+            row[torch.tensor(list(prompt), device=device)] = True
+    if use_cache:
+        decoder = Decoder(model, pads, longest + max_new_tokens, pack=pack)
+        logits = decoder.prefill(ids)
+    elif any(pads):
+        raise MiniCPMError("generate: use_cache=False recomputes unpadded rows only; give prompts of one length")
+    else:
+        logits = model(ids)[:, -1]
+    rows = torch.arange(len(prompts), device=device)
+    for step in range(max_new_tokens):
+        if seen is not None:
+            logits = penalize_repetition(logits, seen, sampling.repetition_penalty)
+        tokens = next_tokens(logits, sampling, generators)
+        yield tokens
+        if step == max_new_tokens - 1:
+            return
+        if seen is not None:
+            seen[rows, tokens] = True
+        if use_cache:
+            logits = decoder.step(tokens)
+        else:
+            ids = torch.cat([ids, tokens[:, None]], dim=1)
+            logits = model(ids)[:, -1]
+
+
 def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int | None = None, eos_id: int | None = None,
+             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+             seed: int | None = None, generator: torch.Generator | None = None, eos_id: int | None = None,
              use_cache: bool = True) -> Iterator[int]:
-    """Yield up to max_new_tokens new token ids, one at a time (stops after eos_id).
+    """Yield up to max_new_tokens new token ids for one prompt, one at a time (stops after yielding eos_id).
 
     temperature 0 is greedy decoding. With use_cache the prompt is run once and each new token costs one position;
-    without it every step recomputes the whole sequence (the reference the cache is tested against).
+    without it every step recomputes the whole sequence.
     """
-    if not prompt_ids:
-        raise MiniCPMError("generate: the prompt is empty (encode at least one token, e.g. the BOS id)")
-    if not 0.0 < top_p <= 1.0:
-        raise MiniCPMError(f"generate: top_p {top_p} is not in (0, 1]")
-    vocab = model.config.vocab_size
-    if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
-        raise MiniCPMError(f"generate: prompt token id {max(prompt_ids)} is outside the model's vocabulary ({vocab})")
-    device = model.head_weight.device
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device)
-    cache = model.new_cache(1, ids.shape[1] + max_new_tokens) if use_cache else None
-    logits = model(ids, cache=cache)[0, -1]
-    position = ids.shape[1]
-    for step in range(max_new_tokens):
-        token = sample_next(logits, temperature=temperature, top_p=top_p, generator=generator)
+    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty)
+    _check_prompts(model, [prompt_ids], max_new_tokens)
+    steps = _token_steps(model, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling,
+                         generators=_generators(1, seed, generator, model.head_weight.device), use_cache=use_cache)
+    for tokens in steps:
+        token = int(tokens[0])
         yield token
-        if token == eos_id or step == max_new_tokens - 1:
+        if token == eos_id:
+            steps.close()
             return
-        new = torch.tensor([[token]], dtype=torch.long, device=device)
-        if use_cache:
-            logits = model(new, cache=cache, start_pos=position)[0, -1]
-        else:
-            ids = torch.cat([ids, new], dim=1)
-            logits = model(ids)[0, -1]
-        position += 1
 
 
-class TextStream:
-    """Turns token ids into printable pieces of text as they arrive, holding back the bytes of an unfinished
-    UTF-8 character (a byte-level tokenizer splits one character over several tokens)."""
+def generate_batch(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                   stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), decode=None,
+                   seed: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
+                   use_cache: bool = True, pack: bool = False, **sampling) -> list[Completion]:
+    """Continue every prompt (a list of token ids) at once; a row ends at a stop token, a stop string or
+    max_new_tokens, and the batch when every row has ended.
 
-    def __init__(self, decode: Callable[[list[int]], str]):
-        self.decode = decode
-        self.ids: list[int] = []
-        self.printed = 0
-
-    def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.printed = text[self.printed:], len(text)
-        return piece
-
-    def flush(self) -> str:
-        text = self.decode(self.ids)
-        piece, self.printed = text[self.printed:], len(text)
-        return piece
-
-
-def stream_text(model: MiniCPM, codec, prompt: str, **kwargs) -> Iterator[str]:
-    """Generate from a text prompt and yield the decoded continuation piece by piece (for `minicpm generate`).
-
-    codec: a minicpm.infer.tokenizer.TextCodec; kwargs go to generate(); eos_id defaults to the codec's.
+    decode (ids -> text) gives each Completion its text; stop strings need it. seed: one int for the batch, or one
+    per prompt (a row then samples as it would alone). sampling: the fields of Sampling (temperature, top_k, top_p,
+    min_p, repetition_penalty).
     """
+    settings = Sampling(**sampling)
+    _check_prompts(model, prompts, max_new_tokens)
+    stop = [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+    if stop and decode is None:
+        raise MiniCPMError("generate: stop strings need a decode function (token ids -> text)")
+    stop_ids = set(stop_token_ids)
+    ids: list[list[int]] = [[] for _ in prompts]
+    finish: list[str | None] = [None] * len(prompts)
+    streams = [TextStream(decode, stop) for _ in prompts] if stop else None
+    steps = _token_steps(model, prompts, max_new_tokens=max_new_tokens, sampling=settings,
+                         generators=_generators(len(prompts), seed, generator, model.head_weight.device),
+                         use_cache=use_cache, pack=pack)
+    for tokens in steps:
+        for row, token in enumerate(tokens.tolist()):
+            if finish[row]:
+                continue
+            if token in stop_ids:
+                finish[row] = "eos"
+                continue
+            ids[row].append(token)
+            if streams is not None:
+                streams[row].push(token)
+                if streams[row].stopped:
+                    finish[row] = "stop"
+        if all(finish):
+            steps.close()
+            break
+    texts = ([s.text if s.stopped else decode(s.ids) for s in streams] if streams is not None else
+             [decode(row) for row in ids] if decode is not None else [None] * len(prompts))
+    return [Completion(row, text, end or "length") for row, text, end in zip(ids, texts, finish)]
+
+
+def _checked_codec(model: MiniCPM, codec):
     if codec.vocab_size > model.config.vocab_size:
         raise MiniCPMError(f"tokenizer has {codec.vocab_size} tokens but the model only {model.config.vocab_size}")
+
+
+def generate_text(model: MiniCPM, codec, prompts: Sequence[str], *, max_new_tokens: int, stop: Sequence[str] = (),
+                  stop_token_ids: Sequence[int] | None = None, **options) -> list[str]:
+    """The continuation of every text prompt, as text, cut at the first stop string.
+
+    codec: a minicpm.infer.tokenizer.TextCodec; stop_token_ids default to its eos id; options go to generate_batch.
+    """
+    _checked_codec(model, codec)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if stop_token_ids is None:
+        stop_token_ids = () if codec.eos_id is None else (codec.eos_id,)
+    done = generate_batch(model, [codec.encode(p) for p in prompts], max_new_tokens=max_new_tokens, stop=stop,
+                          stop_token_ids=stop_token_ids, decode=codec.decode, **options)
+    return [c.text for c in done]
+
+
+def stream_text(model: MiniCPM, codec, prompt: str, *, stop: Sequence[str] = (), **kwargs) -> Iterator[str]:
+    """Generate from a text prompt and yield the decoded continuation piece by piece (for `minicpm generate`).
+
+    codec: a minicpm.infer.tokenizer.TextCodec; kwargs go to generate(); eos_id defaults to the codec's. Text that
+    could be the start of a stop string is held back until it is known not to be; the stream ends before the
+    first stop string.
+    """
+    _checked_codec(model, codec)
     kwargs.setdefault("eos_id", codec.eos_id)
-    stream = TextStream(codec.decode)
-    for token in generate(model, codec.encode(prompt), **kwargs):
+    stream = TextStream(codec.decode, [stop] if isinstance(stop, str) else stop)
+    tokens = generate(model, codec.encode(prompt), **kwargs)
+    for token in tokens:
         if token == kwargs["eos_id"]:
             break
         piece = stream.push(token)
         if piece:
             yield piece
+        if stream.stopped:
+            tokens.close()
+            return
     tail = stream.flush()
     if tail:
         yield tail

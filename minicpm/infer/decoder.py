@@ -1,0 +1,129 @@
+"""A MiniCPM's forward pass for decoding a batch: left-padded rows, each at its own positions, over a preallocated
+KV cache, returning the logits of the last position only.
+
+It runs the model's own modules (embedding, norms, MoE) and differs from MiniCPM.forward only where decoding needs
+it: rotary positions count from each row's first real token and pad keys are masked out of attention, so that a
+padded row computes what it computes alone; and, with `pack`, the matrices are multiplied in a layout made for a
+few rows at a time. A test checks it against MiniCPM.forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from minicpm.model.rope import apply_rope, rope_cos_sin
+from minicpm.model.transformer import MLP, MiniCPM
+
+
+class _Packed:
+    """One layer's matrices for decoding: q|k|v and gate|up fused, every matrix stored in_features-major.
+
+    A decode step multiplies each matrix by a few rows only, which reads the whole matrix from memory for little
+    arithmetic; CPU BLAS (MKL) streams an (in, out) row-major matrix about twice as fast as the (out, in) one that
+    nn.Linear keeps (benchmarks/generate.py measures the end-to-end effect). Same products, summed in another order.
+    """
+
+    def __init__(self, layer):
+        attn = layer.self_attn
+        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).t().contiguous()
+        self.o = attn.o_proj.weight.t().contiguous()
+        self.split = (attn.n_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim, attn.n_kv_heads * attn.head_dim)
+        dense = isinstance(layer.mlp, MLP)  # a MoE layer keeps its own forward
+        self.gate_up = (torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).t().contiguous()
+                        if dense else None)
+        self.down = layer.mlp.down_proj.weight.t().contiguous() if dense else None
+
+
+class Decoder:
+    """One batch of generation: prefill(ids) once, then step(tokens) per new token, both -> fp32 logits (B, vocab).
+
+    pads: how many pad positions open each row (left padding); max_len: prompt plus new tokens, the cache's size.
+    pack: multiply with fused, in_features-major copies of the matrices (faster on CPU; holds a second copy of the
+    weights while the Decoder lives).
+    """
+
+    def __init__(self, model: MiniCPM, pads: list[int], max_len: int, *, pack: bool = False,
+                 compile: bool = False):
+        self.model, cfg = model, model.config
+        device = model.head_weight.device
+        self.cache = model.new_cache(len(pads), max_len)
+        self.length = 0  # positions filled in the cache, pads included
+        self.pads = torch.tensor(pads, device=device)
+        # rows attend to keys from their first real token on; None when no row is padded (SDPA's fast path)
+        self.valid = (torch.arange(max_len, device=device) >= self.pads[:, None]) if any(pads) else None
+        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta,
+                                          cfg.rope_scaling)
+        self.gqa = cfg.num_key_value_heads != cfg.num_attention_heads
+        with torch.no_grad():
+            self.packed = [_Packed(layer) for layer in model.model.layers] if pack else None
+            self.head = model.head_weight.t().contiguous() if pack else None
+        # one compiled step for every cache length (dynamic shapes); the prefill runs eagerly
+        self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
+
+    @torch.inference_mode()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, T), left-padded; the cache must be empty."""
+        T = ids.shape[1]
+        mask = None
+        if self.valid is None:
+            cos, sin = self.cos[:T], self.sin[:T]
+        else:
+            positions = (torch.arange(T, device=ids.device) - self.pads[:, None]).clamp(min=0)
+            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            # a pad query attends to itself only: a row with no key at all would come out of softmax as NaN
+            mask = (causal & self.valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=ids.device)
+            mask = mask.unsqueeze(1)
+        start, self.length = self.length, self.length + T
+        return self._forward(ids, cos, sin, mask, start)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B,): the last chosen token of each row."""
+        at = self.length
+        if self.valid is None:
+            cos, sin, mask = self.cos[at:at + 1], self.sin[at:at + 1], None
+        else:
+            positions = at - self.pads
+            cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
+            mask = self.valid[:, None, None, :at + 1]
+        self.length += 1
+        return self._step(tokens[:, None], cos, sin, mask, at)
+
+    def _forward(self, ids, cos, sin, mask, start: int) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        # paper Table 7: embedding output x scale_emb
+        h = model.model.embed_tokens(ids) * cfg.scale_emb
+        for i, (layer, cache) in enumerate(zip(model.model.layers, self.cache)):
+            packed = self.packed[i] if self.packed else None
+            x = layer.input_layernorm(h)
+            h = h + layer.residual_scale * self._attention(layer.self_attn, packed, x, cos, sin, cache, start, mask)
+            x = layer.post_attention_layernorm(h)
+            h = h + layer.residual_scale * (self._mlp(packed, x) if packed and packed.down is not None else
+                                            layer.mlp(x))
+        # paper Table 7: logits divided by the width multiplier; only the last position is sampled from
+        h = model.model.norm(h[:, -1]) / cfg.width_multiplier
+        return (h @ self.head if self.head is not None else F.linear(h, model.head_weight)).float()
+
+    def _attention(self, attn, packed, x, cos, sin, cache, start, mask):
+        B, T, _ = x.shape
+        if packed:
+            q, k, v = (x @ packed.qkv).split(packed.split, dim=-1)
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q = q.view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
+        k = k.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        v = v.view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, k, cos, sin)
+        k, v = cache.update(k, v, start)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                             enable_gqa=self.gqa)
+        out = out.transpose(1, 2).reshape(B, T, -1)
+        return out @ packed.o if packed else attn.o_proj(out)
+
+    @staticmethod
+    def _mlp(packed, x):
+        # SwiGLU, as minicpm.model.transformer.MLP: down(silu(gate(x)) * up(x))
+        gate, up = (x @ packed.gate_up).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ packed.down
