@@ -65,7 +65,8 @@ def _check_prompts(model: MiniCPM, prompts: Sequence[Sequence[int]], max_new_tok
 
 @torch.inference_mode()
 def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling,
-                 generators, use_cache: bool, pack: bool = False) -> Iterator[torch.Tensor]:
+                 generators, use_cache: bool, pack: bool | None = None,
+                 compile: bool = False) -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,), max_new_tokens times (the caller stops early by closing it).
 
     Rows are left-padded to the longest prompt; the Decoder gives each row its own positions and hides the pads.
@@ -82,7 +83,7 @@ def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_to
         for row, prompt in zip(seen, prompts):
             row[torch.tensor(list(prompt), device=device)] = True
     if use_cache:
-        decoder = Decoder(model, pads, longest + max_new_tokens, pack=pack)
+        decoder = Decoder(model, pads, longest + max_new_tokens, pack=pack, compile=compile)
         logits = decoder.prefill(ids)
     elif any(pads):
         raise MiniCPMError("generate: use_cache=False recomputes unpadded rows only; give prompts of one length")
@@ -105,20 +106,20 @@ def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_to
             logits = model(ids)[:, -1]
 
 
-def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-             seed: int | None = None, generator: torch.Generator | None = None, eos_id: int | None = None,
-             use_cache: bool = True) -> Iterator[int]:
+def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, eos_id: int | None = None,
+             seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
+             pack: bool | None = None, compile: bool = False, **sampling) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids for one prompt, one at a time (stops after yielding eos_id).
 
-    temperature 0 is greedy decoding. With use_cache the prompt is run once and each new token costs one position;
-    without it every step recomputes the whole sequence.
+    sampling: the fields of Sampling (temperature, top_k, top_p, min_p, repetition_penalty); temperature 0 is
+    greedy decoding. With use_cache the prompt is run once and each new token costs one position; without it every
+    step recomputes the whole sequence. pack, compile: see Decoder.
     """
-    sampling = Sampling(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty)
+    settings = Sampling(**sampling)
     _check_prompts(model, [prompt_ids], max_new_tokens)
-    steps = _token_steps(model, [prompt_ids], max_new_tokens=max_new_tokens, sampling=sampling,
-                         generators=_generators(1, seed, generator, model.head_weight.device), use_cache=use_cache)
+    steps = _token_steps(model, [prompt_ids], max_new_tokens=max_new_tokens, sampling=settings,
+                         generators=_generators(1, seed, generator, model.head_weight.device), use_cache=use_cache,
+                         pack=pack, compile=compile)
     for tokens in steps:
         token = int(tokens[0])
         yield token
@@ -130,13 +131,14 @@ def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, 
 def generate_batch(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), decode=None,
                    seed: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-                   use_cache: bool = True, pack: bool = False, **sampling) -> list[Completion]:
+                   use_cache: bool = True, pack: bool | None = None, compile: bool = False,
+                   **sampling) -> list[Completion]:
     """Continue every prompt (a list of token ids) at once; a row ends at a stop token, a stop string or
     max_new_tokens, and the batch when every row has ended.
 
     decode (ids -> text) gives each Completion its text; stop strings need it. seed: one int for the batch, or one
     per prompt (a row then samples as it would alone). sampling: the fields of Sampling (temperature, top_k, top_p,
-    min_p, repetition_penalty).
+    min_p, repetition_penalty). use_cache: as in generate(); pack, compile: see Decoder.
     """
     settings = Sampling(**sampling)
     _check_prompts(model, prompts, max_new_tokens)
@@ -149,7 +151,7 @@ def generate_batch(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_
     streams = [TextStream(decode, stop) for _ in prompts] if stop else None
     steps = _token_steps(model, prompts, max_new_tokens=max_new_tokens, sampling=settings,
                          generators=_generators(len(prompts), seed, generator, model.head_weight.device),
-                         use_cache=use_cache, pack=pack)
+                         use_cache=use_cache, pack=pack, compile=compile)
     for tokens in steps:
         for row, token in enumerate(tokens.tolist()):
             if finish[row]:
