@@ -1,6 +1,6 @@
 """Generation throughput: our generate_batch against transformers' `generate` on the same weights.
 
-A random-init MiniCPM of a preset's shapes is exported with μP folded in (minicpm.interop.hf.export_llama) and
+A random-init MiniCPM of a preset's shapes is exported with μP folded in (minicpm.interop.llama.export_llama) and
 loaded as transformers' LlamaForCausalLM (SDPA attention), so that both compute the same function. Both decode
 greedily a fixed number of new tokens (no stop token), from the same left-padded prompts of mixed lengths, with
 their KV caches; a run is timed from the prompt ids to the last new token. Runs alternate ours/peer; tokens/s is
@@ -35,9 +35,9 @@ def build_pair(preset: str, vocab: int, dtype: torch.dtype):
     """(our MiniCPM, transformers' LlamaForCausalLM of its μP-folded export), both in eval mode."""
     from transformers import LlamaForCausalLM
 
-    from minicpm.interop.hf import export_llama
+    from minicpm.interop.llama import export_llama
     from minicpm.model.config import preset as named_preset
-    from minicpm.optim.mup import build_model
+    from minicpm.model.build import build_model
 
     config = named_preset(preset)
     if vocab:

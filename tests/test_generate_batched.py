@@ -12,9 +12,9 @@ from minicpm.infer.generate import generate, generate_batch, generate_text, stre
 from minicpm.infer.sampling import Sampling, penalize_repetition, warp
 from minicpm.infer.text import TextStream
 from minicpm.infer.tokenizer import TextCodec
-from minicpm.interop.hf import export_llama
+from minicpm.interop.llama import export_llama
 from minicpm.model.config import ModelConfig
-from minicpm.optim.mup import build_model
+from minicpm.model.build import build_model
 
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf  # noqa: E402
@@ -224,3 +224,26 @@ def test_bad_settings_are_one_line_errors(model, setting, message):
 def test_compiled_decode_step_generates_what_the_eager_one_does(model):
     pytest.importorskip("torch._inductor")
     assert greedy(model, PROMPTS, n=6, compile=True) == greedy(model, PROMPTS, n=6)
+
+
+@pytest.mark.parametrize("rope_scaling", [
+    {"rope_type": "dynamic", "factor": 2.0},
+    {"rope_type": "longrope", "short_factor": [1.0 + i / 8 for i in range(8)],
+     "long_factor": [2.0 + i / 4 for i in range(8)], "original_max_position_embeddings": 8},
+], ids=["dynamic", "longrope"])
+def test_rows_cross_the_original_length_as_they_would_alone(rope_scaling):
+    # frequencies that change with a sequence's length (dynamic NTK past L0, longrope's long factors) follow each
+    # row's own length, so that rows crossing L0 at different steps still compute their batch-1 logits
+    config = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, dim_model_base=16, max_position_embeddings=8,
+                         rope_scaling=rope_scaling)
+    model = build_model(config, seed=1).requires_grad_(False)
+    prompts = [[7, 100, 42, 9, 250, 3, 18], [1, 2], [55, 66, 77, 88]]
+    steps = torch.randint(0, VOCAB, (8, 3), generator=torch.Generator().manual_seed(0))
+    ids, _ = left_padded(prompts)
+    batch = Decoder(model, [7 - len(p) for p in prompts], max_len=15)
+    batched = torch.stack([batch.prefill(ids)] + [batch.step(tokens) for tokens in steps], dim=1)
+    for row, prompt in enumerate(prompts):
+        alone = Decoder(model, [0], max_len=15)
+        logits = [alone.prefill(torch.tensor([prompt]))] + [alone.step(tokens[row:row + 1]) for tokens in steps]
+        assert torch.allclose(batched[row], torch.cat(logits), atol=1e-5, rtol=1e-5)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minicpm.model.rope import apply_rope, rope_cos_sin
+from minicpm.model.config import rope_scaling_type
+from minicpm.model.rope import apply_rope, original_length
 from minicpm.model.transformer import MLP, MiniCPM
 
 
@@ -54,11 +55,9 @@ class Decoder:
             pack = device.type == "cpu" and model.head_weight.dtype == torch.float32
         self.cache = model.new_cache(len(pads), max_len)
         self.length = 0  # positions filled in the cache, pads included
-        self.pads = torch.tensor(pads, device=device)
+        self.pad_counts, self.pads = list(pads), torch.tensor(pads, device=device)
         # rows attend to keys from their first real token on; None when no row is padded (SDPA's fast path)
         self.valid = (torch.arange(max_len, device=device) >= self.pads[:, None]) if any(pads) else None
-        self.cos, self.sin = rope_cos_sin(torch.arange(max_len, device=device), cfg.head_dim, cfg.rope_theta,
-                                          cfg.rope_scaling)
         self.gqa = cfg.num_key_value_heads != cfg.num_attention_heads
         with torch.no_grad():
             self.packed = [_Packed(layer) for layer in model.model.layers] if pack else None
@@ -70,31 +69,48 @@ class Decoder:
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (B, T), left-padded; the cache must be empty."""
         T = ids.shape[1]
+        cos, sin = self._rope(0, T)
         mask = None
-        if self.valid is None:
-            cos, sin = self.cos[:T], self.sin[:T]
-        else:
-            positions = (torch.arange(T, device=ids.device) - self.pads[:, None]).clamp(min=0)
-            cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        if self.valid is not None:
             causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
             # a pad query attends to itself only: a row with no key at all would come out of softmax as NaN
             mask = (causal & self.valid[:, None, :T]) | torch.eye(T, dtype=torch.bool, device=ids.device)
             mask = mask.unsqueeze(1)
-        start, self.length = self.length, self.length + T
-        return self._forward(ids, cos, sin, mask, start)
+        self.length = T
+        return self._forward(ids, cos, sin, mask, 0)
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B,): the last chosen token of each row."""
         at = self.length
-        if self.valid is None:
-            cos, sin, mask = self.cos[at:at + 1], self.sin[at:at + 1], None
-        else:
-            positions = at - self.pads
-            cos, sin = self.cos[positions][:, None, None], self.sin[positions][:, None, None]
-            mask = self.valid[:, None, None, :at + 1]
+        cos, sin = self._rope(at, 1)
+        mask = None if self.valid is None else self.valid[:, None, None, :at + 1]
         self.length += 1
         return self._step(tokens[:, None], cos, sin, mask, at)
+
+    def _rope(self, start: int, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for cache slots start..start+T-1: from the model's own RotaryCache, (T, head_dim) when no
+        row is padded; else (B, 1, T, head_dim), each row at its own positions (pad slots get position 0)."""
+        model, cfg, device = self.model, self.model.config, self.pads.device
+        if self.valid is None:
+            return model.rotary.cos_sin(cfg, start, start + T, device)
+        ends = [start + T - pad for pad in self.pad_counts]  # each row's length once these slots are filled
+        kind = rope_scaling_type(cfg.rope_scaling)
+        first = original_length(cfg.rope_scaling, cfg.max_position_embeddings)
+        if (kind not in ("dynamic", "longrope") or max(ends) <= first
+                or (kind == "longrope" and min(ends) > first)):
+            # frequencies the same for every row's length: rows of one table
+            cos, sin = model.rotary.cos_sin(cfg, 0, max(ends), device)
+            positions = (torch.arange(start, start + T, device=device) - self.pads[:, None]).clamp(min=0)
+            return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        # dynamic NTK past L0, longrope across it: each row's frequencies follow its own length
+        tables = []
+        for end in ends:
+            real = min(T, end)
+            cos, sin = model.rotary.cos_sin(cfg, end - real, end, device)
+            pad = cos.new_zeros(T - real, cos.shape[1])
+            tables.append((torch.cat([pad, cos]), torch.cat([pad, sin])))
+        return (torch.stack([c for c, _ in tables]).unsqueeze(1), torch.stack([s for _, s in tables]).unsqueeze(1))
 
     def _forward(self, ids, cos, sin, mask, start: int) -> torch.Tensor:
         model, cfg = self.model, self.model.config
