@@ -22,8 +22,8 @@ __all__ = ["Completion", "Sampling", "TextStream", "generate", "generate_batch",
 @dataclass
 class Completion:
     """One prompt's continuation: its token ids (without the stop token), its text when the batch was given a
-    decoder (cut where a stop string begins), and why it ended: "eos" (a stop token), "stop" (a stop string) or
-    "length" (max_new_tokens)."""
+    decode function (cut where a stop string begins), and why it ended: "eos" (a stop token), "stop" (a stop
+    string) or "length" (max_new_tokens)."""
 
     ids: list[int]
     text: str | None
