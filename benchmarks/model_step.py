@@ -39,6 +39,9 @@ SIZES = {
     # paper Table 8 shapes (d_ff = 2.5 d, head_dim 64) with a 32K vocabulary
     "20M": dict(hidden_size=320, intermediate_size=800, num_hidden_layers=8, num_attention_heads=5),
     "100M": dict(hidden_size=768, intermediate_size=1920, num_hidden_layers=12, num_attention_heads=12),
+    # grouped-query attention at MiniCPM-1.2B's ratio (24 query heads share 8 K/V heads): 3 queries per K/V head
+    "100M-gqa": dict(hidden_size=768, intermediate_size=1920, num_hidden_layers=12, num_attention_heads=12,
+                     num_key_value_heads=4),
 }
 VOCAB = 32000
 IMPLS = ("ours", "llama")
@@ -46,7 +49,7 @@ IMPLS = ("ours", "llama")
 
 def build(impl: str, size: str, seq: int, device: str):
     """(model, function input_ids -> logits) with the shapes of SIZES[size]."""
-    shape = dict(SIZES[size], vocab_size=VOCAB, num_key_value_heads=SIZES[size]["num_attention_heads"],
+    shape = dict({"num_key_value_heads": SIZES[size]["num_attention_heads"]}, **SIZES[size], vocab_size=VOCAB,
                  max_position_embeddings=seq, tie_word_embeddings=True)
     torch.manual_seed(0)
     if impl == "ours":
@@ -150,7 +153,7 @@ def rss_growth_in_subprocess(case: dict) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=["20M", "100M"], choices=list(SIZES))
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=1)

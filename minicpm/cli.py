@@ -55,8 +55,9 @@ def register_model_commands(sub) -> None:
         codec = load_codec(find_tokenizer(args.checkpoint, args.tokenizer))
         model = load_model(args.checkpoint, dtype=args.dtype)
         for piece in stream_text(model, codec, args.prompt, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                                 use_cache=not args.no_cache):
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed,
+                                 use_cache=not args.no_cache, compile=args.compile):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -123,6 +124,14 @@ def register_model_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default 64)")
     p.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 is greedy (default 0.8)")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 is off (default)")
+    p.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below this fraction of the most likely one's probability; 0 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive logits of tokens already seen by this (as transformers does); 1 is off")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop before this text, which is not printed (repeatable)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (pays for long outputs)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one beside the checkpoint)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="compute dtype (default: as stored)")

@@ -141,7 +141,7 @@ def test_config_reads_rope_fields_as_transformers_writes_them():
     ({"type": "longrope", "short_factor": [1.0] * 3, "long_factor": LONG}, "short_factor .* list of 32 numbers"),
     ({"type": "llama3", "factor": 8.0}, "needs 'low_freq_factor'"),
     ({"type": "yarn", "factor": 2.0, "beta_fast": "fast"}, "beta_fast 'fast' .* expected a number"),
-    ("yarn", "is not an object"),
+    ("yarn", "rope_scaling must be null or an object"),
 ])
 def test_bad_rope_scaling_is_a_one_line_error(scaling, match):
     with pytest.raises(MiniCPMError, match=match):

@@ -264,18 +264,21 @@ def test_a_weights_only_start_from_another_architecture_is_a_one_line_error(tmp_
         tiny_config(tmp_path / "x", f"run.init_weights_from={source.run_dir}", f"run.init_from={source.run_dir}")
 
 
-SLOW_RUN = textwrap.dedent("""
+HELD_RUN = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     from train_helpers import PatternData, tiny_config
     from minicpm.train.loop import train
 
-    class SlowData(PatternData):
+    class HeldData(PatternData):
+        # at step 4 the run waits (holding its run directory) until the test lets it go on
         def next_batch(self, step, sequences):
-            time.sleep(0.5)
+            while step == 4 and not Path(sys.argv[2]).exists():
+                time.sleep(0.05)
             return super().next_batch(step, sequences)
 
     cfg = tiny_config(sys.argv[1], "schedule.total_steps=16", "schedule.decay_start=12")
-    train(cfg, data=SlowData(cfg.schedule.resolve()))
+    train(cfg, data=HeldData(cfg.schedule.resolve()))
 """)
 
 
@@ -283,7 +286,8 @@ SLOW_RUN = textwrap.dedent("""
 def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, datasets):
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
-    first = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(tmp_path / "run")], env=env,
+    release = tmp_path / "release"
+    first = subprocess.Popen([sys.executable, "-c", HELD_RUN, str(tmp_path / "run"), str(release)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         owner = tmp_path / "run/.lock.owner"
@@ -296,6 +300,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_
         assert second.returncode == 2
         assert second.stderr.count("\n") == 1 and f"pid {first.pid}" in second.stderr, second.stderr
         assert "is writing this run directory" in second.stderr
+        release.write_text("go on")
         out, err = first.communicate(timeout=600)
         assert first.returncode == 0, err[-2000:]
     finally:
