@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import json
 import math
 import sys
 import typing
@@ -433,7 +434,7 @@ def describe_fields() -> str:
     for section in dataclasses.fields(TrainConfig):
         value = getattr(default, section.name)
         if not dataclasses.is_dataclass(value):  # a list section (evaluators)
-            lines.append(f"{section.name} = {OmegaConf.to_yaml(value).strip()}\n      {top.get(section.name, '')}")
+            lines.append(f"{section.name} = {json.dumps(value)}\n      {top.get(section.name, '')}")
             continue
         section_cls = type(value)
         docs = model_docs if section.name == "model" else field_docs(section_cls)

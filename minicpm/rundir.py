@@ -13,6 +13,7 @@ A checkpoint directory is complete once trainer_state.json (written last) is the
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -158,8 +159,6 @@ class RunDir:
     def truncate_metrics(self, step: int) -> None:
         """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint."""
         if self.metrics_file.is_file():
-            import json
-
             kept = [json.dumps(r) for r in self.read_metrics() if r.get("step", 0) <= step]
             write_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
 
