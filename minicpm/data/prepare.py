@@ -38,6 +38,7 @@ from minicpm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, VERSION, ShardWrit
 from minicpm.data.sources import SourceOptions, iter_corpus
 from minicpm.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, vocab_size
 from minicpm.errors import MiniCPMError
+from minicpm.files import publish_directory, temporary_directory_for
 
 BATCH_BYTES = 1 << 19    # text per task sent to a worker: large enough to hide the hand-off, small enough to balance
 THREADS_AT_MOST = 8      # more workers than this run as processes (see the module docstring)
@@ -208,9 +209,7 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
     dtype = token_dtype(vocab)
     encoder_args = (tok.to_str(), eos, dtype.name)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temporary_directory_for(out, name=f".{out.name}.tmp-{os.getpid()}")
     sink = _Sink(tmp, dtype, shard_tokens, sources, progress)
     try:
         with _tokenizers_serial():
@@ -291,12 +290,6 @@ def _tokenize(sources: list[str], options: SourceOptions | None, encoder_args: t
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise MiniCPMError(f"{out}: appeared while preparing (choose another --out, or pass --overwrite)")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    if out.exists() and not overwrite:
+        raise MiniCPMError(f"{out}: appeared while preparing (choose another --out, or pass --overwrite)")
+    publish_directory(tmp, out)

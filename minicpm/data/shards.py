@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import BinaryIO
 import numpy as np
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import read_json_object
 
 FORMAT, VERSION = "minicpm-shards", 1
 OFFSET_DTYPE = np.dtype("<i8")
@@ -139,12 +139,9 @@ def read_meta(path: str | Path) -> dict:
         raise MiniCPMError(f"{path}: no such prepared dataset (make one with `minicpm prepare`)")
     if not meta_path.is_file():
         raise MiniCPMError(f"{meta_path}: missing, so {path} is not a prepared dataset (or its build did not finish)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MiniCPMError(f"{meta_path}: unreadable ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise MiniCPMError(f"{meta_path}: not a minicpm shard set (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    meta = read_json_object(meta_path)
+    if meta.get("format") != FORMAT:
+        raise MiniCPMError(f"{meta_path}: not a minicpm shard set (format {meta.get('format')!r})")
     if meta.get("version") != VERSION:
         raise MiniCPMError(f"{meta_path}: version {meta.get('version')!r}, this minicpm reads version {VERSION}")
     for key in ("dtype", "tokenizer", "splits"):
