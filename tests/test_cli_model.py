@@ -1,9 +1,6 @@
 """The model commands, driven through the real `minicpm` entry point in a subprocess."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,14 +12,8 @@ from minicpm.interop.hf import WEIGHTS, load_model
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def minicpm(*args, cwd=None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, cwd=cwd, env=env)
-
-
 @pytest.mark.slow
-def test_init_info_generate_export_import_end_to_end(tmp_path):
+def test_init_info_generate_export_import_end_to_end(tmp_path, minicpm):
     init = minicpm("init", "--preset", "tiny", "--seed", "3", tmp_path / "fresh", "num_hidden_layers=3")
     assert init.returncode == 0, init.stderr
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["config.json", WEIGHTS, "tokenizer.json"]
@@ -49,7 +40,7 @@ def test_init_info_generate_export_import_end_to_end(tmp_path):
     assert load_model(tmp_path / "copy").head_weight.dtype == torch.bfloat16
 
 
-def test_broken_checkpoint_exits_nonzero_with_one_line_naming_the_file(tmp_path):
+def test_broken_checkpoint_exits_nonzero_with_one_line_naming_the_file(tmp_path, minicpm):
     assert main(["init", "--preset", "tiny", str(tmp_path / "ckpt")]) == 0
     (tmp_path / "ckpt" / WEIGHTS).write_bytes(b"not a safetensors file at all")
     result = minicpm("generate", tmp_path / "ckpt", "--prompt", "hi")

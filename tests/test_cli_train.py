@@ -1,26 +1,16 @@
 """End to end through the real command line: train, branch a decay, report."""
 
 import base64
-import os
-import subprocess
-import sys
 
 import pytest
-from train_helpers import make_datasets
 
 from minicpm.rundir import RunDir
 from minicpm.train.checkpoint import read_trainer_state
 
 
-def minicpm(*args, cwd):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.mark.slow
-def test_train_then_branch_a_decay_then_report(tmp_path):
-    tokenizer, code, prose = make_datasets(tmp_path / "data")
+def test_train_then_branch_a_decay_then_report(tmp_path, minicpm, datasets):
+    tokenizer, code, prose = datasets
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(f"""
 model: {{preset: tiny}}
@@ -65,7 +55,7 @@ run: {{log_every: 2, eval_every: 5, checkpoint_every: 5, progress: false, device
     (["schedule.kind=cosinus"], "schedule.kind"),
     (["--decay-steps", "5"], "--from"),
 ])
-def test_train_errors_are_one_line_naming_the_key(tmp_path, args, message):
+def test_train_errors_are_one_line_naming_the_key(tmp_path, args, message, minicpm):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: {preset: tiny}\n")
     result = minicpm("train", recipe, *args, "--out", "run", cwd=tmp_path)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -23,11 +21,6 @@ def lr_of(schedule, total, **kw):
     return 0.01 * np.array([schedule(step, **kw) for step in range(total + 1)])
 
 
-def minicpm(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
 @pytest.fixture
 def table(tmp_path):
     rng = np.random.default_rng(0)
@@ -40,7 +33,7 @@ def table(tmp_path):
     return path
 
 
-def test_scaling_fit_json(table, tmp_path):
+def test_scaling_fit_json(table, tmp_path, minicpm):
     r = minicpm("scaling", "fit", table, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -52,7 +45,7 @@ def test_scaling_fit_json(table, tmp_path):
     assert len(doc["compute_optimal"]["budgets"]) == 4 and len(doc["residuals"]) == 30
 
 
-def test_scaling_fit_table_plan_and_plots(table, tmp_path):
+def test_scaling_fit_table_plan_and_plots(table, tmp_path, minicpm):
     r = minicpm("scaling", "fit", table, "--budget", "1e21", "1e22", "--predict", "2e9:4e10", "--bootstrap", "50",
                 "--plot", tmp_path / "plots", "--out", tmp_path / "fit.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -64,14 +57,14 @@ def test_scaling_fit_table_plan_and_plots(table, tmp_path):
     assert json.loads((tmp_path / "fit.json").read_text())["predictions"][0]["params"] == 2e9
 
 
-def test_scaling_fit_bad_input_is_one_line_and_nonzero(tmp_path):
+def test_scaling_fit_bad_input_is_one_line_and_nonzero(tmp_path, minicpm):
     (tmp_path / "t.csv").write_text("params,loss\n1e8,3.0\n")
     r = minicpm("scaling", "fit", tmp_path / "t.csv", cwd=tmp_path)
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "missing column 'tokens'" in r.stderr
 
 
-def test_scaling_fit_batch_size_law(tmp_path):
+def test_scaling_fit_batch_size_law(tmp_path, minicpm):
     loss = np.linspace(2.2, 3.8, 12)
     rows = ["loss,batch_tokens"] + [f"{l},{1.21e9 / l ** 6.24:.0f}" for l in loss]
     (tmp_path / "bs.csv").write_text("\n".join(rows) + "\n")
@@ -82,7 +75,7 @@ def test_scaling_fit_batch_size_law(tmp_path):
     assert doc["predictions"][0]["batch_tokens"] == pytest.approx(1.21e9 / 2.5 ** 6.24, rel=1e-3)
 
 
-def test_fit_curve_then_predict_curve(tmp_path):
+def test_fit_curve_then_predict_curve(tmp_path, minicpm):
     truth = {"L0": 3.0, "A": 1.0, "alpha": 0.5, "C": 0.08, "lambda": 0.995}
     steps = np.arange(1001)
     curves = {"constant": lr_of(constant_schedule, 1000, warmup_steps=20),

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import PatternData, make_datasets, metrics_without_timing, tiny_config
+from train_helpers import PatternData, metrics_without_timing, tiny_config
 
 from minicpm.errors import MiniCPMError
 from minicpm.interop.hf import load_model, save_model
 from minicpm.model import transformer
 from minicpm.rundir import RunDir
-from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import Trainer, train
 from minicpm.train.losses import lm_loss
 
@@ -90,17 +89,6 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-def minicpm(*args, cwd, **kwargs):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    return make_datasets(tmp_path_factory.mktemp("data"))
-
-
 def recipe(tmp_path, datasets, extra=""):
     tokenizer, code, prose = datasets
     path = tmp_path / "recipe.yaml"
@@ -119,7 +107,7 @@ def recipe(tmp_path, datasets, extra=""):
 
 
 @pytest.mark.slow
-def test_a_second_objective_and_evaluator_plug_in_through_the_registries_from_the_command_line(tmp_path, datasets):
+def test_a_second_objective_and_evaluator_plug_in_through_the_registries_from_the_command_line(tmp_path, datasets, minicpm):
     (tmp_path / "my_plugin.py").write_text(PLUGIN)
     config = recipe(tmp_path, datasets, """
         objective: {kind: next_token_z, options: {z_weight: 0.001}}
@@ -283,7 +271,7 @@ HELD_RUN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, datasets):
+def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, datasets, minicpm):
     tests = Path(__file__).resolve().parent
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
     release = tmp_path / "release"

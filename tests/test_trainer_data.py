@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from train_helpers import make_datasets, metrics_without_timing, tiny_config
+from train_helpers import metrics_without_timing, tiny_config
 
 from minicpm.data.mixture import bytes_per_token
 from minicpm.errors import MiniCPMError
@@ -13,11 +13,6 @@ from minicpm.data.pretrain import PretrainData
 from minicpm.train.loop import Trainer, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory):
-    return make_datasets(tmp_path_factory.mktemp("data"))
 
 
 def data_config(out_dir, datasets, *overrides):
