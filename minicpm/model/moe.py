@@ -1,0 +1,146 @@
+"""Mixture of experts (paper section 6, MiniCPM-MoE): a router picks the top-k of E SwiGLU experts per token.
+
+    probs   = softmax(gate(x)) in fp32                    (Mixtral's and MiniCPM-MoE's order: softmax → top-k →
+    w, e    = top-k(probs); w /= Σ w                       renormalise, so identical experts give the dense MLP)
+    MoE(x)  = Σ_k w_k · expert_{e_k}(x)
+
+Dropless dispatch: the (token, choice) pairs are sorted by expert so that each expert runs its tokens as one matmul
+(CUDA bf16: one grouped matmul for all experts where torch has `F.grouped_mm`; otherwise a loop over experts).
+
+Parameter names are the official MiniCPM-MoE keys: `mlp.gate.weight` (E×d, no bias) and
+`mlp.experts.{e}.w1/w3/w2.weight` (gate, up, down), so a state_dict is the official layout.
+
+What the layer reports through the model's auxiliary channel (`aux_losses`, see transformer.MiniCPM):
+  load_balance        E·Σ_e f_e·P_e with f_e the fraction of the top-k assignments and P_e the mean router
+                      probability of expert e, both pooled over all the MoE layers of the forward before the product
+                      (transformers' `load_balancing_loss_func` for Mixtral); uniform routing gives k. The layers keep
+                      the running sums under the scratch keys "_moe/..." and each adds the change of the pooled value.
+  router_z            (with config.router_z_loss) ST-MoE's mean over tokens of logsumexp(logits)², averaged over layers.
+  stat/moe/...        detached statistics, logged as metrics and never added to the loss: per layer the load of each
+                      expert (fraction of assignments), its max and min, and the router entropy (nats, token mean).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minicpm.model.config import ModelConfig
+from minicpm.model.param_roles import HIDDEN, ROUTER
+
+
+class Expert(nn.Module):
+    """SwiGLU under MiniCPM-MoE's names: w2(silu(w1 x) · w3 x)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def mup_roles(self) -> dict[str, str]:
+        return {f"{name}.weight": HIDDEN for name in ("w1", "w2", "w3")}
+
+
+def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """bf16 where one grouped matmul can run all experts (CUDA, a torch with F.grouped_mm), else None (the loop)."""
+    if not (x.is_cuda and hasattr(F, "grouped_mm")):
+        return None
+    if x.dtype == torch.bfloat16:
+        return x.dtype
+    autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+    return torch.bfloat16 if autocast_bf16 else None
+
+
+class MoE(nn.Module):
+    """Top-k routed SwiGLU experts in place of the MLP of one decoder layer."""
+
+    def __init__(self, config: ModelConfig, layer_index: int = 0):
+        super().__init__()
+        d, self.num_experts, self.top_k = config.hidden_size, config.num_experts, config.num_experts_per_tok
+        self.gate = nn.Linear(d, self.num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(d, config.intermediate_size) for _ in range(self.num_experts))
+        self.layer_index, self.num_layers = layer_index, config.num_hidden_layers
+        self.router_z_loss, self.jitter = config.router_z_loss, config.router_jitter_noise
+
+    def mup_roles(self) -> dict[str, str]:
+        return {"gate.weight": ROUTER}
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits, fp32 probabilities, renormalised top-k weights in fp32, top-k expert ids) for tokens (T, d)."""
+        if self.training and self.jitter:
+            # Switch Transformer's multiplicative jitter on the router's input only
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        logits = self.gate(x)
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = probs.topk(self.top_k, dim=-1)
+        return logits, probs, weights / weights.sum(dim=-1, keepdim=True), chosen
+
+    def forward(self, x: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits, probs, weights, chosen = self.route(x)
+        out = self._dispatch(x, weights, chosen)
+        if aux_losses is not None:
+            self._report(aux_losses, logits, probs, chosen)
+        return out.view(shape)
+
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        # sort the T·k (token, choice) pairs by expert: each expert's rows are contiguous
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts)
+        token = order // self.top_k
+        rows = self._experts(x[token], counts)
+        rows = (rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, rows)
+
+    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        dtype = _grouped_mm_dtype(rows)
+        if dtype is not None:
+            return self._grouped(rows.to(dtype), counts)
+        # an expert with no tokens still runs (on zero rows), so every expert gets a gradient, zero or not
+        return torch.cat([expert(part) for expert, part in zip(self.experts, rows.split(counts.tolist()))])
+
+    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        offsets = counts.cumsum(0).to(torch.int32)
+
+        def stacked(name: str) -> torch.Tensor:  # (E, in, out): grouped_mm computes rows @ W_e per group
+            return torch.stack([getattr(e, name).weight for e in self.experts]).to(rows.dtype).transpose(-2, -1)
+
+        hidden = F.silu(F.grouped_mm(rows, stacked("w1"), offs=offsets)) * F.grouped_mm(rows, stacked("w3"), offs=offsets)
+        return F.grouped_mm(hidden, stacked("w2"), offs=offsets)
+
+    def _report(self, aux: dict[str, torch.Tensor], logits: torch.Tensor, probs: torch.Tensor,
+                chosen: torch.Tensor) -> None:
+        E, tokens = self.num_experts, probs.shape[0]
+        assigned = torch.zeros(E, dtype=torch.float32, device=probs.device)
+        assigned.scatter_add_(0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
+        before = aux.get("load_balance", 0.0)
+        pooled_before = _pooled_balance(aux, E)
+        aux["_moe/assigned"] = aux.get("_moe/assigned", 0.0) + assigned
+        aux["_moe/probs"] = aux.get("_moe/probs", 0.0) + probs.sum(dim=0)
+        aux["_moe/rows"] = aux.get("_moe/rows", 0.0) + torch.tensor(float(tokens), device=probs.device)
+        aux["load_balance"] = before + (_pooled_balance(aux, E) - pooled_before)
+        if self.router_z_loss:
+            z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean() / self.num_layers
+            aux["router_z"] = aux.get("router_z", 0.0) + z
+        with torch.no_grad():
+            load = assigned / chosen.numel()
+            prefix = f"stat/moe/layer{self.layer_index}"
+            for e in range(E):
+                aux[f"{prefix}/load_expert{e}"] = load[e]
+            aux[f"{prefix}/load_max"], aux[f"{prefix}/load_min"] = load.max(), load.min()
+            aux[f"{prefix}/router_entropy"] = torch.special.entr(probs).sum(dim=-1).mean()
+
+
+def _pooled_balance(aux: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor | float:
+    """E·Σ_e f_e·P_e over the assignments and probabilities pooled so far (0 before the first layer)."""
+    if "_moe/rows" not in aux:
+        return 0.0
+    rows = aux["_moe/rows"]
+    return num_experts * ((aux["_moe/assigned"] / rows) * (aux["_moe/probs"] / rows)).sum()
