@@ -87,9 +87,10 @@ def register_model_commands(sub) -> None:
                         "paper Table 7); the default keeps it at initializer_range (classic μP)")
     p.set_defaults(handler=init)
 
-    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in), MiniCPM, or GGUF",
+    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama or Mixtral (μP folded in), MiniCPM, or GGUF",
                        description="--to llama writes a checkpoint transformers' LlamaForCausalLM loads without "
-                                   "custom code (μP multipliers folded into the weights, head untied); --to minicpm "
+                                   "custom code (μP multipliers folded into the weights, head untied); --to mixtral "
+                                   "does the same for an MoE model (MixtralForCausalLM); --to minicpm "
                                    "rewrites the official MiniCPM layout (e.g. in another dtype or sharded); --to gguf "
                                    "writes one .gguf file for llama.cpp (the MiniCPM architecture with its μP scales, "
                                    "or the folded Llama), the tokenizer embedded.")
