@@ -10,6 +10,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from minicpm.errors import MiniCPMError
 from minicpm.model.build import build_model
 from minicpm.model.config import ModelConfig, preset
+from minicpm.model.moe import pool_router_losses
 from minicpm.optim.mup import param_groups
 from minicpm.train.objectives import add_aux_losses
 
@@ -65,6 +66,7 @@ def test_a_router_that_sends_everything_to_one_expert_pays_more_than_a_uniform_o
     def balance_loss():
         aux = {}
         moe(x, aux)
+        pool_router_losses(aux)
         return float(aux["load_balance"])
 
     with torch.no_grad():
@@ -91,13 +93,18 @@ def test_layer_statistics_reach_the_metrics_and_stay_out_of_the_loss():
     metrics = {}
     loss = add_aux_losses(torch.tensor(0.0), metrics, aux, {"load_balance": 0.5}, targets=10)
     assert float(loss) == pytest.approx(0.5 * float(aux["load_balance"]) * 10, rel=1e-6)
-    assert not any(name.startswith(("_", "stat/")) for name in metrics)
+    assert set(aux) - set(f"stat/{name}" for name in metrics) == {"load_balance"}
     for layer in (0, 1):
         loads = [float(metrics[f"moe/layer{layer}/load_expert{e}"][0]) / 10 for e in range(4)]
         assert sum(loads) == pytest.approx(1.0)
         assert float(metrics[f"moe/layer{layer}/load_max"][0]) / 10 == pytest.approx(max(loads))
         assert float(metrics[f"moe/layer{layer}/load_min"][0]) / 10 == pytest.approx(min(loads))
         assert 0 < float(metrics[f"moe/layer{layer}/router_entropy"][0]) / 10 <= math.log(4)
+    per_layer = {stat: [float(metrics[f"moe/layer{i}/{stat}"][0]) for i in (0, 1)]
+                 for stat in ("load_max", "load_min", "router_entropy")}
+    assert float(metrics["moe/load_max"][0]) == pytest.approx(max(per_layer["load_max"]))
+    assert float(metrics["moe/load_min"][0]) == pytest.approx(min(per_layer["load_min"]))
+    assert float(metrics["moe/router_entropy"][0]) == pytest.approx(sum(per_layer["router_entropy"]) / 2)
 
 
 def test_jitter_acts_in_training_only():

@@ -13,14 +13,19 @@ Parameter names are the official MiniCPM-MoE keys: `mlp.gate.weight` (E×d, no b
 What the layer reports through the model's auxiliary channel (`aux_losses`, see transformer.MiniCPM):
   load_balance        E·Σ_e f_e·P_e with f_e the fraction of the top-k assignments and P_e the mean router
                       probability of expert e, both pooled over all the MoE layers of the forward before the product
-                      (transformers' `load_balancing_loss_func` for Mixtral); uniform routing gives k. The layers keep
-                      the running sums under the scratch keys "_moe/..." and each adds the change of the pooled value.
+                      (transformers' `load_balancing_loss_func` for Mixtral); uniform routing gives k. Each layer
+                      leaves its own routing counts under a scratch key; the model pools them after its last layer
+                      (`pool_router_losses`), outside any activation-checkpointed block.
   router_z            (with config.router_z_loss) ST-MoE's mean over tokens of logsumexp(logits)², averaged over layers.
   stat/moe/...        detached statistics, logged as metrics and never added to the loss: per layer the load of each
-                      expert (fraction of assignments), its max and min, and the router entropy (nats, token mean).
+                      expert (fraction of assignments), its max and min, and the router entropy (nats, token mean)
+                      (moe/layer{i}/...); over all layers the largest and smallest load and the mean entropy
+                      (moe/load_max, moe/load_min, moe/router_entropy).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -115,32 +120,55 @@ class MoE(nn.Module):
         hidden = F.silu(F.grouped_mm(rows, stacked("w1"), offs=offsets)) * F.grouped_mm(rows, stacked("w3"), offs=offsets)
         return F.grouped_mm(hidden, stacked("w2"), offs=offsets)
 
-    def _report(self, aux: dict[str, torch.Tensor], logits: torch.Tensor, probs: torch.Tensor,
-                chosen: torch.Tensor) -> None:
-        E, tokens = self.num_experts, probs.shape[0]
-        assigned = torch.zeros(E, dtype=torch.float32, device=probs.device)
+    def _report(self, aux: dict, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        # only this layer's own numbers: under activation checkpointing the block's forward runs again in the
+        # backward pass, so nothing here may depend on what other layers have put into `aux` (the pooling over
+        # layers happens after them, in pool_router_losses)
+        assigned = torch.zeros(self.num_experts, dtype=torch.float32, device=probs.device)
         assigned.scatter_add_(0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
-        before = aux.get("load_balance", 0.0)
-        pooled_before = _pooled_balance(aux, E)
-        aux["_moe/assigned"] = aux.get("_moe/assigned", 0.0) + assigned
-        aux["_moe/probs"] = aux.get("_moe/probs", 0.0) + probs.sum(dim=0)
-        aux["_moe/rows"] = aux.get("_moe/rows", 0.0) + torch.tensor(float(tokens), device=probs.device)
-        aux["load_balance"] = before + (_pooled_balance(aux, E) - pooled_before)
-        if self.router_z_loss:
-            z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean() / self.num_layers
-            aux["router_z"] = aux.get("router_z", 0.0) + z
+        z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean() if self.router_z_loss else None
         with torch.no_grad():
             load = assigned / chosen.numel()
+            entropy = torch.special.entr(probs).sum(dim=-1).mean()
             prefix = f"stat/moe/layer{self.layer_index}"
-            for e in range(E):
+            for e in range(self.num_experts):
                 aux[f"{prefix}/load_expert{e}"] = load[e]
             aux[f"{prefix}/load_max"], aux[f"{prefix}/load_min"] = load.max(), load.min()
-            aux[f"{prefix}/router_entropy"] = torch.special.entr(probs).sum(dim=-1).mean()
+            aux[f"{prefix}/router_entropy"] = entropy
+        aux.setdefault(ROUTING_SCRATCH, []).append(_Routing(assigned, probs.sum(dim=0), probs.shape[0], z, entropy))
 
 
-def _pooled_balance(aux: dict[str, torch.Tensor], num_experts: int) -> torch.Tensor | float:
-    """E·Σ_e f_e·P_e over the assignments and probabilities pooled so far (0 before the first layer)."""
-    if "_moe/rows" not in aux:
-        return 0.0
-    rows = aux["_moe/rows"]
-    return num_experts * ((aux["_moe/assigned"] / rows) * (aux["_moe/probs"] / rows)).sum()
+ROUTING_SCRATCH = "_moe/routing"
+
+
+@dataclass
+class _Routing:
+    """One layer's routing in one forward: top-k assignments per expert (no gradient), summed router probabilities
+    per expert, the token count, and the mean squared logsumexp of its logits (with router_z_loss)."""
+    assigned: torch.Tensor
+    prob_sums: torch.Tensor
+    tokens: int
+    z: torch.Tensor | None
+    entropy: torch.Tensor
+
+
+def pool_router_losses(aux: dict) -> None:
+    """After the layers of a forward: turn their routing into the aux losses (added to any already there).
+
+    load_balance = E·Σ_e f_e·P_e with f and P pooled over every layer's tokens before the product, as transformers'
+    `load_balancing_loss_func` for Mixtral computes it; router_z = the mean over layers of each layer's z-loss.
+    Also the statistics over all layers: the largest and smallest expert load of any layer, the mean entropy."""
+    routing: list[_Routing] = aux.pop(ROUTING_SCRATCH, [])
+    if not routing:
+        return
+    rows = sum(r.tokens for r in routing)
+    fraction = torch.stack([r.assigned for r in routing]).sum(dim=0) / rows
+    mean_prob = torch.stack([r.prob_sums for r in routing]).sum(dim=0) / rows
+    aux["load_balance"] = aux.get("load_balance", 0.0) + len(fraction) * (fraction * mean_prob).sum()
+    with torch.no_grad():
+        loads = torch.stack([r.assigned / r.assigned.sum() for r in routing])
+        aux["stat/moe/load_max"], aux["stat/moe/load_min"] = loads.max(), loads.min()
+        aux["stat/moe/router_entropy"] = torch.stack([r.entropy for r in routing]).mean()
+    z = [r.z for r in routing if r.z is not None]
+    if z:
+        aux["router_z"] = aux.get("router_z", 0.0) + torch.stack(z).mean()

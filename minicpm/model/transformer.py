@@ -6,6 +6,8 @@ so a state_dict is the official layout with no renaming. The model knows nothing
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,6 +125,30 @@ class DecoderLayer(nn.Module):
         return x
 
 
+class AuxChannel(MutableMapping):
+    """The caller's aux-loss dict as the layers see it: every read and write goes to that dict. It is not a dict
+    itself because FSDP2's pre-forward hook rebuilds the dicts (lists, dataclasses) among a block's inputs that hold
+    tensors requiring grad: after the first layer had added a loss, the next would write into a copy."""
+
+    def __init__(self, target: dict):
+        self._target = target
+
+    def __getitem__(self, key):
+        return self._target[key]
+
+    def __setitem__(self, key, value):
+        self._target[key] = value
+
+    def __delitem__(self, key):
+        del self._target[key]
+
+    def __iter__(self):
+        return iter(self._target)
+
+    def __len__(self):
+        return len(self._target)
+
+
 def _embedding(config: ModelConfig) -> nn.Embedding:
     # nn.Embedding's own N(0, 1) init is replaced by N(0, initializer_range) (the HF _init_weights; the muP init is
     # optim.mup.init_weights) and skipped on the meta device, where it alone took over a second (torch loads its
@@ -171,8 +197,13 @@ class MiniCPM(nn.Module):
         cos, sin = self.rotary.cos_sin(cfg, start_pos, start_pos + input_ids.shape[1], input_ids.device)
         # paper Table 7: embedding output x scale_emb
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
+        aux_losses = None if aux_losses is None else AuxChannel(aux_losses)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, None if cache is None else cache[i], start_pos, aux_losses)
+        if aux_losses is not None and cfg.num_experts:
+            from minicpm.model.moe import pool_router_losses
+
+            pool_router_losses(aux_losses)  # the balance loss pools the routing of all layers (Mixtral's)
         # paper Table 7: logits divided by the width multiplier d/dim_model_base
         return self.model.norm(h) / cfg.width_multiplier
 

@@ -10,9 +10,8 @@ Auxiliary losses (an MoE's load balance, paper section 6) reach the objective th
 `model.hidden_states(..., aux_losses=dict)`, each a per-token mean over the micro-batch. `add_aux_losses` weighs each
 by objective.aux_loss_weights and adds it × the micro-batch's target count, so that after the division by the
 global count it is the token-weighted mean over the batch, whatever the accumulation and process count.
-Two kinds of key in that dict are not losses: "stat/<name>" (a detached per-token statistic, such as an MoE layer's
-expert load, logged as the metric <name> with no weight) and keys starting with "_" (scratch that the layers of one
-forward share, such as the MoE's pooled routing sums).
+Keys "stat/<name>" in that dict are not losses but detached per-token statistics (such as an MoE layer's expert
+load), logged as the metric <name> with no weight.
 
 Register an objective with `@register_objective("name", options=OptionsDataclass)`; its class is built as
 `cls(options, aux_loss_weights)`. run.plugins imports modules that register more.
@@ -30,8 +29,8 @@ from minicpm.train.losses import IGNORE_INDEX, lm_loss
 
 Metric = tuple[torch.Tensor, torch.Tensor]
 """(sum, count) of a named metric over a micro-batch."""
-STAT_PREFIX, SCRATCH_PREFIX = "stat/", "_"
-"""Keys of the aux-loss channel that are a logged statistic, or scratch shared by the layers; not losses."""
+STAT_PREFIX = "stat/"
+"""Keys of the aux-loss channel that are a logged statistic, not a loss."""
 
 
 class Objective(Protocol):
@@ -98,8 +97,6 @@ def add_aux_losses(loss: torch.Tensor, metrics: dict[str, Metric], aux_losses: d
     each "stat/<name>" as the metric <name>."""
     n = torch.tensor(float(targets), device=loss.device)
     for name, value in aux_losses.items():
-        if name.startswith(SCRATCH_PREFIX):
-            continue
         if name.startswith(STAT_PREFIX):
             metrics[name[len(STAT_PREFIX):]] = (value.detach().float() * n, n)
             continue
