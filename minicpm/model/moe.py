@@ -5,7 +5,8 @@
     MoE(x)  = Σ_k w_k · expert_{e_k}(x)
 
 Dropless dispatch: the (token, choice) pairs are sorted by expert so that each expert runs its tokens as one matmul
-(CUDA bf16: one grouped matmul for all experts where torch has `F.grouped_mm`; otherwise a loop over experts).
+(one grouped matmul for all experts where torch's `F.grouped_mm` serves the device and dtype: CUDA bf16, CPU
+fp32; otherwise a loop over the experts).
 
 Parameter names are the official MiniCPM-MoE keys: `mlp.gate.weight` (E×d, no bias) and
 `mlp.experts.{e}.w1/w3/w2.weight` (gate, up, down), so a state_dict is the official layout.
@@ -51,14 +52,21 @@ class Expert(nn.Module):
         return {f"{name}.weight": HIDDEN for name in ("w1", "w2", "w3")}
 
 
-def _grouped_mm_dtype(x: torch.Tensor) -> torch.dtype | None:
-    """bf16 where one grouped matmul can run all experts (CUDA, a torch with F.grouped_mm), else None (the loop)."""
-    if not (x.is_cuda and hasattr(F, "grouped_mm")):
+def grouped_mm_dtype(rows: torch.Tensor, intermediate_size: int) -> torch.dtype | None:
+    """The dtype one grouped matmul over all experts runs in, or None for the loop over experts.
+
+    torch's F.grouped_mm: on CUDA in bf16 (also under bf16 autocast); on CPU in fp32, where its kernel needs rows of
+    whole 16-byte multiples (hidden and intermediate sizes multiples of 4)."""
+    if not hasattr(F, "grouped_mm"):
         return None
-    if x.dtype == torch.bfloat16:
-        return x.dtype
-    autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-    return torch.bfloat16 if autocast_bf16 else None
+    if rows.is_cuda:
+        if rows.dtype == torch.bfloat16:
+            return rows.dtype
+        autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
+        return torch.bfloat16 if autocast_bf16 else None
+    aligned = rows.shape[-1] % 4 == 0 and intermediate_size % 4 == 0
+    cpu_fp32 = rows.device.type == "cpu" and rows.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+    return torch.float32 if aligned and cpu_fp32 else None
 
 
 class MoE(nn.Module):
@@ -69,8 +77,11 @@ class MoE(nn.Module):
         d, self.num_experts, self.top_k = config.hidden_size, config.num_experts, config.num_experts_per_tok
         self.gate = nn.Linear(d, self.num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(d, config.intermediate_size) for _ in range(self.num_experts))
-        self.layer_index, self.num_layers = layer_index, config.num_hidden_layers
+        self.layer_index = layer_index
         self.router_z_loss, self.jitter = config.router_z_loss, config.router_jitter_noise
+        self.intermediate_size = config.intermediate_size
+        self.grouped_mm = True
+        """Use one grouped matmul where torch has one for the device and dtype (False: always the loop)."""
 
     def mup_roles(self) -> dict[str, str]:
         return {"gate.weight": ROUTER}
@@ -105,7 +116,7 @@ class MoE(nn.Module):
         return torch.zeros_like(x).index_add_(0, token, rows)
 
     def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = _grouped_mm_dtype(rows)
+        dtype = grouped_mm_dtype(rows, self.intermediate_size) if self.grouped_mm else None
         if dtype is not None:
             return self._grouped(rows.to(dtype), counts)
         # an expert with no tokens still runs (on zero rows), so every expert gets a gradient, zero or not
