@@ -88,9 +88,10 @@ def register_model_commands(sub) -> None:
                         "paper Table 7); the default keeps it at initializer_range (classic μP)")
     p.set_defaults(handler=init)
 
-    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama (μP folded in), MiniCPM, or GGUF",
+    p = sub.add_parser("export", help="convert a checkpoint to a plain Llama or Mixtral (μP folded in), MiniCPM, or GGUF",
                        description="--to llama writes a checkpoint transformers' LlamaForCausalLM loads without "
-                                   "custom code (μP multipliers folded into the weights, head untied); --to minicpm "
+                                   "custom code (μP multipliers folded into the weights, head untied); --to mixtral "
+                                   "does the same for an MoE model (MixtralForCausalLM); --to minicpm "
                                    "rewrites the official MiniCPM layout (e.g. in another dtype or sharded); --to gguf "
                                    "writes one .gguf file for llama.cpp (the MiniCPM architecture with its μP scales, "
                                    "or the folded Llama), the tokenizer embedded.")
@@ -485,6 +486,40 @@ def register_eval_commands(sub) -> None:
     p.set_defaults(handler=tasks)
 
 
+# ---------------------------------------------------------------- MoE: upcycle
+
+def register_moe_commands(sub) -> None:
+    """upcycle (MoE issue)."""
+
+    def upcycle(args):
+        from minicpm.interop.upcycle import upcycle as upcycle_checkpoint
+
+        out = upcycle_checkpoint(args.dense_checkpoint, args.out, experts=args.experts, top_k=args.top_k,
+                                 seed=args.seed, noise=args.noise, reinit_fraction=args.reinit_fraction)
+        print(f"wrote {out} ({args.experts} experts, top-{args.top_k}); continue training with "
+              f"`minicpm train CONFIG model.num_experts={args.experts} model.num_experts_per_tok={args.top_k} "
+              f"run.init_weights_from={out}`")
+
+    p = sub.add_parser("upcycle", help="turn a dense checkpoint into an MoE one (sparse upcycling)",
+                       description="Write an MoE checkpoint in the official MiniCPM-MoE layout: every tensor of "
+                                   "DENSE_CKPT copied, each MLP copied into every expert, a fresh router "
+                                   "N(0, 0.1²) per layer. Its logits at step 0 equal the dense model's (unless "
+                                   "--noise or --reinit-fraction). Identical experts give the router no task "
+                                   "gradient at first (a flat start); the two options are the usual remedies.")
+    p.add_argument("dense_checkpoint", metavar="DENSE_CKPT",
+                   help="a dense checkpoint (ours, sharded, or an official HF MiniCPM directory)")
+    p.add_argument("--out", required=True, help="new MoE checkpoint directory")
+    p.add_argument("--experts", type=int, default=8, help="experts per layer (default %(default)s, MiniCPM-MoE's)")
+    p.add_argument("--top-k", type=int, default=2, help="experts per token (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routers and the options' noise (default 0)")
+    p.add_argument("--noise", type=float, default=0.0, metavar="S",
+                   help="add Gaussian noise of S × each matrix's std to every expert copy (default 0: exact copies)")
+    p.add_argument("--reinit-fraction", type=float, default=0.0, metavar="F",
+                   help="Drop-Upcycling: re-draw a random fraction F of each expert's intermediate units from the "
+                        "dense matrix's mean and std (default 0; the paper's best is 0.5)")
+    p.set_defaults(handler=upcycle)
+
+
 # ---------------------------------------------------------------- entry point
 
 REGISTER = [
@@ -494,6 +529,7 @@ REGISTER = [
     register_training_commands,
     register_experiment_commands,
     register_eval_commands,
+    register_moe_commands,
 ]
 
 

@@ -175,8 +175,9 @@ class ObjectiveConfig:
 
     kind: str = "next_token"
     """Registered objective: next_token (pretraining and decay), or one a plugin registers."""
-    aux_loss_weights: Dict[str, float] = field(default_factory=lambda: {"load_balance": 0.01})
-    """Weight of each auxiliary loss the model reports (paper section 6: MoE load balance x 0.01)."""
+    aux_loss_weights: Dict[str, float] = field(default_factory=lambda: {"load_balance": 0.01, "router_z": 0.001})
+    """Weight of each auxiliary loss the model reports (paper section 6: MoE load balance x 0.01; the router z-loss,
+    reported only under model.router_z_loss, x 0.001 as ST-MoE)."""
     options: Dict[str, Any] = field(default_factory=dict)
     """The objective kind's own settings (each kind documents and checks its keys)."""
 

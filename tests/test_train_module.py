@@ -184,9 +184,9 @@ def test_auxiliary_losses_reach_the_objective_weighted_and_do_not_depend_on_accu
 
 
 def test_an_aux_loss_without_a_weight_is_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(transformer.MLP, "forward", reporting("router_z"))
+    monkeypatch.setattr(transformer.MLP, "forward", reporting("unweighted"))
     cfg = tiny_config(tmp_path / "run")
-    with pytest.raises(MiniCPMError, match="auxiliary loss 'router_z'.*no weight"):
+    with pytest.raises(MiniCPMError, match="auxiliary loss 'unweighted'.*no weight"):
         train(cfg, data=PatternData(cfg.schedule.resolve()))
 
 

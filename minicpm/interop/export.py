@@ -8,6 +8,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import EXPORT_FORMATS
 from minicpm.interop.hf import PathLike, import_checkpoint, parse_size, save_model
 from minicpm.interop.llama import export_llama
+from minicpm.interop.mixtral import export_mixtral
 
 
 
@@ -31,7 +32,11 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, to: str, dtype: st
         model = consolidated_model(checkpoint)
         if to == "llama":
             return export_llama(model, out, dtype, max_shard_bytes=shard)
+        if to == "mixtral":
+            return export_mixtral(model, out, dtype, max_shard_bytes=shard)
         return save_model(model, out, dtype=dtype, max_shard_bytes=shard)
     if to == "llama":
         return export_llama(checkpoint, out, dtype, max_shard_bytes=shard)
+    if to == "mixtral":
+        return export_mixtral(checkpoint, out, dtype, max_shard_bytes=shard)
     return import_checkpoint(checkpoint, out, dtype=dtype, max_shard_bytes=shard)

@@ -3,8 +3,8 @@ these without importing torch)."""
 
 WEIGHT_DTYPES = ("bf16", "fp16", "fp32")
 """Dtypes a checkpoint's weights are written in."""
-EXPORT_FORMATS = ("llama", "minicpm", "gguf")
-"""llama: plain LlamaForCausalLM with μP folded in; minicpm: the official MiniCPM layout (another dtype, sharded);
+EXPORT_FORMATS = ("llama", "minicpm", "gguf", "mixtral")
+"""llama: plain LlamaForCausalLM with μP folded in; mixtral: an MoE model as MixtralForCausalLM, μP folded in; minicpm: the official MiniCPM layout (another dtype, sharded);
 gguf: one file for llama.cpp (interop/gguf.py)."""
 GGUF_ARCHES = ("minicpm", "llama")
 """llama.cpp architectures: MiniCPM with its μP scales as metadata, or the folded plain Llama."""

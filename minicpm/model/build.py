@@ -4,12 +4,14 @@ DESIGN §3).
 With the width multiplier m = hidden_size / dim_model_base:
   2-D hidden weights   N(0, (initializer_range/√m)²)
   1-D weights          (RMSNorm gains) 1
+  MoE router           N(0, 0.1²) at every width (MiniCPM-MoE)
   vocabulary matrices  (the embedding, and the head when untied) N(0, initializer_range²): classic μP, where they
                        are "vector-like". `embedding_in_2d_group=True` gives them the 2-D init instead: the literal
                        reading of Table 7 ("each 2-D tensor"), which the coordinate check shows is not width-stable
                        (the embedding output shrinks like 1/√m, tests/test_mup.py); MiniCPM's own init code builds the
                        embedding with the plain initializer_range.
-The learning rates that go with this are in minicpm/optim/mup.py.
+Each module declares its parameters' roles (model/param_roles.py); the learning rates that go with them are in
+minicpm/optim/mup.py.
 """
 
 from __future__ import annotations
@@ -19,29 +21,32 @@ import math
 import torch
 
 from minicpm.model.config import ModelConfig
+from minicpm.model.param_roles import GAIN, HIDDEN, ROUTER, ROUTER_INIT_STD, parameter_roles
 from minicpm.model.transformer import MiniCPM
 
-VOCAB_MATRICES = ("model.embed_tokens.weight", "lm_head.weight")
 
-
-def is_hidden_matrix(name: str, embedding_in_2d_group: bool = False) -> bool:
-    """Whether a 2-D parameter is scaled with the width (init/√m, lr/m) rather than kept at the base."""
-    # endswith: a wrapped model (torch.compile, FSDP) prefixes the names
-    return embedding_in_2d_group or not name.endswith(VOCAB_MATRICES)
+def init_std(role: str, config: ModelConfig, embedding_in_2d_group: bool = False) -> float | None:
+    """The init std of a parameter of this μP role (model/param_roles.py); None: the gains, filled with 1."""
+    if role == GAIN:
+        return None
+    if role == ROUTER:
+        return ROUTER_INIT_STD
+    if role == HIDDEN or embedding_in_2d_group:
+        return config.initializer_range / math.sqrt(config.width_multiplier)
+    return config.initializer_range
 
 
 @torch.no_grad()
 def init_weights(model: MiniCPM, *, embedding_in_2d_group: bool = False,
                  generator: torch.Generator | None = None) -> MiniCPM:
-    """μP initialisation in place (also right after `to_empty`, whose memory holds garbage). Returns the model."""
-    cfg = model.config
-    hidden_std = cfg.initializer_range / math.sqrt(cfg.width_multiplier)
-    for name, p in model.named_parameters():
-        if p.ndim >= 2:
-            std = hidden_std if is_hidden_matrix(name, embedding_in_2d_group) else cfg.initializer_range
-            p.normal_(0.0, std, generator=generator)
-        else:
+    """μP initialisation in place (also right after `to_empty`, whose memory holds garbage), by the role each module
+    declares for its parameters, drawn in parameter order. Returns the model."""
+    for _, p, role in parameter_roles(model):
+        std = init_std(role, model.config, embedding_in_2d_group)
+        if std is None:
             p.fill_(1.0)
+        else:
+            p.normal_(0.0, std, generator=generator)
     return model
 
 

@@ -90,6 +90,10 @@ def check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddi
         raise bad("partial_rotary_factor", "1.0 (MiniCPM rotates the whole head)")
 
 
+MOE_FIELDS = ("num_experts", "num_experts_per_tok", "router_z_loss", "router_jitter_noise")
+"""Fields that only an MoE model uses (left out of a dense model's config.json and summary)."""
+
+
 @dataclass
 class ModelConfig:
     """Architecture of a MiniCPM decoder; field names follow the official HF config.json."""
@@ -129,6 +133,11 @@ class ModelConfig:
     """MoE experts per layer; 0 means a dense MLP."""
     num_experts_per_tok: int = 2
     """MoE top-k routing."""
+    router_z_loss: bool = False
+    """MoE: also report the router z-loss (ST-MoE: mean squared logsumexp of the router logits) as aux loss
+    `router_z` (weighted by objective.aux_loss_weights.router_z)."""
+    router_jitter_noise: float = 0.0
+    """MoE: in training, the router's input is multiplied by U(1-eps, 1+eps) noise (Mixtral's field); 0: off."""
     torch_dtype: str = "float32"
     """Dtype the weights are stored in (HF field)."""
 
@@ -147,6 +156,11 @@ class ModelConfig:
         top_k = self.num_experts_per_tok
         if not _is_int(top_k) or top_k < 1 or (self.num_experts and top_k > self.num_experts):
             raise MiniCPMError(f"model config: num_experts_per_tok must be an integer in 1..num_experts, got {top_k!r}")
+        if not isinstance(self.router_z_loss, bool):
+            raise MiniCPMError(f"model config: router_z_loss must be true or false, got {self.router_z_loss!r}")
+        jitter = self.router_jitter_noise
+        if not _is_number(jitter) or not 0 <= jitter < 1:
+            raise MiniCPMError(f"model config: router_jitter_noise must be a number in [0, 1), got {jitter!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise MiniCPMError(f"model config: tie_word_embeddings must be true or false, "
                                f"got {self.tie_word_embeddings!r}")
@@ -210,8 +224,8 @@ class ModelConfig:
         d.update(architectures=["MiniCPMForCausalLM"], model_type="minicpm", hidden_act="silu",
                  bos_token_id=1, eos_token_id=2, use_cache=True, attention_bias=False, attention_dropout=0.0)
         if not self.num_experts:
-            d.pop("num_experts")
-            d.pop("num_experts_per_tok")
+            for key in MOE_FIELDS:
+                d.pop(key)
         return d
 
     @classmethod
@@ -278,6 +292,10 @@ PRESETS: dict[str, ModelConfig] = {
                                 num_attention_heads=24, num_key_value_heads=8),
     "minicpm-2.4b": ModelConfig(vocab_size=122753, hidden_size=2304, intermediate_size=5760, num_hidden_layers=40,
                                 num_attention_heads=36, num_key_value_heads=36),
+    # paper section 6: the 2.4B upcycled to 8 experts, top-2 (13.6B non-embedding parameters, 4B active)
+    "minicpm-moe-8x2b": ModelConfig(vocab_size=122753, hidden_size=2304, intermediate_size=5760,
+                                    num_hidden_layers=40, num_attention_heads=36, num_key_value_heads=36,
+                                    num_experts=8, num_experts_per_tok=2),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from minicpm.model.config import ModelConfig
+from minicpm.model.config import MOE_FIELDS, ModelConfig
 
 
 def _rows(rows: list[tuple[str, str]]) -> list[str]:
@@ -21,13 +21,17 @@ def describe(config: ModelConfig, *, seq_len: int | None = None, title: str = "m
     """The config as a table, then parameters (total / embedding / non-embedding), μP constants and FLOPs/token."""
     seq_len = seq_len or config.max_position_embeddings
     fields = [(f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config)
-              if f.name not in ("num_experts", "num_experts_per_tok") or config.num_experts]
+              if f.name not in MOE_FIELDS or config.num_experts]
     fields.append(("head_dim", str(config.head_dim)))
     params = [("total", _count(config.total_params())),
               ("embedding", _count(config.embedding_params())),
               ("non-embedding (N)", _count(config.non_embedding_params()))]
     if config.num_experts:
-        params.append(("active non-embedding", _count(config.active_non_embedding_params())))
+        # paper section 6 counts MiniCPM-MoE without the embedding: 13.6B "total" is N (every expert, the routers
+        # and the norm gains), 4B "active" is N with only top-k experts per layer
+        params[-1] = ("non-embedding (N; the paper's MoE total)", _count(config.non_embedding_params()))
+        params.append((f"active non-embedding (top-{config.num_experts_per_tok} experts)",
+                       _count(config.active_non_embedding_params())))
     m = config.width_multiplier
     mup = [("width multiplier m = d/dim_model_base", f"{m:g}"),
            ("2-D init std  initializer_range/√m", f"{config.initializer_range / math.sqrt(m):.4g}"),

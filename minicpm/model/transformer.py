@@ -6,11 +6,14 @@ so a state_dict is the official layout with no renaming. The model knows nothing
 
 from __future__ import annotations
 
+from collections.abc import MutableMapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from minicpm.model.config import ModelConfig
+from minicpm.model.param_roles import GAIN, HIDDEN, VOCABULARY
 from minicpm.model.rope import RotaryCache, apply_rope
 
 
@@ -24,6 +27,9 @@ class RMSNorm(nn.Module):
         # variance in fp32, as the official rms_layernorm
         normed = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * normed
+
+    def mup_roles(self) -> dict[str, str]:
+        return {"weight": GAIN}
 
 
 class KVCache(nn.Module):
@@ -54,6 +60,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kv, bias=False)
         self.v_proj = nn.Linear(d, kv, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
+
+    def mup_roles(self) -> dict[str, str]:
+        return {f"{name}.weight": HIDDEN for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
         B, T, _ = x.shape
@@ -87,12 +96,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    def mup_roles(self) -> dict[str, str]:
+        return {f"{name}.weight": HIDDEN for name in ("gate_proj", "up_proj", "down_proj")}
+
     def forward(self, x: torch.Tensor, aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_index: int = 0):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
@@ -100,7 +112,7 @@ class DecoderLayer(nn.Module):
         if config.num_experts:
             from minicpm.model.moe import MoE  # MoE models only
 
-            self.mlp = MoE(config)
+            self.mlp = MoE(config, layer_index)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
         # paper Table 7: each residual branch is scaled by scale_depth/sqrt(L)
@@ -111,6 +123,30 @@ class DecoderLayer(nn.Module):
         x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
         x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x), aux_losses)
         return x
+
+
+class AuxChannel(MutableMapping):
+    """The caller's aux-loss dict as the layers see it: every read and write goes to that dict. It is not a dict
+    itself because FSDP2's pre-forward hook rebuilds the dicts (lists, dataclasses) among a block's inputs that hold
+    tensors requiring grad: after the first layer had added a loss, the next would write into a copy."""
+
+    def __init__(self, target: dict):
+        self._target = target
+
+    def __getitem__(self, key):
+        return self._target[key]
+
+    def __setitem__(self, key, value):
+        self._target[key] = value
+
+    def __delitem__(self, key):
+        del self._target[key]
+
+    def __iter__(self):
+        return iter(self._target)
+
+    def __len__(self):
+        return len(self._target)
 
 
 def _embedding(config: ModelConfig) -> nn.Embedding:
@@ -140,12 +176,16 @@ class MiniCPM(nn.Module):
         self.config = config
         self.model = nn.ModuleDict(dict(
             embed_tokens=_embedding(config),
-            layers=nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers)),
+            layers=nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers)),
             norm=RMSNorm(config.hidden_size, config.rms_norm_eps),
         ))
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.rotary = RotaryCache()
+
+    def mup_roles(self) -> dict[str, str]:
+        # the vocabulary matrices; every other parameter's role is declared by its own module
+        return {"model.embed_tokens.weight": VOCABULARY} | ({} if self.lm_head is None else {"lm_head.weight": VOCABULARY})
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -157,8 +197,13 @@ class MiniCPM(nn.Module):
         cos, sin = self.rotary.cos_sin(cfg, start_pos, start_pos + input_ids.shape[1], input_ids.device)
         # paper Table 7: embedding output x scale_emb
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
+        aux_losses = None if aux_losses is None else AuxChannel(aux_losses)
         for i, layer in enumerate(self.model.layers):
             h = layer(h, cos, sin, None if cache is None else cache[i], start_pos, aux_losses)
+        if aux_losses is not None and cfg.num_experts:
+            from minicpm.model.moe import pool_router_losses
+
+            pool_router_losses(aux_losses)  # the balance loss pools the routing of all layers (Mixtral's)
         # paper Table 7: logits divided by the width multiplier d/dim_model_base
         return self.model.norm(h) / cfg.width_multiplier
 

@@ -3,6 +3,7 @@
 With the width multiplier m = hidden_size / dim_model_base:
   2-D hidden weights   learning rate lr/m, weight decay
   1-D weights          (RMSNorm gains) the base learning rate, no weight decay
+  MoE router           lr/m, weight decay (its own group, "router")
   vocabulary matrices  (the embedding, and the head when untied) the base learning rate, weight decay: classic μP
                        (default); `embedding_in_2d_group=True` gives them lr/m (the literal reading of Table 7)
 The initialisation is minicpm/model/build.py; the forward-pass multipliers (scale_emb, scale_depth/√L, logits ÷ m)
@@ -18,30 +19,26 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from minicpm.model.build import build_model, is_hidden_matrix
+from minicpm.model.build import build_model
 from minicpm.model.config import ModelConfig
+from minicpm.model.param_roles import GAIN, HIDDEN, ROUTER, VOCABULARY, parameter_roles
 from minicpm.model.transformer import MiniCPM
 
 
 def param_groups(model: MiniCPM, *, lr: float, weight_decay: float,
                  embedding_in_2d_group: bool = False) -> list[dict]:
-    """AdamW parameter groups. Each carries `lr_scale` (its lr over the base lr) and a `name`, so that a schedule
-    sets `group["lr"] = base_lr * factor * group["lr_scale"]`."""
+    """AdamW parameter groups by the μP role each module declares (model/param_roles.py). Each carries `lr_scale`
+    (its lr over the base lr) and a `name`, so that a schedule sets `group["lr"] = base_lr * factor * group["lr_scale"]`."""
     m = model.config.width_multiplier
-    hidden, vocab, gains = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2:
-            gains.append(p)
-        elif is_hidden_matrix(name, embedding_in_2d_group):
-            hidden.append(p)
-        else:
-            vocab.append(p)
+    members: dict[str, list] = {HIDDEN: [], VOCABULARY: [], GAIN: [], ROUTER: []}
+    for _, p, role in parameter_roles(model):
+        if p.requires_grad:
+            members[HIDDEN if role == VOCABULARY and embedding_in_2d_group else role].append(p)
     groups = [
-        dict(name="matrices", params=hidden, lr=lr / m, lr_scale=1.0 / m, weight_decay=weight_decay),
-        dict(name="vocabulary", params=vocab, lr=lr, lr_scale=1.0, weight_decay=weight_decay),
-        dict(name="gains", params=gains, lr=lr, lr_scale=1.0, weight_decay=0.0),
+        dict(name="matrices", params=members[HIDDEN], lr=lr / m, lr_scale=1.0 / m, weight_decay=weight_decay),
+        dict(name="vocabulary", params=members[VOCABULARY], lr=lr, lr_scale=1.0, weight_decay=weight_decay),
+        dict(name="gains", params=members[GAIN], lr=lr, lr_scale=1.0, weight_decay=0.0),
+        dict(name="router", params=members[ROUTER], lr=lr / m, lr_scale=1.0 / m, weight_decay=weight_decay),
     ]
     return [g for g in groups if g["params"]]
 

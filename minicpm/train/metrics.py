@@ -137,10 +137,11 @@ class Progress:
 
 
 def format_record(record: dict[str, Any]) -> str:
-    """A metrics record as one readable line."""
+    """A metrics record as one readable line. Metrics nested two deep (an MoE's per-layer moe/layer3/load_max) stay
+    in metrics.jsonl only: a line holds their summaries (moe/load_max)."""
     parts = [f"step {record['step']}", f"tokens {record['tokens']:,}"]
     for key, value in record.items():
-        if key in ("step", "tokens", "stage"):
+        if key in ("step", "tokens", "stage") or key.count("/") > 1:
             continue
         if isinstance(value, float):
             parts.append(f"{key} {value:.4g}" if math.isfinite(value) else f"{key} {value}")

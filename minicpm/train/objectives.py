@@ -10,6 +10,8 @@ Auxiliary losses (an MoE's load balance, paper section 6) reach the objective th
 `model.hidden_states(..., aux_losses=dict)`, each a per-token mean over the micro-batch. `add_aux_losses` weighs each
 by objective.aux_loss_weights and adds it × the micro-batch's target count, so that after the division by the
 global count it is the token-weighted mean over the batch, whatever the accumulation and process count.
+Keys "stat/<name>" in that dict are not losses but detached per-token statistics (such as an MoE layer's expert
+load), logged as the metric <name> with no weight.
 
 Register an objective with `@register_objective("name", options=OptionsDataclass)`; its class is built as
 `cls(options, aux_loss_weights)`. run.plugins imports modules that register more.
@@ -27,6 +29,8 @@ from minicpm.train.losses import IGNORE_INDEX, lm_loss
 
 Metric = tuple[torch.Tensor, torch.Tensor]
 """(sum, count) of a named metric over a micro-batch."""
+STAT_PREFIX = "stat/"
+"""Keys of the aux-loss channel that are a logged statistic, not a loss."""
 
 
 class Objective(Protocol):
@@ -60,9 +64,13 @@ def build_objective(cfg) -> Objective:
 
 def add_aux_losses(loss: torch.Tensor, metrics: dict[str, Metric], aux_losses: dict[str, torch.Tensor],
                    weights: dict[str, float], targets: int) -> torch.Tensor:
-    """loss + Σ weight·aux·targets over the auxiliary losses the model reported; each is logged as aux/<name>."""
+    """loss + Σ weight·aux·targets over the auxiliary losses the model reported; each is logged as aux/<name>, and
+    each "stat/<name>" as the metric <name>."""
     n = torch.tensor(float(targets), device=loss.device)
     for name, value in aux_losses.items():
+        if name.startswith(STAT_PREFIX):
+            metrics[name[len(STAT_PREFIX):]] = (value.detach().float() * n, n)
+            continue
         if name not in weights:
             raise MiniCPMError(f"the model reports an auxiliary loss {name!r}, but objective.aux_loss_weights has no "
                                f"weight for it (has: {', '.join(weights) or 'none'})")
@@ -88,7 +96,8 @@ class NextToken:
         return count_labels(batch)
 
     def loss(self, model, batch, *, chunk_size=None, reference=None):
-        aux: dict[str, torch.Tensor] = {}
+        # auxiliary losses only in training: a held-out loss is the cross-entropy alone
+        aux: dict[str, torch.Tensor] | None = {} if model.training else None
         hidden = model.hidden_states(batch["input_ids"], aux_losses=aux)
         loss = lm_loss(hidden, model.head_weight, batch["labels"], chunk_size=chunk_size)
         metrics: dict[str, Metric] = {}
