@@ -479,7 +479,7 @@ def register_eval_commands(sub) -> None:
 # ---------------------------------------------------------------- wind tunnel: sweeps, coordinate check
 
 def register_windtunnel_commands(sub) -> None:
-    """sweep, coordcheck, windtunnel lr-transfer (wind-tunnel issue)."""
+    """sweep, coordcheck, windtunnel lr-transfer and batch-size (wind-tunnel issue)."""
 
     p = sub.add_parser(
         "sweep", help="hyper-parameter sweep (grid | random | TPE via Optuna); every trial is a run directory",
@@ -510,7 +510,8 @@ def register_windtunnel_commands(sub) -> None:
     slurm.add_argument("--jobs", type=int, default=1, help="worker jobs to submit (default %(default)s)")
     slurm.add_argument("--partition", help="Slurm partition")
     slurm.add_argument("--gpus", type=int, default=0, help="GPUs per node (default %(default)s)")
-    slurm.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit in minutes (default %(default)s)")
+    slurm.add_argument("--time", type=int, default=60, metavar="MIN",
+                       help="time limit in minutes (default %(default)s)")
     slurm.add_argument("--nodes", type=int, default=1, help="nodes per job (default %(default)s)")
     slurm.add_argument("--cpus", type=int, default=None, help="CPUs per task (default: Slurm's)")
     slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting")
@@ -583,7 +584,8 @@ def register_windtunnel_commands(sub) -> None:
     p.add_argument("--log2-lr", type=int, nargs=2, required=True, metavar=("FROM", "TO"),
                    help="learning rates 2^FROM ... 2^TO, e.g. -10 -4")
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--head-dim", type=int, default=16, help="head size; heads = width / head size (default %(default)s)")
+    p.add_argument("--head-dim", type=int, default=16,
+                   help="head size; heads = width / head size (default %(default)s)")
     p.add_argument("--base-width", type=int, help="μP base width (default: the smallest width)")
     p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
@@ -607,6 +609,32 @@ def register_windtunnel_commands(sub) -> None:
         return 0
 
     p.set_defaults(handler=lr_transfer)
+
+    p = wsub.add_parser(
+        "batch-size", help="the optimal batch size against the loss, bs = a / L^b, from runs (paper App. A.2)",
+        description="From runs that differ in batch.tokens_per_step (run directories, or sweep directories whose "
+                    "runs/ hold them): the tokens each needed to reach each target loss, the batch size needing the "
+                    "fewest per target (a parabola in log batch size), then bs = a / L^b fitted with a bootstrap "
+                    "interval. Writes DIR/batch_size.png and DIR/result.json.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--targets", type=float, nargs="+", metavar="L",
+                   help="target losses (default: --count log-spaced between what every run and three runs reach)")
+    p.add_argument("--count", type=int, default=6, help="targets when --targets is not given (default %(default)s)")
+    p.add_argument("--loss-key", default="eval_loss", help="metrics.jsonl key of the loss (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="where the plot and result.json go")
+
+    def batch_size(args) -> int:
+        from minicpm.experiments.batch_size import batch_size_law
+
+        result = batch_size_law(args.runs, targets=args.targets, count=args.count, loss_key=args.loss_key,
+                                out=args.out, bootstrap=args.bootstrap)
+        print(result.table())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(handler=batch_size)
 
 
 # ---------------------------------------------------------------- entry point

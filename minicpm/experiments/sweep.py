@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from minicpm.errors import MiniCPMError
-from minicpm.experiments.sweep_spec import SweepSpec, build_pruner, load_spec, overrides_for
+from minicpm.experiments.sweep_spec import SweepSpec, build_pruner, load_spec, overrides_for, require_optuna
 from minicpm.files import read_json_lines, write_atomic
 from minicpm.rundir import RunDir
 
@@ -81,7 +81,7 @@ class SweepResult:
 # ---------------------------------------------------------------- the study
 
 def open_storage(out: Path, url: str | None):
-    import optuna
+    optuna = require_optuna()
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url:

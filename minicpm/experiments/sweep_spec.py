@@ -216,8 +216,17 @@ def _pruner(pruner: Any, fail) -> dict[str, Any] | None:
     return dict(pruner)
 
 
+def require_optuna():
+    """optuna, or one line saying how to install it (it is in the sweep extra)."""
+    try:
+        import optuna
+    except ImportError:
+        raise MiniCPMError("sweeps need Optuna: pip install 'minicpm[sweep]'") from None
+    return optuna
+
+
 def build_pruner(pruner: dict[str, Any] | None):
-    import optuna
+    optuna = require_optuna()
 
     if pruner is None:
         return optuna.pruners.NopPruner()
