@@ -96,9 +96,12 @@ def test_a_sweep_killed_mid_way_resumes_to_the_same_results(grid_sweep):
             break
         time.sleep(0.2)
     assert trial_pid, "no trial started"
-    os.kill(trial_pid, signal.SIGKILL)
-    process.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)  # the sweep first: alive, it would record the trial's death as a failure
     process.wait()
+    try:
+        os.kill(trial_pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # already ended with its parent (the trial dies with the sweep's fork server)
     interrupted = read_trials_csv(out / "trials.csv")
     assert len(interrupted) < 6
 
@@ -242,13 +245,13 @@ def test_slurm_job_script_names_the_worker_and_its_resources(recipe, tmp_path):
 
 @pytest.mark.slow
 def test_slurm_launcher_runs_its_workers_through_submitit(recipe, tmp_path):
-    """submitit's local executor runs the same jobs as processes here: two workers finish a 2-point grid."""
+    """submitit's local executor runs the same job as a process here: the worker finishes a 2-point grid."""
     from minicpm.experiments.sweep_slurm import SlurmOptions, submit_workers
 
     spec = write_spec(tmp_path, recipe, "space: {optim.lr: [0.01, 0.02]}\nsampler: grid\nworkers: 1\n")
-    jobs = submit_workers(spec, tmp_path / "sw", SlurmOptions(jobs=2), cluster="local")
+    jobs = submit_workers(spec, tmp_path / "sw", SlurmOptions(jobs=1), cluster="local")
     outputs = [job.result() for job in jobs]  # CommandFunction returns the worker's output
-    assert sum(output.count(" -> ") for output in outputs) == 2
+    assert len(jobs) == 1 and outputs[0].count(" -> ") == 2
     summary = sweep_command(spec, "--out", tmp_path / "sw")
     output, _ = summary.communicate(timeout=300)
     rows = read_trials_csv(tmp_path / "sw/trials.csv")

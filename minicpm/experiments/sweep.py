@@ -299,7 +299,13 @@ class Sweep:
             if claimed is None:
                 return
             trial, params, run_name = claimed
-            self._run_trial(trial, params, run_name)
+            try:
+                self._run_trial(trial, params, run_name)
+            except Exception as e:  # the sweep's own fault (a storage error, say): this trial fails, others go on
+                try:
+                    self._fail(trial, f"sweep: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                except Exception:
+                    pass  # left RUNNING: the next sweep re-runs it
             self._write_trials_csv()
 
     def _next_trial(self):
