@@ -519,6 +519,166 @@ def register_moe_commands(sub) -> None:
                         "dense matrix's mean and std (default 0; the paper's best is 0.5)")
     p.set_defaults(handler=upcycle)
 
+# ---------------------------------------------------------------- wind tunnel: sweeps, coordinate check
+
+def register_windtunnel_commands(sub) -> None:
+    """sweep, coordcheck, windtunnel lr-transfer and batch-size (wind-tunnel issue)."""
+
+    p = sub.add_parser(
+        "sweep", help="hyper-parameter sweep (grid | random | TPE via Optuna); every trial is a run directory",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the trials of SPEC.yaml, each `minicpm train` in its own process under DIR/runs/, and "
+                    "write DIR/trials.csv. Re-running the command resumes: finished trials are kept, interrupted "
+                    "ones run again. The study lives in DIR/study.journal, or in --storage URL (PostgreSQL) "
+                    "shared by workers on many machines:\n"
+                    "  minicpm sweep lr.yaml --out sweeps/lr\n"
+                    "  minicpm sweep lr.yaml --out /shared/lr --storage postgresql://u:p@db/optuna --worker\n"
+                    "  minicpm sweep lr.yaml --out /shared/lr --launcher slurm --jobs 8 --partition gpu --gpus 1\n"
+                    "Spec keys: base {config, overrides}, space {dotted.key: [choices] | {low, high, log}}, "
+                    "sampler, trials, metric, direction, workers, threads, pruner (median | hyperband), seed, name "
+                    "(see minicpm/experiments/sweep_spec.py).")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, metavar="DIR", help="sweep directory (runs/, trials.csv, the study)")
+    p.add_argument("--storage", metavar="URL", help="an SQLAlchemy URL for the study (e.g. postgresql://...); "
+                   "default: DIR/study.journal")
+    p.add_argument("--worker", action="store_true",
+                   help="join the study and run trials only (no trials.csv): for many machines on one --storage")
+    p.add_argument("--workers", type=int, metavar="N", help="parallel trials in this process (default: the spec's)")
+    p.add_argument("--stale-after", type=float, default=120.0, metavar="S",
+                   help="a trial of another host whose heartbeat is older than S seconds is re-run "
+                        "(default %(default)s)")
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: run here (default); slurm: submit --jobs worker jobs through submitit")
+    slurm = p.add_argument_group("slurm (with --launcher slurm)")
+    slurm.add_argument("--jobs", type=int, default=1, help="worker jobs to submit (default %(default)s)")
+    slurm.add_argument("--partition", help="Slurm partition")
+    slurm.add_argument("--gpus", type=int, default=0, help="GPUs per node (default %(default)s)")
+    slurm.add_argument("--time", type=int, default=60, metavar="MIN",
+                       help="time limit in minutes (default %(default)s)")
+    slurm.add_argument("--nodes", type=int, default=1, help="nodes per job (default %(default)s)")
+    slurm.add_argument("--cpus", type=int, default=None, help="CPUs per task (default: Slurm's)")
+    slurm.add_argument("--dry-run", action="store_true", help="print the sbatch script instead of submitting")
+
+    def sweep(args) -> int:
+        if args.launcher == "slurm":
+            from minicpm.experiments.sweep_slurm import SlurmOptions, sbatch_script, submit_workers
+
+            options = SlurmOptions(jobs=args.jobs, partition=args.partition, gpus=args.gpus, time=args.time,
+                                   nodes=args.nodes, cpus=args.cpus)
+            if args.dry_run:
+                print(sbatch_script(args.spec, args.out, options, storage=args.storage), end="")
+                return 0
+            for job in submit_workers(args.spec, args.out, options, storage=args.storage):
+                print(f"submitted worker job {job.job_id} (logs: {job.paths.stdout})")
+            print(f"then: minicpm sweep {args.spec} --out {args.out}"
+                  f"{' --storage URL' if args.storage else ''} writes trials.csv")
+            return 0
+        from minicpm.experiments.sweep import run_sweep
+        from minicpm.experiments.sweep_spec import load_spec
+
+        result = run_sweep(args.spec, args.out, storage=args.storage, workers=args.workers, worker=args.worker,
+                           stale_after=args.stale_after, echo=lambda line: print(line, flush=True))
+        print(result.summary(load_spec(args.spec).metric))
+        return 0
+
+    p.set_defaults(handler=sweep)
+
+    p = sub.add_parser(
+        "coordcheck", help="μP coordinate check: activation scales over widths x steps, μP against SP, a plot",
+        description="Train each width a few AdamW steps on one fixed batch and record mean |activation| per layer "
+                    "kind (embedding, attention, MLP, residual stream, logits), under μP and under standard "
+                    "parametrisation (SP). Prints a verdict per parametrisation, writes coordcheck.png and "
+                    "coordcheck.json into --out, and exits 1 when μP is not width-stable.")
+    p.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512],
+                   help="hidden sizes, multiples of the head size (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=4, help="AdamW steps (default %(default)s)")
+    p.add_argument("--lr", type=float, default=0.01, help="base learning rate (default %(default)s)")
+    p.add_argument("--layers", type=int, default=2, help="layers (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default %(default)s)")
+    p.add_argument("--tolerance", type=float, default=2.0,
+                   help="largest ratio across widths still called stable (default %(default)s)")
+    p.add_argument("--out", default="coordcheck", help="where the plot and JSON go (default: ./coordcheck)")
+
+    def coordcheck(args) -> int:
+        from minicpm.experiments.coordcheck import run_coordcheck
+
+        result = run_coordcheck(args.widths, steps=args.steps, lr=args.lr, layers=args.layers, seed=args.seed,
+                                tolerance=args.tolerance, out=args.out)
+        for verdict in result.verdicts.values():
+            print(verdict.line())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0 if result.mup_stable else 1
+
+    p.set_defaults(handler=coordcheck)
+
+    tunnel = sub.add_parser("windtunnel", help="wind-tunnel experiments on small proxies (paper section 3)")
+    wsub = tunnel.add_subparsers(dest="windtunnel_command", metavar="SUBCOMMAND")
+    tunnel.set_defaults(handler=lambda args: tunnel.print_help() or 2)
+    p = wsub.add_parser(
+        "lr-transfer", help="sweep a log2 learning-rate grid at several widths, under μP and SP; optimum per width",
+        description="For each width and each parametrisation (μP: dim_model_base = the base width; SP: "
+                    "dim_model_base = the width), a grid sweep of optim.lr = 2^k, every trial a run directory under "
+                    "DIR/{mup,sp}/wWIDTH/runs/. Prints the optimum per width and its shift in x2 steps; writes "
+                    "DIR/lr_transfer.png (the paper's Fig. 3) and DIR/result.json. Re-running resumes.")
+    p.add_argument("config_and_overrides", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
+                   help="the proxy's training recipe, then dotted overrides")
+    p.add_argument("--widths", type=int, nargs="+", required=True, help="hidden sizes, e.g. 64 128 256")
+    p.add_argument("--log2-lr", type=int, nargs=2, required=True, metavar=("FROM", "TO"),
+                   help="learning rates 2^FROM ... 2^TO, e.g. -10 -4")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--head-dim", type=int, default=16,
+                   help="head size; heads = width / head size (default %(default)s)")
+    p.add_argument("--base-width", type=int, help="μP base width (default: the smallest width)")
+    p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
+    p.add_argument("--only", choices=("mup", "sp"), help="run one parametrisation only")
+
+    def lr_transfer(args) -> int:
+        from minicpm.experiments.windtunnel import lr_transfer as run
+        from minicpm.train.launch import split_config_and_overrides
+
+        config, overrides = split_config_and_overrides(args.config_and_overrides)
+        if config is None:
+            raise MiniCPMError("give the proxy's training recipe (a YAML file) first")
+        low, high = sorted(args.log2_lr)
+        result = run(config, overrides, widths=args.widths, log2_lrs=range(low, high + 1), out=args.out,
+                     head_dim=args.head_dim, base_width=args.base_width, metric=args.metric, workers=args.workers,
+                     parametrisations=(args.only,) if args.only else ("mup", "sp"),
+                     echo=lambda line: print(line, flush=True))
+        print(result.table())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(handler=lr_transfer)
+
+    p = wsub.add_parser(
+        "batch-size", help="the optimal batch size against the loss, bs = a / L^b, from runs (paper App. A.2)",
+        description="From runs that differ in batch.tokens_per_step (run directories, or sweep directories whose "
+                    "runs/ hold them): the tokens each needed to reach each target loss, the batch size needing the "
+                    "fewest per target (a parabola in log batch size), then bs = a / L^b fitted with a bootstrap "
+                    "interval. Writes DIR/batch_size.png and DIR/result.json.")
+    p.add_argument("runs", nargs="+", metavar="RUN_OR_SWEEP_DIR")
+    p.add_argument("--targets", type=float, nargs="+", metavar="L",
+                   help="target losses (default: --count log-spaced between what every run and three runs reach)")
+    p.add_argument("--count", type=int, default=6, help="targets when --targets is not given (default %(default)s)")
+    p.add_argument("--loss-key", default="eval_loss", help="metrics.jsonl key of the loss (default %(default)s)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default %(default)s)")
+    p.add_argument("--out", metavar="DIR", help="where the plot and result.json go")
+
+    def batch_size(args) -> int:
+        from minicpm.experiments.batch_size import batch_size_law
+
+        result = batch_size_law(args.runs, targets=args.targets, count=args.count, loss_key=args.loss_key,
+                                out=args.out, bootstrap=args.bootstrap)
+        print(result.table())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(handler=batch_size)
+
 
 # ---------------------------------------------------------------- entry point
 
@@ -530,6 +690,7 @@ REGISTER = [
     register_experiment_commands,
     register_eval_commands,
     register_moe_commands,
+    register_windtunnel_commands,
 ]
 
 
