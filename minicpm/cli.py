@@ -474,6 +474,41 @@ def register_eval_commands(sub) -> None:
         return 0
 
     p.set_defaults(handler=tasks)
+    add_long_context_eval_commands(esub)
+
+
+# ---------------------------------------------------------------- long context: eval loss, eval passkey, extend
+
+def add_long_context_eval_commands(esub) -> None:
+    """eval loss, eval passkey (long-context issue), under the `eval` group."""
+    from minicpm.interop.formats import WEIGHT_DTYPES
+
+    p = esub.add_parser("loss", help="total and per-token NLL of a text file (compare with other runtimes)",
+                        description="Encode FILE with the checkpoint's tokenizer (no BOS added), run one forward "
+                                    "pass and print the summed and mean negative log-likelihood in nats of tokens "
+                                    "1..n-1; with --per-token also each token's.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint, run or official HF model directory")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    p.add_argument("--per-token", action="store_true", help="also print each token's NLL")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside CHECKPOINT)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weights dtype (default %(default)s)")
+
+    def loss(args) -> int:
+        import json
+
+        from minicpm.eval.token_loss import format_text_loss, text_loss
+
+        result, codec = text_loss(args.checkpoint, args.text, tokenizer=args.tokenizer, device=args.device,
+                                  dtype=args.dtype)
+        if args.json:
+            print(json.dumps(result.as_dict(per_token=args.per_token, decode=codec.decode)))
+        else:
+            print(format_text_loss(result, per_token=args.per_token, decode=codec.decode))
+        return 0
+
+    p.set_defaults(handler=loss)
 
 
 # ---------------------------------------------------------------- entry point
