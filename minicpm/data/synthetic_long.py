@@ -14,6 +14,7 @@ other data.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -74,13 +75,27 @@ def _sized(make: Callable[[int], str], count: Callable[[str], int], tokens: int,
     return make(lo)
 
 
+@functools.lru_cache(maxsize=1)
+def _module_texts() -> list[tuple[str, str, list[str]]]:
+    """(file name, text, names of its top-level functions) of each standard-library module."""
+    modules = []
+    for path in stdlib_modules():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        modules.append((path.name, text, _DEF.findall(text)))
+    if not modules:
+        raise MiniCPMError("file_qa: found no standard-library modules to build questions from")
+    return modules
+
+
 class SyntheticTasks:
     """Examples of each task sized to a token budget; `count` gives a text's token count (the tokenizer's)."""
 
     def __init__(self, count: Callable[[str], int], seed: int = 0):
         self.count = count
         self.rng = random.Random(seed)
-        self._modules: list[tuple[str, str, list[str]]] | None = None
 
     def passkey(self, tokens: int, depth: float | None = None) -> tuple[str, str]:
         key = self.rng.randint(1, 50000)
@@ -102,59 +117,41 @@ class SyntheticTasks:
         key = re.search(r'Key: "([0-9a-f]+)"', prompt).group(1)
         return prompt, f" {dict(pairs)[key]}"
 
-    def _module_texts(self) -> list[tuple[str, str, list[str]]]:
-        if self._modules is None:
-            self._modules = []
-            for path in stdlib_modules():
-                try:
-                    text = path.read_text(encoding="utf-8")
-                except (UnicodeDecodeError, OSError):
-                    continue
-                self._modules.append((path.name, text, _DEF.findall(text)))
-            if not self._modules:
-                raise MiniCPMError("file_qa: found no standard-library modules to build questions from")
-        return self._modules
-
     def file_qa(self, tokens: int) -> tuple[str, str]:
-        modules = self._module_texts()
+        modules = _module_texts()
         picked, names = [], set()
         for module in self.rng.sample(modules, min(24, len(modules))):
             if module[0] not in names and len(picked) < 12:  # a file name answers only if it is unique
                 picked.append(module)
                 names.add(module[0])
-        chars_per_token = 3.0
-        # each file cut to a share of the budget so that several fit; the target is one whose function is unique
-        share = max(int(tokens * chars_per_token / 4), 200)
-        files = [(name, text[:share]) for name, text, _ in picked]
-        target = self.rng.randrange(len(files))
-
-        def defined(text: str) -> set[str]:
-            return set(_DEF.findall(text))
-
-        def make(n: int) -> str:
-            n = max(n, 1)
-            chosen = files[:n] if target < n else files[:n - 1] + [files[target]]
-            order = sorted(range(len(chosen)), key=lambda i: (i * 7919 + self_seed) % 101)
-            body = "\n".join(f"# file: {chosen[i][0]}\n{chosen[i][1]}" for i in order)
-            return body
-
-        self_seed = self.rng.randrange(1 << 16)
-        for _ in range(len(files)):
-            name, text = files[target]
-            others = set().union(*(defined(t) for i, (_, t) in enumerate(files) if i != target))
-            unique = sorted(defined(text) - others)
+        target = self.rng.randrange(len(picked))
+        for _ in range(len(picked)):  # a target file with a function that no other picked file defines
+            others = set().union(*(defs for i, (_, _, defs) in enumerate(picked) if i != target))
+            unique = sorted(set(picked[target][2]) - others)
             if unique:
                 break
-            target = (target + 1) % len(files)
+            target = (target + 1) % len(picked)
         else:
             return self.passkey(tokens)  # no function defined in exactly one file: rare; any task will do
         function = self.rng.choice(unique)
+        name, text, _ = picked[target]
+        # the target file cut to a third of the budget, so that it and the question always fit
+        sample = text[:4000]
+        share = max(int(tokens / 3 * len(sample) / max(self.count(sample), 1)), 64)
+        at = text.index(f"def {function}(")
+        start = max(0, at - self.rng.randrange(share // 2))
+        files = [(n, t[:share // 3]) for n, t, _ in picked]  # small pieces, so that the budget fills up closely
+        files[target] = (name, text[start:start + share])
+        order = list(range(len(files)))
+        self.rng.shuffle(order)
+
+        def make(n: int) -> str:
+            chosen = [i for i in order if i == target or i in order[:n]]  # the target file is always in
+            return "\n".join(f"# file: {files[i][0]}\n{files[i][1]}" for i in chosen)
+
         question = f"\n\nQuestion: which file above defines the function `{function}`?\nAnswer:"
-        body = _sized(make, self.count, tokens - self.count(question) - 8, 1, len(files))
-        if f"def {function}(" not in body:  # the budget holds only a cut of the target file: ask about that
-            function = sorted(defined(body.split(f"# file: {files[target][0]}\n", 1)[-1]) or {function})[0]
-            question = f"\n\nQuestion: which file above defines the function `{function}`?\nAnswer:"
-        return body + question, f" {files[target][0]}"
+        body = _sized(make, self.count, tokens - self.count(question) - 8, 0, len(files))
+        return body + question, f" {name}"
 
     def example(self, task: str, tokens: int) -> tuple[str, str]:
         if task not in TASKS:

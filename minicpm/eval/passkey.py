@@ -63,7 +63,13 @@ def passkey_cases(encode: Callable[[str], list[int]], lengths: Sequence[int], de
 
 @torch.no_grad()
 def greedy_tokens(model: torch.nn.Module, ids: list[int], max_new_tokens: int) -> list[int]:
-    """Greedy continuation by full forward passes (no KV cache: works for any wrapped model)."""
+    """Greedy continuation: with the KV cache for a plain MiniCPM, else by full forward passes (a sharded model's
+    hooks must run)."""
+    from minicpm.infer.generate import generate
+    from minicpm.model.transformer import MiniCPM
+
+    if isinstance(model, MiniCPM) and not type(model).__name__.startswith("FSDP"):
+        return list(generate(model, ids, max_new_tokens=max_new_tokens, temperature=0))
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     out = []
