@@ -577,6 +577,8 @@ def register_long_context_commands(sub) -> None:
                    help="share of long data in the mix (default %(default)s, MiniCPM-128K's 44/56)")
     p.add_argument("--synthetic-documents", type=int, default=1000,
                    help="synthetic long examples generated (default %(default)s)")
+    p.add_argument("--synthetic-tasks", default="passkey,kv,file_qa", metavar="T1,T2",
+                   help="synthetic tasks, taken in turn (default %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the source run's, else 0.01)")
     p.add_argument("--device", default="auto", help="where training will run, for the memory check (default auto)")
     p.add_argument("--memory", default=None, metavar="SIZE",
@@ -605,7 +607,8 @@ def register_long_context_commands(sub) -> None:
             args.checkpoint, args.out, to_length=args.to_length, method=args.method, base=args.base,
             factor=args.factor, stages=args.stages, steps_per_stage=args.steps_per_stage,
             tokens_per_step=args.tokens_per_step, micro_batch_size=args.micro_batch_size, long_data=args.long_data,
-            short_data=short, long_share=args.long_share, synthetic_documents=args.synthetic_documents, lr=args.lr,
+            short_data=short, long_share=args.long_share, synthetic_documents=args.synthetic_documents,
+            synthetic_tasks=args.synthetic_tasks.split(","), lr=args.lr,
             device=args.device, memory=parse_memory(args.memory) if args.memory else None, dtype=args.dtype,
             activation_checkpointing=args.activation_checkpointing, tokenizer=args.tokenizer, seed=args.seed,
             overwrite=args.overwrite)

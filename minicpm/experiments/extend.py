@@ -232,12 +232,13 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
                       base: float | None = None, factor: float | None = None, stages: Sequence[int] | None = None,
                       steps_per_stage: int = 100, tokens_per_step: int | None = None, micro_batch_size: int = 1,
                       long_data: Sequence[str] = (), short_data: dict[str, float] | None = None,
-                      long_share: float = LONG_SHARE, synthetic_documents: int = 1000, lr: float | None = None,
+                      long_share: float = LONG_SHARE, synthetic_documents: int = 1000,
+                      synthetic_tasks: Sequence[str] | None = None, lr: float | None = None,
                       device: str = "auto", memory: int | None = None, dtype: str = "bf16",
                       activation_checkpointing: str = "block", tokenizer: str | Path | None = None,
                       seed: int = 0, overwrite: bool = False) -> ExtendResult:
     """See the module docstring. Every check runs before anything is written; OUT appears whole (one rename)."""
-    from minicpm.data.synthetic_long import write_synthetic_dataset
+    from minicpm.data.synthetic_long import TASKS, write_synthetic_dataset
     from minicpm.files import atomic_directory, write_atomic
     from minicpm.infer.tokenizer import find_tokenizer
     from minicpm.interop.hf import read_checkpoint, save_state
@@ -250,6 +251,10 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
     if is_sharded(source):
         raise MiniCPMError(f"{source}: a sharded checkpoint; gather it first with "
                            f"`minicpm export {source} --to minicpm --out DIR`")
+    tasks = list(synthetic_tasks or TASKS)
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise MiniCPMError(f"--synthetic-tasks {unknown[0]!r}: expected some of {', '.join(TASKS)}")
     if not 0 < long_share < 1:
         raise MiniCPMError(f"--long-share {long_share}: must be in (0, 1)")
     if steps_per_stage < 1 or micro_batch_size < 1:
@@ -293,9 +298,11 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
         save_state(new_config, untie_head(state, config), tmp / "model", extra_files=extra)
         result = ExtendResult(out, out / "model", new_config, from_length, stages, None, None, estimate)
         if train:
-            lengths = sorted({from_length, *stages})
+            # examples of every stage length, and some a little longer than N: held-out long documents for the
+            # loss_by_position evaluator (training cuts them into windows like any long document)
+            lengths = sorted({from_length, *stages, to_length + 16})
             write_synthetic_dataset(tokenizer_file, tmp / "data" / "synthetic", documents=synthetic_documents,
-                            lengths=lengths, seed=seed)
+                            lengths=lengths, tasks=tasks, seed=seed)
             long_sets = [*map(str, long_data), str(out / "data" / "synthetic")]
             train_cfg = _train_config(out, tokenizer_file.name, _mix(long_sets, short_data, long_share), lr=lr,
                                       seq_len=to_length, steps=steps_per_stage, tokens_per_step=tokens_per_step,
