@@ -484,6 +484,166 @@ def register_eval_commands(sub) -> None:
         return 0
 
     p.set_defaults(handler=tasks)
+    add_long_context_eval_commands(esub)
+
+
+# ---------------------------------------------------------------- long context: eval loss, eval passkey, extend
+
+def add_long_context_eval_commands(esub) -> None:
+    """eval loss, eval passkey (long-context issue), under the `eval` group."""
+    from minicpm.interop.formats import WEIGHT_DTYPES
+
+    p = esub.add_parser("loss", help="total and per-token NLL of a text file (compare with other runtimes)",
+                        description="Encode FILE with the checkpoint's tokenizer (no BOS added), run one forward "
+                                    "pass and print the summed and mean negative log-likelihood in nats of tokens "
+                                    "1..n-1; with --per-token also each token's.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint, run or official HF model directory")
+    p.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text file to score")
+    p.add_argument("--per-token", action="store_true", help="also print each token's NLL")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside CHECKPOINT)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weights dtype (default %(default)s)")
+
+    def loss(args) -> int:
+        import json
+
+        from minicpm.eval.token_loss import format_text_loss, text_loss
+
+        result, codec = text_loss(args.checkpoint, args.text, tokenizer=args.tokenizer, device=args.device,
+                                  dtype=args.dtype)
+        if args.json:
+            print(json.dumps(result.as_dict(per_token=args.per_token, decode=codec.decode)))
+        else:
+            print(format_text_loss(result, per_token=args.per_token, decode=codec.decode))
+        return 0
+
+    p.set_defaults(handler=loss)
+
+    p = esub.add_parser("passkey", help="passkey retrieval accuracy over lengths and depths: heatmap PNG + JSON",
+                        description="Hide a random key in [1, 50000] in noise text (Landmark Attention's prompt) at "
+                                    "each depth of prompts of each length, decode greedily, and count a trial right "
+                                    "when the first integer written is the key. Writes OUT/passkey.json and "
+                                    "OUT/passkey.png (accuracy, length against depth).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint, run or official HF model directory")
+    p.add_argument("--lengths", type=int, nargs="+", required=True, metavar="N", help="prompt lengths in tokens")
+    p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], metavar="D",
+                   help="needle depths as fractions of the noise (default 0 0.25 0.5 0.75 1)")
+    p.add_argument("--trials", type=int, default=4, help="keys per cell (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the keys (default %(default)s)")
+    p.add_argument("--out", default="passkey", help="directory for passkey.json and passkey.png (default %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside CHECKPOINT)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weights dtype (default %(default)s)")
+
+    def passkey(args) -> int:
+        from minicpm.eval.passkey import evaluate_passkey_checkpoint, write_passkey_report
+
+        result = evaluate_passkey_checkpoint(args.checkpoint, lengths=args.lengths, depths=args.depths,
+                                             trials=args.trials, seed=args.seed, tokenizer=args.tokenizer,
+                                             device=args.device, dtype=args.dtype)
+        for n, accuracy in result.by_length().items():
+            print(f"length {n}: passkey accuracy {accuracy:.1%}")
+        print(f"mean: {result.mean:.1%}")
+        for path in write_passkey_report(result, args.out, title=f"passkey: {args.checkpoint}"):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+
+    p.set_defaults(handler=passkey)
+
+
+def register_long_context_commands(sub) -> None:
+    """extend, curriculum (long-context issue)."""
+    from minicpm.experiments.extend_options import LONG_SHARE, METHODS
+
+    p = sub.add_parser("extend", help="extend a checkpoint's context: untie the head, new RoPE, a training plan",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Write OUT/model (head untied, logits unchanged; the new RoPE and "
+                                   "max_position_embeddings), OUT/data/synthetic (passkey, key-value and\nfile "
+                                   "questions), OUT/train.yaml (one run at the new length, weights-only start) and "
+                                   "OUT/curriculum.yaml (sequence-length stages), e.g.\n"
+                                   "  minicpm extend runs/stable --to-length 1024 --method yarn --out ext\n"
+                                   "  minicpm curriculum ext/curriculum.yaml\n"
+                                   "Methods: abf (rope_theta = --base), ntk (static NTK-aware base), yarn, dynamic "
+                                   "(inference-time NTK; no training planned).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint or run directory (its latest checkpoint)")
+    p.add_argument("--to-length", type=int, required=True, metavar="N", help="the new context length in tokens")
+    p.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--base", type=float, default=None, help="abf: the new rope_theta (default theta*s^(d/(d-2)))")
+    p.add_argument("--factor", type=float, default=None, help="scaling factor s > 1 (default N / trained length)")
+    p.add_argument("--out", required=True, help="new directory for the model, data and configs")
+    p.add_argument("--stages", type=lambda t: [int(x) for x in t.split(",")], default=None, metavar="N1,N2,..",
+                   help="curriculum lengths, increasing, ending at N (default: N/2,N when N/2 exceeds the trained "
+                        "length, else N)")
+    p.add_argument("--steps-per-stage", type=int, default=100, help="optimizer steps per stage (default %(default)s)")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per step (default max(8N, 8192))")
+    p.add_argument("--micro-batch-size", type=int, default=1,
+                   help="sequences of N tokens per forward pass; checked against memory (default %(default)s)")
+    p.add_argument("--long-data", nargs="*", default=[], metavar="DIR",
+                   help="prepared long-document datasets besides the synthetic one")
+    p.add_argument("--short-data", nargs="*", default=None, metavar="DIR[:WEIGHT]",
+                   help="short-context datasets (default: the source run's data.stable)")
+    p.add_argument("--long-share", type=float, default=LONG_SHARE,
+                   help="share of long data in the mix (default %(default)s, MiniCPM-128K's 44/56)")
+    p.add_argument("--synthetic-documents", type=int, default=1000,
+                   help="synthetic long examples generated (default %(default)s)")
+    p.add_argument("--synthetic-tasks", default="passkey,kv,file_qa", metavar="T1,T2",
+                   help="synthetic tasks, taken in turn (default %(default)s)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: the source run's, else 0.01)")
+    p.add_argument("--device", default="auto", help="where training will run, for the memory check (default auto)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="memory to plan for, e.g. 80GB (default: the device's)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="training precision assumed by the memory check (default %(default)s)")
+    p.add_argument("--activation-checkpointing", choices=("none", "block", "selective"), default="block",
+                   help="parallel.activation_checkpointing of the training config (default %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside CHECKPOINT)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and the runs (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+    def extend(args) -> int:
+        from minicpm.experiments.extend import extend_checkpoint, parse_memory
+
+        short = None
+        if args.short_data is not None:
+            short = {}
+            for item in args.short_data:
+                path, _, weight = item.partition(":")
+                try:
+                    short[path] = float(weight) if weight else 1.0
+                except ValueError:
+                    raise MiniCPMError(f"--short-data {item!r}: expected DIR or DIR:WEIGHT") from None
+        result = extend_checkpoint(
+            args.checkpoint, args.out, to_length=args.to_length, method=args.method, base=args.base,
+            factor=args.factor, stages=args.stages, steps_per_stage=args.steps_per_stage,
+            tokens_per_step=args.tokens_per_step, micro_batch_size=args.micro_batch_size, long_data=args.long_data,
+            short_data=short, long_share=args.long_share, synthetic_documents=args.synthetic_documents,
+            synthetic_tasks=args.synthetic_tasks.split(","), lr=args.lr,
+            device=args.device, memory=parse_memory(args.memory) if args.memory else None, dtype=args.dtype,
+            activation_checkpointing=args.activation_checkpointing, tokenizer=args.tokenizer, seed=args.seed,
+            overwrite=args.overwrite)
+        print(result.summary())
+        return 0
+
+    p.set_defaults(handler=extend)
+
+    p = sub.add_parser("curriculum", help="train a sequence-length curriculum (written by minicpm extend)",
+                       description="Train each stage of CURRICULUM in order, each an ordinary run starting from the "
+                                   "weights of the previous stage's final checkpoint; finished stages are skipped "
+                                   "and a started one resumes, so the same command continues an interrupted "
+                                   "curriculum.")
+    p.add_argument("curriculum", metavar="CURRICULUM", help="curriculum.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides of its training config")
+
+    def curriculum(args) -> int:
+        from minicpm.experiments.extend import run_curriculum
+
+        for result in run_curriculum(args.curriculum, args.overrides):
+            if result.is_main:
+                print(result.summary())
+        return 0
+
+    p.set_defaults(handler=curriculum)
 
 
 # ---------------------------------------------------------------- MoE: upcycle
@@ -691,6 +851,7 @@ REGISTER = [
     register_eval_commands,
     register_moe_commands,
     register_windtunnel_commands,
+    register_long_context_commands,
 ]
 
 

@@ -71,6 +71,8 @@ register_evaluator = EVALUATORS.register
 def _builtin() -> None:
     importlib.import_module("minicpm.eval.loss")  # registers "heldout"
     importlib.import_module("minicpm.eval.task_runner")  # registers "lm_eval" (lm-eval itself loads when it runs)
+    importlib.import_module("minicpm.eval.passkey")  # registers "passkey"
+    importlib.import_module("minicpm.eval.position_loss")  # registers "loss_by_position"
 
 
 @dataclass(frozen=True)
