@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minicpm.errors import MiniCPMError
@@ -224,10 +224,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError: its first line names the line and column
             raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, DictConfig):
+            raise MiniCPMError(f"{path}: expected a mapping of config sections (data:, model:, optim:, ...), "
+                               f"got a list")
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise _omegaconf_error(str(path), e) from None
+        except (TypeError, ValueError) as e:  # OmegaConf: a list where a mapping belongs, e.g. data.stable
+            raise MiniCPMError(f"{path}: {_list_for_mapping(merged, loaded) or 'a value'} is a list where the "
+                               f"config expects a mapping ({str(e).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item:
             raise MiniCPMError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
@@ -241,6 +247,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         raise _omegaconf_error(str(path or "config"), e) from None
     validate(cfg)
     return cfg
+
+
+def _list_for_mapping(default, loaded, prefix: str = "") -> str | None:
+    """The dotted key at which `loaded` holds a list where `default` holds a mapping (OmegaConf's TypeError names
+    none)."""
+    for key, value in loaded.items_ex(resolve=False) if isinstance(loaded, DictConfig) else ():
+        name = f"{prefix}{key}"
+        known = default.get(key) if isinstance(default, DictConfig) and key in default else None
+        if isinstance(known, DictConfig) or (known is None and isinstance(default, DictConfig)
+                                             and OmegaConf.get_type(default, str(key)) is dict):
+            if not isinstance(value, DictConfig):
+                return name
+            if (inner := _list_for_mapping(known, value, name + ".")) is not None:
+                return inner
+    return None
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

@@ -16,7 +16,7 @@ from train_helpers import PatternData, tiny_config
 from minicpm.errors import MiniCPMError
 from minicpm.train.integrity import CHUNK_BYTES, file_digests, safe_relative, sha256_file, verify_digests
 from minicpm.train.state_schema import check_trainer_state
-from minicpm.train.trainer import train
+from minicpm.train.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def checkpoint(tmp_path_factory):
     try:
         with pytest.MonkeyPatch.context() as patch:
             # MFU's peak is measured with 2048^3 bf16 matmuls, minutes on a busy CPU; no test here reads MFU
-            patch.setattr("minicpm.train.trainer.device_peak_flops", lambda *args: 1e12)
+            patch.setattr("minicpm.train.loop.device_peak_flops", lambda *args: 1e12)
             cfg = tiny_config(tmp_path_factory.mktemp("run") / "run", "schedule.total_steps=3",
                               "schedule.decay_start=2")
             return train(cfg, data=PatternData(cfg.schedule.resolve())).checkpoint
@@ -188,8 +188,9 @@ def mutate(state, field, value):
     ("world_size", 0, "world_size is 0"),
     ("data", [], "data must be an object"),
     ("interval", 3, "interval must be an object"),
-    ("interval.loss_sum", "nan", "interval.loss_sum must be a finite number"),
-    ("interval.loss_sum", float("inf"), "interval.loss_sum must be a finite number"),
+    ("interval.sums.loss", "nan", "interval.sums.loss must be a finite number"),
+    ("interval.sums", [], "interval.sums must be an object"),
+    ("interval.sums.loss", float("inf"), "interval.sums.loss must be a finite number"),
     ("interval.steps", -1, "interval.steps is -1"),
     ("interval.surprise", 1, "interval.surprise is not one of"),
     ("rng", "seed", "rng must be an object"),

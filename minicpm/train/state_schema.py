@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,7 +18,6 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.train.integrity import check_manifest
-from minicpm.train.metrics import IntervalStats
 
 MT19937_WORDS = 624  # Mersenne Twister state: 624 32-bit words and a position (Python adds it as a 625th)
 _WORD = 1 << 32
@@ -71,16 +69,32 @@ def _integer(value: object, field: str, minimum: int, fail, maximum: int | None 
 
 
 def _check_interval(interval: object, fail) -> None:
+    """IntervalStats.state_dict(): {"sums": {name: finite number}, "steps": int, "skipped": int} (checkpoints written
+    before named metrics hold loss_sum and grad_norm_sum instead of sums)."""
     if not isinstance(interval, Mapping):
         fail("interval", f"must be an object, got {_kind(interval)}")
-    fields = {f.name: f.type for f in dataclasses.fields(IntervalStats)}
+    legacy = "sums" not in interval
+    allowed = ("loss_sum", "grad_norm_sum", "steps", "skipped") if legacy else ("sums", "steps", "skipped")
+    for key in ("steps", "skipped", *(("loss_sum", "grad_norm_sum") if legacy else ())):
+        if key not in interval:
+            fail("interval", f"has no '{key}'")
     for key, value in interval.items():
-        if key not in fields:
-            fail(f"interval.{key}", f"is not one of {', '.join(fields)}")
-        if fields[key] in (int, "int"):
+        if key not in allowed:
+            fail(f"interval.{key}", f"is not one of {', '.join(allowed)}")
+        if key in ("steps", "skipped"):
             _integer(value, f"interval.{key}", 0, fail)
-        elif not (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)):
+        elif key == "sums":
+            if not isinstance(value, Mapping):
+                fail("interval.sums", f"must be an object of metric sums, got {_kind(value)}")
+            for name, total in value.items():
+                if not _finite(total):
+                    fail(f"interval.sums.{name}", f"must be a finite number, got {total!r}")
+        elif not _finite(value):
             fail(f"interval.{key}", f"must be a finite number, got {value!r}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_rng(rng: object, fail) -> None:
