@@ -393,6 +393,9 @@ def model_config(cfg: TrainConfig, vocab_size: int | None = None, base: ModelCon
         model = dataclasses.replace(base, **overrides)
     except MiniCPMError as e:
         raise MiniCPMError(str(e).replace("model config: ", "model.", 1)) from None
+    if vocab_size is not None and model.vocab_size < vocab_size:
+        raise MiniCPMError(f"model.vocab_size {model.vocab_size} is smaller than the tokenizer's vocabulary "
+                           f"({vocab_size}, data.tokenizer): its ids would index past the embedding")
     if cfg.batch.seq_len > model.max_position_embeddings:
         raise MiniCPMError(f"batch.seq_len ({cfg.batch.seq_len}) exceeds model.max_position_embeddings "
                            f"({model.max_position_embeddings})")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -38,6 +40,10 @@ def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, 
         raise MiniCPMError("generate: the prompt is empty (encode at least one token, e.g. the BOS id)")
     if not 0.0 < top_p <= 1.0:
         raise MiniCPMError(f"generate: top_p {top_p} is not in (0, 1]")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise MiniCPMError(f"generate: temperature {temperature} is not a finite number >= 0 (0 is greedy)")
+    if max_new_tokens < 0:
+        raise MiniCPMError(f"generate: max_new_tokens {max_new_tokens} is negative")
     vocab = model.config.vocab_size
     if max(prompt_ids) >= vocab or min(prompt_ids) < 0:
         raise MiniCPMError(f"generate: prompt token id {max(prompt_ids)} is outside the model's vocabulary ({vocab})")

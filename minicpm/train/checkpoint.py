@@ -22,6 +22,7 @@ import base64
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,13 @@ def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: t
 
     final = run.checkpoint_dir(step)
     tmp = temporary_directory_for(final, name=run.temporary_checkpoint_name(step))
-    write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    write_atomic(tmp / STATE_FILE, json.dumps(_with_manifest(trainer_state, tmp), indent=1) + "\n")
+    try:
+        write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_atomic(tmp / STATE_FILE, json.dumps(_with_manifest(trainer_state, tmp), indent=1) + "\n")
+    except BaseException:  # e.g. ENOSPC: the half-written checkpoint goes, the previous one stays the newest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(run, tmp, final, keep_last)
     return final
 

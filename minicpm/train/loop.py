@@ -78,6 +78,8 @@ class Trainer:
         self.data = data if data is not None else PretrainData(
             cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len, seed=cfg.run.seed,
             tokenizer_hash=self.tokenizer_hash)
+        if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
+            self.data.check_token_ids(self.model_config.vocab_size)
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
         self.step = 0
         self.tokens = 0
@@ -150,6 +152,11 @@ class Trainer:
             progress.close()
             if writer is not None:
                 writer.close()
+        if self.bad_steps:  # the last steps were skipped: the weights are not what the schedule asked for
+            raise MiniCPMError(
+                f"the run ended on {self.bad_steps} skipped step(s) with a NaN/Inf loss or gradient (steps "
+                f"{self.step - self.bad_steps + 1}..{self.step}); no checkpoint was written after them. Last good "
+                f"checkpoint: {self.run.latest_checkpoint() or 'none written'}")
         return TrainResult(self.run.path, self.step, self.tokens, last_train, last_eval,
                            saved or self.run.latest_checkpoint(), is_main=main)
 
