@@ -62,7 +62,7 @@ def test_a_yaml_whose_top_level_is_a_list_is_one_line(tmp_path):
 
 def test_a_non_utf8_table_is_one_line(tmp_path):
     (tmp_path / "runs.csv").write_bytes(b"params,tokens,loss\n1e6,2e7,3.\xff\n")
-    assert_one_line(minicpm("scaling", "fit", "runs.csv", cwd=tmp_path))
+    assert_one_line(minicpm("scaling", "fit", "runs.csv", cwd=tmp_path), "runs.csv: not UTF-8 text (byte 29)")
 
 
 def test_out_naming_an_existing_file_is_one_line(tmp_path, datasets):
