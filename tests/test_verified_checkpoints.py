@@ -119,3 +119,17 @@ def test_a_trainer_state_of_the_wrong_type_or_range_is_one_line(run_copy, field,
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(MiniCPMError, match=expected):
         ckpt.resolve_verified(checkpoint)
+
+
+def test_a_weights_only_start_or_an_export_of_a_damaged_checkpoint_is_one_line(run_copy):
+    from minicpm.model.transformer import MiniCPM
+
+    named = run_copy / "checkpoints/step_00000006"
+    flip_byte(named / "model.safetensors")
+    model = MiniCPM(ckpt.source_model_config(named))
+    with pytest.raises(MiniCPMError, match="model.safetensors: SHA-256 differs"):
+        ckpt.load_weights_only(named, model)
+    with pytest.raises(MiniCPMError, match="SHA-256 differs"):
+        ckpt.consolidate(named)
+    # a weights-only start from the run directory takes its newest checkpoint that verifies
+    assert ckpt.resolve_verified_weights(run_copy).name == "step_00000003"
