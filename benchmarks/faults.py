@@ -281,16 +281,18 @@ def full_disk(work: Path, recipe: Path, tally: Tally, reference: str) -> None:
 
 def second_writer(work: Path, recipe: Path, tally: Tally) -> None:
     out = work / "two_writers"
-    first = subprocess.Popen([sys.executable, "-m", "minicpm", "train", str(recipe), "--out", str(out)], cwd=work,
-                             env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    long_run = ["schedule.total_steps=1000000", "schedule.decay_start=999990"]  # still training when the second comes
+    first = subprocess.Popen([sys.executable, "-m", "minicpm", "train", str(recipe), *long_run, "--out", str(out)],
+                             cwd=work, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tally.commands += 1
     for line in first.stdout:
         if line.startswith("step 1 "):
             break
-    second = minicpm(tally, "train", recipe, "--out", out, "--resume", cwd=work)
+    second = minicpm(tally, "train", recipe, *long_run, "--out", out, "--resume", cwd=work)
+    still_running = first.poll() is None
     first.send_signal(signal.SIGKILL)
     first.wait()
-    tally.second_writer_refused = second.returncode == 2 and "another process" in second.stderr
+    tally.second_writer_refused = still_running and second.returncode == 2 and "another process" in second.stderr
 
 
 # ------------------------------------------------------------------------------------------ the run

@@ -232,6 +232,8 @@ class Trainer:
         if own is not None:
             self._load(own, own_state)
             announce = f"resuming {own} at step {self.step}"
+            if self.dist.is_main and run.latest_pointer()[0] != own:
+                run.set_latest(own)  # a damaged newer checkpoint or a bad pointer: `latest` names what verified
         elif cfg.run.init_from:
             source, state = ckpt.resolve_verified(cfg.run.init_from, self._warn)
             if _inside(source, run.path):
