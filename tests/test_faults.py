@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ from minicpm.train import checkpoint as ckpt
 pytestmark = pytest.mark.faults  # runs by default (and in CI); `-m "not faults"` leaves it out
 
 BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks/faults.py"
-_spec = importlib.util.spec_from_file_location("faults", BENCHMARK)
-faults = importlib.util.module_from_spec(_spec)
+_spec = importlib.util.spec_from_file_location("minicpm_faults_benchmark", BENCHMARK)
+faults = sys.modules["minicpm_faults_benchmark"] = importlib.util.module_from_spec(_spec)  # dataclasses need it
 _spec.loader.exec_module(faults)
 
 
