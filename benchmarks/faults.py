@@ -339,20 +339,20 @@ def main() -> None:
 
 def report(tally: Tally, seed: int, seconds: float) -> None:
     print(f"\nfault injection: {tally.commands} CLI processes, seed {seed}, {seconds:.0f} s\n")
-    print(f"{'figure':<52} {'result':>12}")
+    print(f"{'figure':<60} {'result':>12}")
     for kind, survived in tally.kills.items():
-        print(f"{'SIGKILLs of ' + kind + ' survived bit-identically':<52} {sum(survived):>5} of {len(survived):<4}")
-    print(f"{'SIGKILLs of a sweep':<52} {'n/a':>12}  (no sweep engine exists yet)")
+        print(f"{'SIGKILLs of ' + kind + ' survived bit-identically':<60} {sum(survived):>5} of {len(survived):<4}")
+    print(f"{'SIGKILLs of a sweep':<60} {'n/a':>12}  (no sweep engine exists yet)")
     outcomes = list(tally.corruption.values())
     caught = sum(o in ("fallback", "one line") for o in outcomes)
-    print(f"{'corruption cases caught (fallback or one line)':<52} {caught:>5} of {len(outcomes):<4}")
-    print(f"{'  of which: fallback to an older checkpoint':<52} {outcomes.count('fallback'):>5}")
-    print(f"{'  of which: refused in one line':<52} {outcomes.count('one line'):>5}")
-    print(f"{'  silent':<52} {outcomes.count('silent'):>5}")
+    print(f"{'corruption cases caught (fallback or one line)':<60} {caught:>5} of {len(outcomes):<4}")
+    print(f"{'  of which: fallback to an older checkpoint':<60} {outcomes.count('fallback'):>5}")
+    print(f"{'  of which: refused in one line':<60} {outcomes.count('one line'):>5}")
+    print(f"{'  silent':<60} {outcomes.count('silent'):>5}")
     for check, ok in tally.full_disk.items():
-        print(f"{'full disk (ENOSPC injected): ' + check:<52} {'yes' if ok else 'NO':>12}")
-    print(f"{'second trainer on one run directory refused':<52} {'yes' if tally.second_writer_refused else 'NO':>12}")
-    print(f"{'Python tracebacks':<52} {tally.tracebacks:>12}")
+        print(f"{'full disk (ENOSPC injected): ' + check:<60} {'yes' if ok else 'NO':>12}")
+    print(f"{'second trainer on one run directory refused':<60} {'yes' if tally.second_writer_refused else 'NO':>12}")
+    print(f"{'Python tracebacks':<60} {tally.tracebacks:>12}")
     bad = {case: o for case, o in tally.corruption.items() if o not in ("fallback", "one line")}
     for case, outcome in bad.items():
         print(f"  not caught: {case} -> {outcome}")
