@@ -868,6 +868,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="minicpm", description="Train small language models with the MiniCPM recipe.")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an unexpected error, print its traceback (also: MINICPM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for register in REGISTER:
         register(sub)
@@ -875,20 +877,78 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. Every failure is one line on stderr and a non-zero exit: 2 for bad input or a failing
+    file system (the project's errors, OSError, undecodable text), 1 for an unexpected error (its traceback with
+    --debug or MINICPM_DEBUG=1), 130 for an interrupt. Temporary files are removed by the writers themselves
+    (write_atomic, atomic_directory, the checkpoint writer) as the exception passes."""
+    import os
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    debug = args.debug or os.environ.get("MINICPM_DEBUG", "") not in ("", "0")
+    lead = f"minicpm {args.command}"
     try:
         result = args.handler(args)
     except MiniCPMError as e:
-        print(f"minicpm {args.command}: error: {e}", file=sys.stderr)
+        print(f"{lead}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"minicpm {args.command}: interrupted", file=sys.stderr)
+        print(f"{lead}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"{lead}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
+    except UnicodeError as e:
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"{lead}: error: a file is not {getattr(e, 'encoding', 'utf-8')} text "
+              f"({_one_line(getattr(e, 'reason', str(e)))} at byte {getattr(e, 'start', '?')})", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001  (an unexpected error: one line, the traceback on request)
+        if debug:
+            import traceback
+            traceback.print_exc()
+        print(f"{lead}: internal error: {type(e).__name__}: {_one_line(str(e)) or 'no message'} "
+              f"(rerun with --debug or MINICPM_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1
     return int(result or 0)
+
+
+_OS_HINTS = {
+    "ENOSPC": "no space left on the device; free some and rerun (what was written before is intact)",
+    "EDQUOT": "disk quota exceeded; free some space and rerun",
+    "EEXIST": "already exists; choose another name or remove it",
+    "EACCES": "permission denied",
+    "EPERM": "operation not permitted",
+    "EISDIR": "is a directory, a file was expected",
+    "ENOTDIR": "is not a directory (or a file stands where a directory is needed)",
+    "ENOENT": "no such file or directory",
+    "EROFS": "read-only file system",
+    "ENAMETOOLONG": "file name too long",
+    "EMFILE": "too many open files",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+    """An OSError as one line naming the file(s) and what went wrong in words a user can act on."""
+    import errno as errno_names
+
+    code = errno_names.errorcode.get(e.errno or 0, "")
+    what = _OS_HINTS.get(code) or (e.strerror or _one_line(str(e)) or type(e).__name__)
+    files = " -> ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+    return f"{files}: {what}" if files else what
+
+
+def _one_line(text: str) -> str:
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[0] if lines else ""
 
 
 if __name__ == "__main__":

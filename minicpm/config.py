@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from minicpm.errors import MiniCPMError
@@ -226,10 +226,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
             loaded = OmegaConf.load(path)
         except Exception as e:  # yaml.YAMLError: its first line names the line and column
             raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(loaded, DictConfig):
+            raise MiniCPMError(f"{path}: expected a mapping of config sections (data:, model:, optim:, ...), "
+                               f"got a list")
         try:
             merged = OmegaConf.merge(merged, loaded)
         except OmegaConfBaseException as e:
             raise _omegaconf_error(str(path), e) from None
+        except (TypeError, ValueError) as e:  # OmegaConf: a list where a mapping belongs, e.g. data.stable
+            raise MiniCPMError(f"{path}: {_list_for_mapping(merged, loaded) or 'a value'} is a list where the "
+                               f"config expects a mapping ({str(e).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item:
             raise MiniCPMError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
@@ -243,6 +249,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         raise _omegaconf_error(str(path or "config"), e) from None
     validate(cfg)
     return cfg
+
+
+def _list_for_mapping(default, loaded, prefix: str = "") -> str | None:
+    """The dotted key at which `loaded` holds a list where `default` holds a mapping (OmegaConf's TypeError names
+    none)."""
+    for key, value in loaded.items_ex(resolve=False) if isinstance(loaded, DictConfig) else ():
+        name = f"{prefix}{key}"
+        known = default.get(key) if isinstance(default, DictConfig) and key in default else None
+        if isinstance(known, DictConfig) or (known is None and isinstance(default, DictConfig)
+                                             and OmegaConf.get_type(default, str(key)) is dict):
+            if not isinstance(value, DictConfig):
+                return name
+            if (inner := _list_for_mapping(known, value, name + ".")) is not None:
+                return inner
+    return None
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:
@@ -374,6 +395,9 @@ def model_config(cfg: TrainConfig, vocab_size: int | None = None, base: ModelCon
         model = dataclasses.replace(base, **overrides)
     except MiniCPMError as e:
         raise MiniCPMError(str(e).replace("model config: ", "model.", 1)) from None
+    if vocab_size is not None and model.vocab_size < vocab_size:
+        raise MiniCPMError(f"model.vocab_size {model.vocab_size} is smaller than the tokenizer's vocabulary "
+                           f"({vocab_size}, data.tokenizer): its ids would index past the embedding")
     if cfg.batch.seq_len > model.max_position_embeddings:
         raise MiniCPMError(f"batch.seq_len ({cfg.batch.seq_len}) exceeds model.max_position_embeddings "
                            f"({model.max_position_embeddings})")

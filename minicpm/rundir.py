@@ -134,6 +134,30 @@ class RunDir:
         found = self.list_checkpoints()
         return found[-1] if found else None
 
+    def step_directories(self) -> list[Path]:
+        """Every RUN/checkpoints/step_N directory, complete or not, newest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [(step, p) for p in self.checkpoints_dir.iterdir() if (step := checkpoint_step(p)) is not None]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def latest_pointer(self) -> tuple[Path | None, str | None]:
+        """(the complete checkpoint `latest` names, None) or (None, what is wrong with the pointer); (None, None)
+        when there is no pointer."""
+        pointer = self.checkpoints_dir / LATEST
+        if not pointer.exists():
+            return None, None
+        try:
+            name = pointer.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            return None, f"{pointer}: unreadable ({getattr(e, 'strerror', None) or type(e).__name__})"
+        named = self.checkpoints_dir / name
+        if not _STEP_DIR.match(name):
+            return None, f"{pointer}: {name[:40]!r} is not a checkpoint name (step_N)"
+        if not is_complete(named):
+            return None, f"{pointer}: names {name}, which is not a complete checkpoint"
+        return named, None
+
     def set_latest(self, checkpoint: Path) -> None:
         write_atomic(self.checkpoints_dir / LATEST, checkpoint.name + "\n")
 

@@ -130,8 +130,6 @@ tensor_names = st.sampled_from(["model.embed_tokens.weight", "model.norm.weight"
 headers = st.dictionaries(tensor_names, tensor_entries() | json_values, max_size=4)
 
 
-@pytest.mark.xfail(reason="minicpm/interop/hf.py (_read_header, _index_checkpoint) trusts header types; "
-                          "see test_known_safetensors_header_failures", strict=False)
 @FAST
 @given(st.one_of(headers.map(lambda h: json.dumps(h).encode()), st.binary(max_size=64)), st.binary(max_size=256))
 def test_safetensors_header_reading_raises_only_minicpm_errors(scratch, header, data):
@@ -141,7 +139,7 @@ def test_safetensors_header_reading_raises_only_minicpm_errors(scratch, header, 
 
 
 EMBED = "model.embed_tokens.weight"
-KNOWN_HEADER_FAILURES = {  # each raised something other than MiniCPMError on 2026-11-30 (hf.py _read_header etc.)
+KNOWN_HEADER_FAILURES = {  # each raised something other than MiniCPMError before hf.py checked header types
     "data_offsets an integer": {EMBED: {"dtype": "F32", "shape": [512, 64], "data_offsets": 5}},
     "data_offsets null": {EMBED: {"dtype": "F32", "shape": [512, 64], "data_offsets": None}},
     "data_offsets empty": {EMBED: {"dtype": "F32", "shape": [512, 64], "data_offsets": []}},
@@ -153,10 +151,8 @@ KNOWN_HEADER_FAILURES = {  # each raised something other than MiniCPMError on 20
 }
 
 
-@pytest.mark.xfail(reason="minicpm/interop/hf.py trusts safetensors header types (on the lead's list)",
-                   strict=True)
 @pytest.mark.parametrize("case", KNOWN_HEADER_FAILURES)
-def test_known_safetensors_header_failures(scratch, case):
+def test_malformed_safetensors_headers_are_one_line_errors(scratch, case):
     from minicpm.interop.hf import read_checkpoint
 
     header = json.dumps(KNOWN_HEADER_FAILURES[case]).encode()
@@ -178,8 +174,7 @@ def real_weights(scratch) -> tuple[Path, dict, bytes]:
     return root, json.loads(raw[8:8 + n]), raw[8 + n:]
 
 
-@pytest.mark.xfail(reason="minicpm/interop/hf.py lets safetensors' SafetensorError through", strict=True)
-def test_known_failure_offsets_that_safetensors_rejects(scratch):
+def test_offsets_that_safetensors_rejects_are_one_line_errors(scratch):
     from minicpm.interop.hf import read_checkpoint
 
     _, header, data = real_weights(scratch)
@@ -191,9 +186,8 @@ KNOWN_INDEX_FAILURES = {"weight_map a list": ["model.safetensors"], "a file name
                         "a file name null": {EMBED: None}}
 
 
-@pytest.mark.xfail(reason="minicpm/interop/hf.py _weight_files trusts the index's types", strict=True)
 @pytest.mark.parametrize("case", KNOWN_INDEX_FAILURES)
-def test_known_index_failures(scratch, case):
+def test_malformed_index_is_a_one_line_error(scratch, case):
     from minicpm.interop.hf import read_checkpoint
 
     root = write_checkpoint(scratch, b"{}")
@@ -201,15 +195,12 @@ def test_known_index_failures(scratch, case):
     only_minicpm_errors(read_checkpoint, root)
 
 
-@pytest.mark.xfail(reason="minicpm/interop/hf.py follows weight_map names out of the checkpoint "
-                          "(use minicpm.train.integrity.safe_relative)", strict=True)
 @pytest.mark.parametrize("kind", ["relative", "absolute"])
-def test_known_failure_index_names_leaving_the_checkpoint_are_followed(scratch, kind):
+def test_index_names_leaving_the_checkpoint_are_refused(scratch, kind):
     from minicpm.interop.hf import read_checkpoint
 
     elsewhere, header, data = real_weights(scratch)
-    root = elsewhere.parent / "checkpoint"
-    root.mkdir()
+    root = scratch()
     (root / "config.json").write_text(json.dumps(TINY))
     target = str(elsewhere / "w.safetensors") if kind == "absolute" else f"../{elsewhere.name}/w.safetensors"
     weight_map = {k: target for k in header if k != "__metadata__"}
@@ -225,7 +216,7 @@ def config_sections():
 
     default = TrainConfig()
     return {f.name: [g.name for g in dataclasses.fields(getattr(default, f.name))] for f in dataclasses.fields(default)
-            if dataclasses.is_dataclass(getattr(default, f.name))}
+            if dataclasses.is_dataclass(getattr(default, f.name))}  # evaluators is a list of sections
 
 
 SECTIONS = config_sections()
@@ -243,11 +234,6 @@ def config_documents(draw):
     return doc
 
 
-# a known failure of minicpm/config.py (on the lead's list): OmegaConf.merge raises TypeError where a list stands
-# for a mapping (the top level, a section, data.stable); drop this tolerance once load_config refuses it in one line
-KNOWN_CONFIG_FAILURE = "Cannot merge incompatible container types"
-
-
 @FAST
 @given(st.one_of(config_documents().map(lambda d: yaml.safe_dump(d, allow_unicode=True)), st.text(max_size=80)))
 @example("42\n")
@@ -261,17 +247,11 @@ def test_load_config_raises_only_minicpm_errors(scratch, text):
 
     path = scratch() / "config.yaml"
     path.write_text(text, encoding="utf-8")
-    try:
-        only_minicpm_errors(load_config, path)
-    except TypeError as e:
-        if KNOWN_CONFIG_FAILURE not in str(e):
-            raise
+    only_minicpm_errors(load_config, path)
 
 
-@pytest.mark.xfail(reason="minicpm/config.py: OmegaConf.merge raises TypeError for a list (on the lead's list)",
-                   strict=True)
 @pytest.mark.parametrize("text", ["- a\n- b\n", "data:\n  stable: [a, b]\n"])
-def test_known_failure_config_yaml_with_a_list_where_a_mapping_belongs(scratch, text):
+def test_config_yaml_with_a_list_where_a_mapping_belongs_is_one_line(scratch, text):
     from minicpm.config import load_config
 
     path = scratch() / "config.yaml"

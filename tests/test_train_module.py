@@ -206,9 +206,9 @@ class RecordingData(PatternData):
 def test_a_weights_only_start_begins_at_step_0_with_a_fresh_optimizer_and_its_own_data(tmp_path):
     source = train(tiny_config(tmp_path / "source", "run.dtype=fp32"),
                    data=PatternData(tiny_config(tmp_path).schedule.resolve()))
-    # the source's data state is never read: make it unreadable
+    # the source's data state is never used: make it one no data source accepts (still of the checked shape)
     state = json.loads((source.checkpoint / "trainer_state.json").read_text())
-    state["data"] = "not a data state"
+    state["data"] = {"not a data state": -1}
     (source.checkpoint / "trainer_state.json").write_text(json.dumps(state))
 
     cfg = tiny_config(tmp_path / "sft", "run.dtype=fp32", "run.log_every=1", "schedule.total_steps=3",

@@ -1,7 +1,6 @@
 """Sparse upcycling: a dense checkpoint → an MoE one whose logits at step 0 are the dense model's; the remedies for
 the flat start; the command line; and training on from the upcycled weights (a weights-only start)."""
 
-import json
 import subprocess
 import sys
 

@@ -210,6 +210,10 @@ class Mixture:
         self._streams = [_Stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
         self._credits = [0] * len(self.names)
 
+    @property
+    def datasets(self) -> list[TokenDataset]:
+        return [stream.ds for stream in self._streams]
+
     def _draw(self) -> int:
         total = sum(self._shares)
         self._credits = [c + s for c, s in zip(self._credits, self._shares)]

@@ -20,6 +20,12 @@ class DataSource(Protocol):
 
     def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]: ...
 
+    def check_token_ids(self, vocab_size: int) -> None:
+        """A sample of every dataset's ids below the model's vocabulary (before the first step, not mid-run)."""
+        for mixture in (self.stable, self.decay):
+            for dataset in (mixture.datasets if mixture is not None else ()):
+                dataset.check_token_ids(vocab_size)
+
     def stage(self, step: int) -> str:
         """The name of the training stage a step belongs to (logged with each metrics line)."""
 

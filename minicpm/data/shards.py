@@ -290,6 +290,25 @@ class TokenDataset:
     def document_lengths(self) -> np.ndarray:
         return np.diff(self.doc_starts)
 
+    def check_token_ids(self, vocab_size: int, *, sample_tokens: int = 1 << 20, windows: int = 16) -> None:
+        """Before training: the ids of a sample (`windows` contiguous windows per shard, sample_tokens in all,
+        spread from start to end) lie below the model's vocabulary; one MiniCPMError naming the shard otherwise.
+        `minicpm data verify` checks every token."""
+        recorded = self.meta["tokenizer"]["vocab_size"]
+        if recorded > vocab_size:
+            raise MiniCPMError(f"{self.path / 'meta.json'}: tokenizer.vocab_size {recorded} exceeds the model's "
+                               f"vocab_size {vocab_size}")
+        per_window = max(1, sample_tokens // max(1, windows * len(self._tokens)))
+        for shard, tokens in zip(self.meta["splits"][self.split]["shards"], self._tokens):
+            n = len(tokens)
+            for start in np.linspace(0, max(0, n - per_window), num=min(windows, max(1, n)), dtype=np.int64):
+                window = np.asarray(tokens[int(start):int(start) + per_window])
+                if window.size and int(window.max()) >= vocab_size:
+                    where = int(start) + int(window.argmax())
+                    raise MiniCPMError(f"{self.path / self.split / shard['name']}.bin: token {where} is id "
+                                       f"{int(window.max())}, not below the vocabulary size {vocab_size} "
+                                       f"(corrupt; `minicpm data verify {self.path}` checks every token)")
+
 
 def open_dataset(path: str | Path, split: str = "train") -> TokenDataset:
     """Open one split of a prepared dataset; a missing or truncated file is a MiniCPMError naming it."""

@@ -82,9 +82,11 @@ def _number(value: Any, where: str, column: str) -> float:
 def _read_records(path: Path) -> list[tuple[str, dict]]:
     """(location, record) pairs from a CSV or JSONL file."""
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MiniCPMError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise MiniCPMError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except IsADirectoryError:
         raise MiniCPMError(f"{path}: is a directory without metrics.jsonl") from None
     records: list[tuple[str, dict]] = []
@@ -281,9 +283,11 @@ def load_schedule(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
         try:
-            cfg = yaml.safe_load(path.read_text())
+            cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise MiniCPMError(f"{path}: no such file") from None
+        except UnicodeDecodeError as e:
+            raise MiniCPMError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except yaml.YAMLError as e:
             raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         return schedule_lr_from_config(cfg, str(path))

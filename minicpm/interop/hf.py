@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
@@ -65,7 +65,7 @@ class _Entry:
 
 
 def _read_header(file: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file's size."""
+    """The JSON header of a safetensors file, every entry checked for its types and against the file's size."""
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
@@ -78,23 +78,53 @@ def _read_header(file: Path) -> dict:
         raise MiniCPMError(f"{file}: no such file") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise MiniCPMError(f"{file}: not a safetensors file (its header is not JSON)") from None
+    except (ValueError, RecursionError):
+        raise MiniCPMError(f"{file}: not a safetensors file (its header is past the JSON parser's limits)") from None
     if not isinstance(header, dict):
         raise MiniCPMError(f"{file}: not a safetensors file")
     header.pop("__metadata__", None)
-    end = max((info.get("data_offsets", [0, 0])[1] for info in header.values() if isinstance(info, dict)), default=0)
+    end = 0
+    for key, info in header.items():
+        _check_header_entry(file, key, info)
+        end = max(end, info["data_offsets"][1])
     if 8 + n + end > size:
         raise MiniCPMError(f"{file}: truncated: the header describes {end} bytes of data, the file holds {size - 8 - n}")
     return header
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_header_entry(file: Path, key: str, info: object) -> None:
+    """One tensor's header entry: {"dtype": str, "shape": [int >= 0...], "data_offsets": [begin <= end]}."""
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+        raise MiniCPMError(f"{file}: not a safetensors file (bad header entry {key!r})")
+    if not isinstance(info["dtype"], str):
+        raise MiniCPMError(f"{file}: tensor {key}: dtype {info['dtype']!r} is not a string")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise MiniCPMError(f"{file}: tensor {key}: shape {shape!r} is not a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
+            and offsets[0] <= offsets[1]):
+        raise MiniCPMError(f"{file}: tensor {key}: data_offsets {offsets!r} is not [begin, end] with "
+                           f"0 <= begin <= end")
+
+
 def _weight_files(root: Path) -> list[Path]:
+    from minicpm.train.integrity import safe_relative
+
     index = root / INDEX
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise MiniCPMError(f"{index}: not a safetensors index (no 'weight_map' object)") from None
-        return [root / name for name in sorted(set(weight_map.values()))]
+        weight_map = read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise MiniCPMError(f"{index}: not a safetensors index (no 'weight_map' object)")
+        names = set()
+        for key, name in weight_map.items():
+            if not isinstance(name, str):
+                raise MiniCPMError(f"{index}: weight_map[{key!r}] is {name!r}, not a file name")
+            names.add(name)
+        return [safe_relative(root, name, where=str(index)) for name in sorted(names)]
     if (root / WEIGHTS).exists():
         return [root / WEIGHTS]
     pickled = sorted(p.name for p in root.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
@@ -153,8 +183,6 @@ def _index_checkpoint(root: Path) -> tuple[ModelConfig, dict[str, _Entry]]:
     stored: dict[str, _Entry] = {}
     for file in _weight_files(root):
         for key, info in _read_header(file).items():
-            if not isinstance(info, dict) or "dtype" not in info or "shape" not in info:
-                raise MiniCPMError(f"{file}: not a safetensors file (bad header entry {key!r})")
             if key.endswith("rotary_emb.inv_freq"):
                 continue  # a buffer some HF versions saved; RoPE is recomputed here
             if info["dtype"] not in _SAFETENSORS_DTYPES:
@@ -199,9 +227,12 @@ def _tensors(plan: Mapping[str, _Entry], device: str | torch.device = "cpu") -> 
     for key, entry in plan.items():
         by_file.setdefault(entry.file, []).append(key)
     for file, keys in by_file.items():
-        with safe_open(str(file), framework="pt", device=str(device)) as f:
-            for key in keys:
-                yield key, f.get_tensor(plan[key].key)
+        try:
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in keys:  # one tensor at a time in memory
+                    yield key, f.get_tensor(plan[key].key)
+        except SafetensorError as e:
+            raise MiniCPMError(f"{file}: not a valid safetensors file ({str(e).splitlines()[0]})") from None
 
 
 def read_checkpoint(path: PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

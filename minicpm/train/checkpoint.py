@@ -22,6 +22,7 @@ import base64
 import dataclasses
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,89 @@ from minicpm.errors import MiniCPMError
 from minicpm.files import publish_directory, read_json_object, temporary_directory_for, write_atomic
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
-from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, RunDir, is_sharded)
+from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, WEIGHTS_FILE, RunDir,
+                            checkpoint_step, is_complete, is_sharded)
 from minicpm.train.distributed import fsdp_applied
+from minicpm.train.integrity import file_digests, verify_digests
 from minicpm.train.safe_dcp import load_dcp, read_dcp_metadata
+from minicpm.train.state_schema import check_trainer_state
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    return read_json_object(Path(checkpoint) / STATE_FILE, missing="; not a complete checkpoint")
+    """trainer_state.json, checked field by field (state_schema); its file manifest is not verified here."""
+    path = Path(checkpoint) / STATE_FILE
+    return check_trainer_state(read_json_object(path, missing="; not a complete checkpoint"), path)
+
+
+def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
+    """The checked trainer state of a checkpoint whose every file matches the SHA-256 manifest in it (`files`,
+    written last); the first problem is one MiniCPMError naming the file. A checkpoint written before manifests
+    existed is only checked for completeness."""
+    checkpoint = Path(checkpoint)
+    state = read_trainer_state(checkpoint)
+    if "files" in state:
+        verify_digests(checkpoint, state["files"], source=f"{checkpoint / STATE_FILE}: files")
+    if not is_complete(checkpoint):
+        raise MiniCPMError(f"{checkpoint}: incomplete (no {WEIGHTS_FILE} or {SHARDS_DIR}/.metadata)")
+    return state
+
+
+def newest_verified(run: RunDir, warn=None) -> tuple[Path | None, dict[str, Any] | None]:
+    """The checkpoint a resume (or a branch from a run directory) starts from: the one `latest` names if it
+    verifies, else the newest that does. Each one skipped is reported through warn(message); (None, None) if the
+    run has no checkpoint directories at all; one MiniCPMError if it has some and none verifies."""
+    warn = warn or (lambda message: None)
+    pointed, problem = run.latest_pointer()
+    if problem:
+        warn(f"{problem}; looking for the newest checkpoint that verifies")
+    candidates = [pointed] if pointed else []
+    candidates += [p for p in run.step_directories() if p != pointed]
+    failures = []
+    for checkpoint in candidates:
+        try:
+            return checkpoint, verify_checkpoint(checkpoint)
+        except MiniCPMError as e:
+            failures.append(str(e))
+            warn(f"skipping checkpoint {checkpoint.name}: {e}")
+    if failures:
+        raise MiniCPMError(f"{run.checkpoints_dir}: none of its {len(failures)} checkpoint(s) verifies "
+                           f"(newest: {failures[0]})")
+    return None, None
+
+
+def resolve_verified(path: str | Path, warn=None) -> tuple[Path, dict[str, Any]]:
+    """A checkpoint named on the command line (`--from`): a checkpoint directory must verify itself (no fallback to
+    another step); a run directory gives its newest checkpoint that verifies."""
+    from minicpm.rundir import resolve_checkpoint
+
+    path = Path(path)
+    if checkpoint_step(path) is not None or (path / STATE_FILE).exists():
+        if not path.is_dir():
+            raise MiniCPMError(f"{path}: no such checkpoint directory")
+        return path, verify_checkpoint(path)
+    if RunDir(path).checkpoints_dir.is_dir():
+        checkpoint, state = newest_verified(RunDir(path), warn)
+        if checkpoint is None:
+            raise MiniCPMError(f"{path}: the run has no complete checkpoint")
+        return checkpoint, state
+    checkpoint = resolve_checkpoint(path)  # its one-line errors for anything else
+    return checkpoint, verify_checkpoint(checkpoint)
+
+
+def resolve_verified_weights(path: str | Path, warn=None) -> Path:
+    """The source of a weights-only start: a run directory gives its newest checkpoint that verifies; anything else
+    resolves as resolve_weights does (consolidate then verifies our checkpoints against their manifests)."""
+    from minicpm.rundir import has_weights, resolve_weights
+
+    path = Path(path)
+    if RunDir(path).checkpoints_dir.is_dir() and not has_weights(path):
+        return resolve_verified(path, warn)[0]
+    return resolve_weights(path)
+
+
+def _with_manifest(trainer_state: dict[str, Any], directory: Path) -> dict[str, Any]:
+    """trainer_state plus `files`: SHA-256 and size of everything written into the checkpoint before it."""
+    return {**trainer_state, "files": file_digests(directory, exclude=(STATE_FILE,))}
 
 
 def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -57,9 +134,13 @@ def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: t
 
     final = run.checkpoint_dir(step)
     tmp = temporary_directory_for(final, name=run.temporary_checkpoint_name(step))
-    write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
-    torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
-    write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+    try:
+        write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
+        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+        write_atomic(tmp / STATE_FILE, json.dumps(_with_manifest(trainer_state, tmp), indent=1) + "\n")
+    except BaseException:  # e.g. ENOSPC: the half-written checkpoint goes, the previous one stays the newest
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(run, tmp, final, keep_last)
     return final
 
@@ -94,6 +175,30 @@ def load_model_weights(checkpoint: str | Path, model: torch.nn.Module) -> None:
             tensor.copy_(state[name])
 
 
+def _read_optimizer_state(path: Path) -> dict[str, Any]:
+    """optimizer.pt through torch.load(weights_only=True) (tensors, numbers, strings and containers only: nothing in
+    it runs); a missing, truncated or foreign file is one line."""
+    import pickle
+
+    if not path.is_file():
+        raise MiniCPMError(f"{path}: missing (a training checkpoint holds its optimizer state)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, KeyError, AttributeError,
+            ImportError, IndexError, UnicodeDecodeError) as e:
+        raise MiniCPMError(f"{path}: not a readable optimizer state ({_first_line(e)})") from None
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict)
+            and isinstance(state.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in state["param_groups"])):
+        raise MiniCPMError(f"{path}: not an optimizer state_dict (state and param_groups)")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
 def _check_architecture(checkpoint: str | Path, saved: ModelConfig, ours: ModelConfig) -> None:
     differing = [k for k, v in ours.to_hf_dict().items() if k != "torch_dtype" and saved.to_hf_dict().get(k) != v]
     if differing:
@@ -105,12 +210,15 @@ def _check_architecture(checkpoint: str | Path, saved: ModelConfig, ours: ModelC
 def load_optimizer(checkpoint: str | Path, optimizer: torch.optim.Optimizer) -> None:
     """Restore the optimizer's moments and step counts; the hyper-parameters stay those of the current config."""
     path = Path(checkpoint) / OPTIMIZER_FILE
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = _read_optimizer_state(path)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     if len(state["param_groups"]) != len(current):
         raise MiniCPMError(f"{path}: {len(state['param_groups'])} parameter groups, the run has {len(current)} "
                            f"(was optim.embedding_in_2d_group changed?)")
-    optimizer.load_state_dict(state)
+    try:
+        optimizer.load_state_dict(state)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise MiniCPMError(f"{path}: does not fit the run's optimizer ({_first_line(e)})") from None
     for group, settings in zip(optimizer.param_groups, current):
         group.update(settings)
 
@@ -133,7 +241,7 @@ def save_sharded_checkpoint(run: RunDir, step: int, model: torch.nn.Module,
     if is_main:
         weights_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         dataclasses.replace(model.config, torch_dtype=weights_dtype).save(tmp / MODEL_CONFIG_FILE)
-        write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1) + "\n")
+        write_atomic(tmp / STATE_FILE, json.dumps(_with_manifest(trainer_state, tmp), indent=1) + "\n")
         _publish(run, tmp, final, keep_last)
     dist.barrier()
     return final
@@ -163,6 +271,8 @@ def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Te
     from minicpm.interop.hf import read_checkpoint
 
     checkpoint = Path(checkpoint)
+    if (checkpoint / STATE_FILE).is_file():  # one of our training checkpoints: its files must match its manifest
+        verify_checkpoint(checkpoint)
     if not is_sharded(checkpoint):
         return read_checkpoint(checkpoint)
     config = ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
@@ -253,7 +363,7 @@ def _load_whole_into_shards(checkpoint: Path, model: torch.nn.Module, optimizer:
     saved_config, weights = read_checkpoint(checkpoint)
     _check_architecture(checkpoint, saved_config, model.config)
     path = checkpoint / OPTIMIZER_FILE
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = _read_optimizer_state(path)
     if len(saved["param_groups"]) != len(optimizer.param_groups):
         raise MiniCPMError(f"{path}: {len(saved['param_groups'])} parameter groups, the run has "
                            f"{len(optimizer.param_groups)} (was optim.embedding_in_2d_group changed?)")

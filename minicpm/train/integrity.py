@@ -102,12 +102,12 @@ def safe_relative(root: str | Path, name: object, *, where: str | None = None) -
     lead = where or str(root)
     if not isinstance(name, str) or not name:
         raise MiniCPMError(f"{lead}: file name {name!r} is not a non-empty string")
-    windows = PureWindowsPath(name)
-    if "\0" in name or "\\" in name or windows.drive or windows.root:
-        raise MiniCPMError(f"{lead}: file name {name!r} is not a plain relative path")
     posix = PurePosixPath(name)
     if posix.is_absolute() or ".." in posix.parts:
         raise MiniCPMError(f"{lead}: file name {name!r} points outside {root}")
+    windows = PureWindowsPath(name)
+    if "\0" in name or "\\" in name or windows.drive or windows.root:
+        raise MiniCPMError(f"{lead}: file name {name!r} is not a plain relative path")
     path = root / posix
     inside = root.resolve()
     target = path.resolve()

@@ -5,12 +5,14 @@ phase continued from a checkpoint, or a decay branched from one (paper section 4
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 from pathlib import Path
 
 from minicpm.config import TrainConfig, load_config, validate
 from minicpm.errors import MiniCPMError
-from minicpm.rundir import RunDir, resolve_checkpoint, run_of
-from minicpm.train.checkpoint import read_trainer_state
+from minicpm.rundir import RunDir, run_of
+from minicpm.train.checkpoint import resolve_verified
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -39,7 +41,7 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
         raise MiniCPMError("--decay-steps branches a decay from a checkpoint: give --from RUN/checkpoints/step_N "
                            "(or set schedule.decay_steps for a run's own decay)")
     if init_from is not None:
-        source = resolve_checkpoint(init_from)
+        source, state = resolve_verified(init_from, _warn)  # a named checkpoint must verify; a run: its newest that does
         if not out:
             raise MiniCPMError("--from needs --out NEW_RUN: a branch or continuation gets its own run directory")
         source_run = run_of(source).path
@@ -54,7 +56,7 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
         if decay_steps is not None:
             if decay_steps <= 0:
                 raise MiniCPMError(f"--decay-steps must be positive, got {decay_steps}")
-            step = int(read_trainer_state(source)["step"])
+            step = state["step"]
             cfg.schedule = dataclasses.replace(cfg.schedule, kind="wsd", total_steps=step + decay_steps,
                                                decay_steps=decay_steps, decay_start=None)
     elif config is None:
@@ -74,3 +76,8 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
         cfg.schedule.half_life = half_life
     validate(cfg)
     return cfg
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 alone
+        print(f"warning: {message}", file=sys.stderr, flush=True)

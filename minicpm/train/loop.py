@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from minicpm.config import TrainConfig, batch_plan, import_plugins, model_config
 from minicpm.data.pretrain import DataSource, PretrainData, tokenizer_facts
 from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, Evaluator, build_evaluators
-from minicpm.rundir import RunDir, resolve_checkpoint, resolve_weights
+from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.distributed import DistInfo, has_fast_bf16, init_distributed, resolve_dtype
 from minicpm.train.metrics import IntervalStats, MetricsWriter, Progress, Throughput, device_peak_flops, format_record
@@ -77,6 +78,8 @@ class Trainer:
         self.data = data if data is not None else PretrainData(
             cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len, seed=cfg.run.seed,
             tokenizer_hash=self.tokenizer_hash)
+        if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
+            self.data.check_token_ids(self.model_config.vocab_size)
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
         self.step = 0
         self.tokens = 0
@@ -89,7 +92,7 @@ class Trainer:
         if not source or any(getattr(self.cfg.model, f.name) is not None
                              for f in dataclasses.fields(self.cfg.model)):
             return None
-        return ckpt.source_model_config(resolve_weights(source))
+        return ckpt.source_model_config(ckpt.resolve_verified_weights(source))
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -149,6 +152,11 @@ class Trainer:
             progress.close()
             if writer is not None:
                 writer.close()
+        if self.bad_steps:  # the last steps were skipped: the weights are not what the schedule asked for
+            raise MiniCPMError(
+                f"the run ended on {self.bad_steps} skipped step(s) with a NaN/Inf loss or gradient (steps "
+                f"{self.step - self.bad_steps + 1}..{self.step}); no checkpoint was written after them. Last good "
+                f"checkpoint: {self.run.latest_checkpoint() or 'none written'}")
         return TrainResult(self.run.path, self.step, self.tokens, last_train, last_eval,
                            saved or self.run.latest_checkpoint(), is_main=main)
 
@@ -199,9 +207,9 @@ class Trainer:
                 "bad_steps": self.bad_steps, "world_size": self.dist.world_size,
                 "schedule": self.schedule.describe()}
 
-    def _load(self, checkpoint: Path) -> None:
+    def _load(self, checkpoint: Path, state: dict[str, Any]) -> None:
+        """Exact state of a checkpoint whose trainer state (`state`) and files were verified."""
         self.module.load(checkpoint)
-        state = ckpt.read_trainer_state(checkpoint)
         self.step, self.tokens = int(state["step"]), int(state["tokens"])
         self.data.load_state_dict(state["data"])
         ckpt.set_rng_state(state["rng"])
@@ -212,29 +220,33 @@ class Trainer:
         """Decide where the run starts (its own checkpoint, a branch's source, a weights-only source, or nothing)
         and record its config."""
         run, cfg = self.run, self.cfg
-        own = run.latest_checkpoint()
         if not resume and run.has_started():
+            own = run.latest_checkpoint()
             raise MiniCPMError(f"{run.path} already holds a run ({own.name if own else run.metrics_file.name}); "
                                f"pass --resume to continue it, or choose another --out")
         if self.dist.is_main:
             run.remove_incomplete()
         announce = "starting at step 0"
+        # a checkpoint is used only once its files match the SHA-256 manifest in its trainer_state.json
+        own, own_state = ckpt.newest_verified(run, self._warn) if resume else (None, None)
         if own is not None:
-            self._load(own)
+            self._load(own, own_state)
             announce = f"resuming {own} at step {self.step}"
+            if self.dist.is_main and run.latest_pointer()[0] != own:
+                run.set_latest(own)  # a damaged newer checkpoint or a bad pointer: `latest` names what verified
         elif cfg.run.init_from:
-            source = resolve_checkpoint(cfg.run.init_from)
+            source, state = ckpt.resolve_verified(cfg.run.init_from, self._warn)
             if _inside(source, run.path):
                 raise MiniCPMError(f"run.init_from {source} lies inside the run directory {run.path}; "
                                    f"branch into a new --out")
-            self._load(source)
+            self._load(source, state)
             if self.step >= self.schedule.total_steps:
                 raise MiniCPMError(f"{source} is at step {self.step}, but schedule.total_steps is "
                                    f"{self.schedule.total_steps}: nothing to train (raise total_steps or "
                                    f"pass --decay-steps)")
             announce = f"resuming {source} at step {self.step}"
         elif cfg.run.init_weights_from:
-            source = resolve_weights(cfg.run.init_weights_from)
+            source = ckpt.resolve_verified_weights(cfg.run.init_weights_from, self._warn)
             self.module.load_weights(source)
             announce = f"starting at step 0 from the weights of {source}"
         if self.dist.is_main:
@@ -243,6 +255,10 @@ class Trainer:
             self._announce(announce)
         if self.dist.distributed:
             dist.barrier()
+
+    def _warn(self, message: str) -> None:
+        if self.dist.is_main:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def resolved_config(self) -> TrainConfig:
         """The config with the model written out and paths made absolute, as the run directory records it."""

@@ -68,31 +68,33 @@ def _integer(value: object, field: str, minimum: int, fail, maximum: int | None 
         fail(field, f"is {value}, expected {'>= ' + str(minimum) if maximum is None else f'{minimum}..{maximum}'}")
 
 
-def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _check_interval(interval: object, fail) -> None:
-    """IntervalStats.state_dict(): {"sums": {name: number}, "steps", "skipped"}; checkpoints written before named
-    metrics hold {"loss_sum", "grad_norm_sum", "steps", "skipped"}."""
+    """IntervalStats.state_dict(): {"sums": {name: finite number}, "steps": int, "skipped": int} (checkpoints written
+    before named metrics hold loss_sum and grad_norm_sum instead of sums)."""
     if not isinstance(interval, Mapping):
         fail("interval", f"must be an object, got {_kind(interval)}")
-    old = "sums" not in interval
-    expected = ("loss_sum", "grad_norm_sum", "steps", "skipped") if old else ("sums", "steps", "skipped")
-    for key in expected:
+    legacy = "sums" not in interval
+    allowed = ("loss_sum", "grad_norm_sum", "steps", "skipped") if legacy else ("sums", "steps", "skipped")
+    for key in ("steps", "skipped", *(("loss_sum", "grad_norm_sum") if legacy else ())):
         if key not in interval:
-            fail(f"interval.{key}", "is missing")
-    for key in interval:
-        if key not in expected:
-            fail(f"interval.{key}", f"is not one of {', '.join(expected)}")
-    _integer(interval["steps"], "interval.steps", 0, fail)
-    _integer(interval["skipped"], "interval.skipped", 0, fail)
-    sums = {"loss_sum": interval["loss_sum"], "grad_norm_sum": interval["grad_norm_sum"]} if old else interval["sums"]
-    if not isinstance(sums, Mapping):
-        fail("interval.sums", f"must be an object, got {_kind(sums)}")
-    for key, value in sums.items():
-        if not _finite(value):
-            fail(f"interval.sums.{key}" if not old else f"interval.{key}", f"must be a finite number, got {value!r}")
+            fail("interval", f"has no '{key}'")
+    for key, value in interval.items():
+        if key not in allowed:
+            fail(f"interval.{key}", f"is not one of {', '.join(allowed)}")
+        if key in ("steps", "skipped"):
+            _integer(value, f"interval.{key}", 0, fail)
+        elif key == "sums":
+            if not isinstance(value, Mapping):
+                fail("interval.sums", f"must be an object of metric sums, got {_kind(value)}")
+            for name, total in value.items():
+                if not _finite(total):
+                    fail(f"interval.sums.{name}", f"must be a finite number, got {total!r}")
+        elif not _finite(value):
+            fail(f"interval.{key}", f"must be a finite number, got {value!r}")
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_rng(rng: object, fail) -> None:
