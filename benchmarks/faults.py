@@ -237,7 +237,7 @@ def kill_sweep(work: Path, recipe: Path, n: int, rng: random.Random, tally: Tall
         resumed = minicpm(tally, "sweep", spec, "--out", out, cwd=work)
         tally.sweeps_interrupted += "re-running interrupted trial" in resumed.stdout
         tally.tracebacks += _trial_log_tracebacks(out)
-        tally.kills.setdefault("a sweep (all its processes)", []).append(sweep_outcome(out) == reference)
+        tally.kills.setdefault("sweep (process group)", []).append(sweep_outcome(out) == reference)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -408,7 +408,7 @@ def report(tally: Tally, seed: int, seconds: float) -> None:
     print(f"{'figure':<60} {'result':>12}")
     for kind, survived in tally.kills.items():
         print(f"{'SIGKILLs of ' + kind + ' survived bit-identically':<60} {sum(survived):>5} of {len(survived):<4}")
-    if "a sweep (all its processes)" in tally.kills:
+    if "sweep (process group)" in tally.kills:
         print(f"{'  of which: left a trial mid-run (re-run on resume)':<60} {tally.sweeps_interrupted:>5}")
     outcomes = list(tally.corruption.values())
     caught = sum(o in ("fallback", "one line") for o in outcomes)

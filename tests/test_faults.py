@@ -92,4 +92,4 @@ def test_a_sweep_killed_with_its_trials_resumes_to_the_same_trials_and_runs(suit
     assert all(fingerprint for *_, fingerprint in reference.values())
     faults.kill_sweep(work, recipe, 1, FirstTrial(), tally, reference, grid)
     assert tally.sweeps_interrupted == 1  # the kill hit a trial mid-run, and the resume re-ran it
-    assert tally.kills["a sweep (all its processes)"] == [True] and tally.tracebacks == 0
+    assert tally.kills["sweep (process group)"] == [True] and tally.tracebacks == 0
