@@ -7,8 +7,8 @@ second trainer on the same run directory. Every command is the real CLI (a subpr
 corruption cases call cli.main in this process, which saves an interpreter start each), on one thread, so that a resumed run can
 match bitwise; a Python traceback (or the CLI's `internal error` line) anywhere is counted.
 
-    python benchmarks/faults.py            # 20 kills (6 training, 5 decay, 4 prepare, 5 sweep), ~8-10 min on 2 cores
-    python benchmarks/faults.py --quick    # 6 kills (3 training, 1 decay, 1 prepare, 1 sweep)
+    python benchmarks/faults.py            # 20 kills (6 training, 5 decay, 4 prepare, 5 sweep), about 6-8 min on 2 cores
+    python benchmarks/faults.py --quick    # 6 kills (3 training, 1 decay, 1 prepare, 1 sweep), about 3 min
 """
 
 from __future__ import annotations
