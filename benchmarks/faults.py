@@ -1,13 +1,14 @@
-"""Fault injection, from one run (issue 17): random SIGKILLs of training, of decay branches and of `minicpm prepare`,
-each resumed or rerun and compared byte for byte with an uninterrupted reference; every checkpoint file corrupted in
+"""Fault injection, from one run (issue 17): random SIGKILLs of training, of decay branches, of `minicpm prepare` and
+of a `minicpm sweep` (its whole process group: the sweep, its fork server and the trials training), each resumed or
+rerun and compared byte for byte with an uninterrupted reference; every checkpoint file corrupted in
 every way (truncate, flip bytes, delete, garbage JSON) plus a bad `latest` pointer, each classified as a fallback to
 an older checkpoint, a one-line refusal, or silent; a full disk (ENOSPC injected into the checkpoint writer) and a
 second trainer on the same run directory. Every command is the real CLI (a subprocess where it is killed; resumes and
 corruption cases call cli.main in this process, which saves an interpreter start each), on one thread, so that a resumed run can
 match bitwise; a Python traceback (or the CLI's `internal error` line) anywhere is counted.
 
-    python benchmarks/faults.py            # 20 kills (8 training, 6 decay, 6 prepare), about 5-8 min on 2 cores
-    python benchmarks/faults.py --quick    # 6 kills
+    python benchmarks/faults.py            # 20 kills (6 training, 5 decay, 4 prepare, 5 sweep), about 6-8 min on 2 cores
+    python benchmarks/faults.py --quick    # 6 kills (3 training, 1 decay, 1 prepare, 1 sweep), about 3 min
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class Tally:
     tracebacks: int = 0
     full_disk: dict[str, bool] = field(default_factory=dict)
     second_writer_refused: bool | None = None
+    sweeps_interrupted: int = 0  # sweep kills that left a trial mid-run (the resume said it re-ran one)
     commands: int = 0
 
 
@@ -178,6 +180,64 @@ def kill_prepare(work: Path, n: int, rng: random.Random, tally: Tally, reference
         tally.tracebacks += proc.stderr.read().count("Traceback")
         minicpm(tally, *command, "--out", out, "--overwrite", cwd=work)
         tally.kills.setdefault("prepare", []).append(out.is_dir() and tree_digest(out) == reference)
+        shutil.rmtree(out, ignore_errors=True)
+
+
+SWEEP_GRID = [0.002, 0.004, 0.008, 0.016]  # optim.lr: 4 trials of the same tiny recipe, 2 at a time
+
+
+def write_sweep_spec(work: Path, recipe: Path, grid: list[float] = SWEEP_GRID) -> Path:
+    spec = work / "sweep.yaml"
+    spec.write_text(f"base: {{config: {recipe}}}\nspace: {{optim.lr: {grid}}}\nsampler: grid\n"
+                    f"metric: loss\nworkers: 2\nthreads: 1\n")
+    return spec
+
+
+def sweep_outcome(out: Path) -> dict | None:
+    """Per trial (by its optim.lr): its trials.csv state, its metric, and its run directory's fingerprint."""
+    from minicpm.experiments.sweep import read_trials_csv
+
+    try:
+        rows = read_trials_csv(out / "trials.csv")
+    except OSError:
+        return None
+    return {row["optim.lr"]: (row["state"], row["loss"], row["error"],
+                              _fingerprint_or_none(out / "runs" / Path(row["run_dir"]).name))
+            for row in rows}
+
+
+def _trial_log_tracebacks(out: Path) -> int:
+    return sum(log.read_text(errors="replace").count("Traceback") for log in (out / "runs").glob("*/trial.log"))
+
+
+def kill_sweep(work: Path, recipe: Path, n: int, rng: random.Random, tally: Tally, reference: dict,
+               grid: list[float] = SWEEP_GRID) -> None:
+    """Start the sweep, SIGKILL its process group (the sweep, the fork server, the trials training) after a random
+    trial start or finish plus 0-1.5 s, run the same command again to resume, and compare with the reference."""
+    spec = write_sweep_spec(work, recipe, grid)
+    events = 2 * len(grid)  # a start line and a result line per trial
+    for i in range(n):
+        out = work / f"killed_sweep_{i}"
+        proc = subprocess.Popen([sys.executable, "-m", "minicpm", "sweep", str(spec), "--out", str(out)], cwd=work,
+                                env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        tally.commands += 1
+        kill_after, seen = rng.randrange(1, events), 0
+        for line in proc.stdout:
+            seen += line.startswith("trial ")
+            if seen >= kill_after:
+                time.sleep(rng.uniform(0, 1.5))
+                break
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        tally.tracebacks += proc.stderr.read().count("Traceback")
+        resumed = minicpm(tally, "sweep", spec, "--out", out, cwd=work)
+        tally.sweeps_interrupted += "re-running interrupted trial" in resumed.stdout
+        tally.tracebacks += _trial_log_tracebacks(out)
+        tally.kills.setdefault("sweep (process group)", []).append(sweep_outcome(out) == reference)
         shutil.rmtree(out, ignore_errors=True)
 
 
@@ -324,11 +384,17 @@ def main() -> None:
         prepare_seconds = time.perf_counter() - t0
         prepare_ref = tree_digest(work / "prepare_ref")
 
-        n_train = round(kills * 0.4)
-        n_decay = (kills - n_train) // 2
-        kill_training(work, recipe, n_train, rng, tally, train_ref)
+        minicpm(tally, "sweep", write_sweep_spec(work, recipe), "--out", "sweep_ref", cwd=work, check=True)
+        tally.tracebacks += _trial_log_tracebacks(work / "sweep_ref")
+        sweep_ref = sweep_outcome(work / "sweep_ref")
+        if not sweep_ref or {state for state, *_ in sweep_ref.values()} != {"complete"}:
+            raise SystemExit(f"the reference sweep did not complete every trial: {sweep_ref}")
+
+        n_decay, n_sweep, n_prepare = max(1, kills // 4), max(1, kills // 4), max(1, kills // 5)
+        kill_training(work, recipe, max(1, kills - n_decay - n_sweep - n_prepare), rng, tally, train_ref)
         kill_decay(work, source, n_decay, rng, tally, decay_ref)
-        kill_prepare(work, kills - n_train - n_decay, rng, tally, prepare_ref, prepare_seconds)
+        kill_prepare(work, n_prepare, rng, tally, prepare_ref, prepare_seconds)
+        kill_sweep(work, recipe, n_sweep, rng, tally, sweep_ref)
         corruption(work, recipe, work / "ref", tally, train_ref)
         full_disk(work, recipe, tally, train_ref)
         second_writer(work, recipe, tally)
@@ -342,7 +408,8 @@ def report(tally: Tally, seed: int, seconds: float) -> None:
     print(f"{'figure':<60} {'result':>12}")
     for kind, survived in tally.kills.items():
         print(f"{'SIGKILLs of ' + kind + ' survived bit-identically':<60} {sum(survived):>5} of {len(survived):<4}")
-    print(f"{'SIGKILLs of a sweep':<60} {'n/a':>12}  (no sweep engine exists yet)")
+    if "sweep (process group)" in tally.kills:
+        print(f"{'  of which: left a trial mid-run (re-run on resume)':<60} {tally.sweeps_interrupted:>5}")
     outcomes = list(tally.corruption.values())
     caught = sum(o in ("fallback", "one line") for o in outcomes)
     print(f"{'corruption cases caught (fallback or one line)':<60} {caught:>5} of {len(outcomes):<4}")

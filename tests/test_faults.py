@@ -1,6 +1,6 @@
 """Fault injection (issue 17), run in CI under the `faults` marker: a training run SIGKILLed at random steps resumes
-to the same bytes; every file of a checkpoint damaged in every way is caught (the previous checkpoint is used, or a
-named one refused in one line), never trusted silently; a full disk is one line and leaves the previous checkpoint
+to the same bytes, and so does a sweep SIGKILLed with its trials (its process group); every file of a checkpoint
+damaged in every way is caught (the previous checkpoint is used, or a named one refused in one line), never trusted silently; a full disk is one line and leaves the previous checkpoint
 intact. benchmarks/faults.py runs the same machinery at scale and prints the figures."""
 
 from __future__ import annotations
@@ -68,3 +68,28 @@ def test_a_full_disk_is_one_line_keeps_the_previous_checkpoint_and_resumes_bit_i
     assert tally.full_disk == {"one line, non-zero exit": True, "previous checkpoint intact": True,
                                "resume bit-identical": True}
     assert tally.tracebacks == 0
+
+
+class FirstTrial:
+    """Kill timing for kill_sweep: just after the first trial starts (1 of its lines seen), 0.75 s into training."""
+
+    def randrange(self, start, stop):
+        return start
+
+    def uniform(self, low, high):
+        return (low + high) / 2
+
+
+def test_a_sweep_killed_with_its_trials_resumes_to_the_same_trials_and_runs(suite):
+    work, recipe, _ = suite
+    grid = faults.SWEEP_GRID[:2]
+    tally = faults.Tally()
+    spec = faults.write_sweep_spec(work, recipe, grid)
+    faults.minicpm(tally, "sweep", spec, "--out", "sweep_ref", cwd=work, check=True)
+    reference = faults.sweep_outcome(work / "sweep_ref")
+    assert sorted(reference) == sorted(map(str, grid))
+    assert {state for state, *_ in reference.values()} == {"complete"}
+    assert all(fingerprint for *_, fingerprint in reference.values())
+    faults.kill_sweep(work, recipe, 1, FirstTrial(), tally, reference, grid)
+    assert tally.sweeps_interrupted == 1  # the kill hit a trial mid-run, and the resume re-ran it
+    assert tally.kills["sweep (process group)"] == [True] and tally.tracebacks == 0
