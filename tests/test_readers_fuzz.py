@@ -319,3 +319,57 @@ def test_prepared_dataset_readers_raise_only_minicpm_errors(scratch, changes):
     only_minicpm_errors(open_dataset, root)
     only_minicpm_errors(verify, root)
     only_minicpm_errors(describe, root, samples=1)
+
+
+@FAST
+@given(st.dictionaries(st.text(max_size=40), json_values | st.text(max_size=40), max_size=6))
+def test_index_weight_maps_raise_only_minicpm_errors(scratch, weight_map):
+    from minicpm.interop.hf import read_checkpoint
+
+    root = write_checkpoint(scratch, b"{}")
+    (root / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    only_minicpm_errors(read_checkpoint, root)
+
+
+# ------------------------------------------------------------------------------------------ JSONL sources
+
+@FAST
+@given(st.lists(st.binary(max_size=60) | json_values.map(lambda v: json.dumps(v).encode()), max_size=6),
+       st.sampled_from(["text", "content"]))
+def test_jsonl_sources_raise_only_minicpm_errors(scratch, lines, field):
+    from minicpm.data.sources import SourceOptions, iter_documents
+
+    path = scratch() / "docs.jsonl"
+    path.write_bytes(b"\n".join(lines))
+    only_minicpm_errors(lambda: list(iter_documents(f"jsonl:{path}", SourceOptions(field=field))))
+
+
+# ------------------------------------------------------------------------------------------ trainer_state.json
+
+def _real_trainer_state():
+    import random as python_random
+
+    from minicpm.train.checkpoint import rng_state
+
+    python_random.seed(0)
+    return {"step": 3, "tokens": 768, "data": {"drawn": 3}, "rng": rng_state(), "bad_steps": 0, "world_size": 1,
+            "interval": {"sums": {"loss": 1.5}, "steps": 1, "skipped": 0}, "schedule": "constant"}
+
+
+@FAST
+@given(st.sampled_from(["step", "tokens", "data", "rng", "interval", "bad_steps", "world_size", "schedule", "files"]),
+       json_values)
+def test_trainer_state_check_raises_only_minicpm_errors(field, value):
+    from minicpm.train.state_schema import check_trainer_state
+
+    state = _real_trainer_state()
+    state[field] = value
+    only_minicpm_errors(check_trainer_state, state, Path("run/checkpoints/step_3/trainer_state.json"))
+
+
+@FAST
+@given(json_values)
+def test_a_whole_trainer_state_of_any_shape_raises_only_minicpm_errors(value):
+    from minicpm.train.state_schema import check_trainer_state
+
+    only_minicpm_errors(check_trainer_state, value, Path("trainer_state.json"))
