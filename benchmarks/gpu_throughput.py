@@ -26,7 +26,7 @@ import torch
 
 from minicpm.config import load_config, model_config as trainer_model_config
 from minicpm.model.config import ModelConfig, preset
-from minicpm.train.distributed import init_distributed
+from minicpm.train.distributed import init_distributed, resolve_dtype
 from minicpm.train.metrics import device_peak_flops
 from minicpm.train.module import TrainModule
 
@@ -77,7 +77,8 @@ def run_case(case: Case) -> dict:
     config = trainer_model_config(cfg)
     module = TrainModule.build(cfg, config, init_distributed(case.device))
     fused = module.optimizer.defaults.get("fused") or False
-    autocast_dtype = torch.bfloat16 if case.dtype == "bf16" else torch.float32
+    # the precision the trainer really computes in (run.dtype auto: bf16 where the device has native bf16 kernels)
+    autocast_dtype = torch.bfloat16 if resolve_dtype(case.dtype, device) == "bf16" else torch.float32
     generator = torch.Generator(device=device).manual_seed(0)
     tokens_per_step = case.batch * case.seq
 
@@ -171,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                         default=[False, True], help="off,on (default), or one of them")
     parser.add_argument("--loss-chunk", type=int, default=4096, help="tokens per chunk of the linear + CE")
     parser.add_argument("--activation-checkpointing", default="none", help="none | block | selective")
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"], help="autocast dtype")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
+                        help="run.dtype (default auto: bf16 on GPUs and CPUs with native bf16 kernels, else fp32)")
     parser.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per case before it is abandoned")
     parser.add_argument("--json", default=None, help="also write the results to this file")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
         rows.append((case, run_in_subprocess(case, args.timeout)))
     device_name = next((r["device_name"] for _, r in rows if "device_name" in r), todo[0].device)
-    print(f"device: {device_name}; {todo[0].dtype} autocast, fp32 master weights, chunked loss "
+    print(f"device: {device_name}; run.dtype {todo[0].dtype}, fp32 master weights, chunked loss "
           f"({args.loss_chunk} tokens), activation checkpointing {args.activation_checkpointing}")
     print_table(rows)
     if args.json:
