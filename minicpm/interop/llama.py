@@ -54,15 +54,19 @@ def llama_config(config: ModelConfig, dtype: torch.dtype) -> dict:
     }
 
 
+def export_source(model_or_path: MiniCPM | PathLike) -> tuple[ModelConfig, Mapping[str, torch.Tensor], dict, torch.dtype]:
+    """(config, state dict, tokenizer files to carry, stored dtype) of a model in memory or a checkpoint directory:
+    what a folded export (Llama, Mixtral) starts from."""
+    if isinstance(model_or_path, MiniCPM):
+        return model_or_path.config, model_or_path.state_dict(), {}, _model_dtype(model_or_path)
+    config, state = read_checkpoint(model_or_path)
+    return config, state, tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
+
+
 def export_llama(model_or_path: MiniCPM | PathLike, out_dir: PathLike, dtype: str | torch.dtype | None = None, *,
                  max_shard_bytes: int | None = None) -> Path:
     """A plain Llama checkpoint (μP folded in) that LlamaForCausalLM loads with no custom code."""
-    if isinstance(model_or_path, MiniCPM):
-        config, state, extra = model_or_path.config, model_or_path.state_dict(), {}
-        stored = _model_dtype(model_or_path)
-    else:
-        config, state = read_checkpoint(model_or_path)
-        extra, stored = tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
+    config, state, extra, stored = export_source(model_or_path)
     if config.num_experts:
         raise MiniCPMError(f"model has {config.num_experts} experts: a MoE model does not export as a plain Llama")
     dtype = parse_dtype(dtype) or stored

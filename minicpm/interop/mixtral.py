@@ -16,8 +16,8 @@ from typing import Mapping
 import torch
 
 from minicpm.errors import MiniCPMError
-from minicpm.interop.hf import (PathLike, _model_dtype, parse_dtype, read_checkpoint, tokenizer_files, write_dir)
-from minicpm.interop.llama import llama_config
+from minicpm.interop.hf import PathLike, parse_dtype, write_dir
+from minicpm.interop.llama import export_source, llama_config
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 
@@ -51,12 +51,7 @@ def mixtral_config(config: ModelConfig, dtype: torch.dtype) -> dict:
 def export_mixtral(model_or_path: MiniCPM | PathLike, out_dir: PathLike, dtype: str | torch.dtype | None = None, *,
                    max_shard_bytes: int | None = None) -> Path:
     """A Mixtral checkpoint (μP folded in) of an MoE model or checkpoint directory."""
-    if isinstance(model_or_path, MiniCPM):
-        config, state, extra = model_or_path.config, model_or_path.state_dict(), {}
-        stored = _model_dtype(model_or_path)
-    else:
-        config, state = read_checkpoint(model_or_path)
-        extra, stored = tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
+    config, state, extra, stored = export_source(model_or_path)
     if not config.num_experts:
         raise MiniCPMError("the model is dense (num_experts 0): export it --to llama, not --to mixtral")
     dtype = parse_dtype(dtype) or stored
