@@ -22,8 +22,9 @@ DECAY_AT = (100, 200, 300, 400)
 
 def size_overrides(width: int, depth: int) -> list[str]:
     heads = width // 16
-    return [f"model.hidden_size={width}", f"model.intermediate_size={width * 5 // 2}", f"model.num_hidden_layers={depth}",
-            f"model.num_attention_heads={heads}", f"model.num_key_value_heads={heads // 2 if heads % 2 == 0 else heads}"]
+    kv = heads // 2 if heads % 2 == 0 else heads
+    return [f"model.hidden_size={width}", f"model.intermediate_size={width * 5 // 2}",
+            f"model.num_hidden_layers={depth}", f"model.num_attention_heads={heads}", f"model.num_key_value_heads={kv}"]
 
 
 def run_config(out: Path, width: int, depth: int, data: dict, *extra: str):
@@ -82,7 +83,8 @@ def make_campaign(root: Path, data: dict | None = None, *, noise: float = 1e-3, 
                                              half_life=decay / 5) for s in range(at + decay + 1)])
             bsteps = np.arange(at + 1, at + decay + 1)
             write_metrics(branch, lr, bsteps,
-                          predict_loss("mpl", law, lr, bsteps) * (1 + rng.normal(0, noise, len(bsteps))), eval_every=10**9)
+                          predict_loss("mpl", law, lr, bsteps) * (1 + rng.normal(0, noise, len(bsteps))),
+                          eval_every=10**9)
             d = (at + decay) * BATCH
             loss = float(TRUTH.loss(n, d)) * (1 + rng.normal(0, noise))
             rows.append(f"{size},{n},{d},{6 * n * d},{loss:.6f},{loss / 3:.6f},runs/{size}/decay{at}")

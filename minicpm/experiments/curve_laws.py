@@ -249,8 +249,8 @@ def _prepare(law: str, curves: Sequence[Curve], min_step: int, max_points: int,
 
 
 # The multi-power law's start grid, in the centred coordinates of _MPLTerms: each exponent over its plausible
-# range (Luo et al. 2025 fit alpha 0.43–0.51, beta 0.58–0.60, gamma 0.63–0.66 for 25M–400M models) and, for C, the
-# response one step at the peak LR gives, x = C·lr_peak^(1−gamma) (theirs: 2·(3e-4)^0.4 ≈ 0.08, an annealing
+# range (Luo et al. 2025 fit alpha 0.43–0.51, beta 0.58–0.60, gamma 0.63–0.66 for 25M–400M models) and, for C,
+# the response one step at the peak LR gives, x = C·lr_peak^(1−gamma) (theirs: 2·(3e-4)^0.4 ≈ 0.08, an annealing
 # that settles over tens of steps), from 1e-3 (thousands of steps) to 1 (one step).
 MPL_GRID = {"alpha": (0.2, 0.35, 0.5, 0.7), "beta": (0.3, 0.5, 0.7, 1.0), "gamma": (0.3, 0.5, 0.7, 0.9),
             "response": (1e-3, 1e-2, 1e-1, 1.0)}

@@ -304,7 +304,8 @@ class Plan:
             h = self.holdout
             lines.append(f"holdout largest (N = {h['n']:.4g}, {h['rows']} rows): refitted without it, the law "
                          f"predicts it with mean |error| {h['mean_abs_rel_err']:.2%} (max {h['max_abs_rel_err']:.2%}); "
-                         f"at D = {h['d_last']:.4g}: predicted {h['predicted_last']:.4f}, actual {h['actual_last']:.4f}")
+                         f"at D = {h['d_last']:.4g}: predicted {h['predicted_last']:.4f}, "
+                         f"actual {h['actual_last']:.4f}")
         lines += self.notes
         return "\n".join(lines)
 
