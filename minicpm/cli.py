@@ -868,7 +868,7 @@ def register_planner_commands(sub) -> None:
         description="From DIR/campaign.csv (minicpm scaling campaign): fit L(N, D), take the compute-optimal N for "
                     "the budget snapped to a shape of the campaign's family, D = C/6N, the batch size (the wind "
                     "tunnel's bs law, else the paper's 1.21e9/L^6.24), the lr (the wind tunnel's μP optimum, else "
-                    "0.01), WSD with a 10%% exponential decay, and the predicted final loss with its bootstrap "
+                    "0.01), WSD with a 10% exponential decay, and the predicted final loss with its bootstrap "
                     "interval and curve. Writes PLAN.yaml, which `minicpm train PLAN.yaml --out RUN` runs as is, and "
                     "PLAN.prediction.json beside it (for `minicpm report RUN --prediction PLAN.yaml`).")
     p.add_argument("--budget", type=float, required=True, metavar="FLOPS", help="training compute, C = 6ND")
