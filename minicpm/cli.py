@@ -857,7 +857,8 @@ def register_planner_commands(sub) -> None:
         from minicpm.experiments.planner import make_plan, write_plan
 
         result, cfg = make_plan(args.budget, args.campaign, windtunnel=args.windtunnel, holdout=args.holdout,
-                                bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed)
+                                bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
+                                batch_tokens=args.batch_tokens)
         print(result.text(), flush=True)
         for path in write_plan(result, cfg, args.out):
             print(f"wrote {path}")
@@ -878,6 +879,8 @@ def register_planner_commands(sub) -> None:
     p.add_argument("--holdout", choices=("largest",),
                    help="largest: also refit without the largest size and report how far it predicts that size")
     p.add_argument("--out", required=True, metavar="PLAN.yaml", help="the training config to write")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="use this batch (tokens per step) instead of a batch-size law")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of runs (default %(default)s)")
     p.add_argument("--confidence", type=float, default=0.9, help="interval level (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")

@@ -71,6 +71,18 @@ def test_plan_without_a_wind_tunnel_uses_the_papers_batch_law_and_lr(campaign):
     a, b = PAPER_BATCH_LAW
     assert plan.batch_wanted == pytest.approx(a / float(plan.law.loss(plan.n, budget_for(1.2e5) / (6 * plan.n))) ** b)
     assert cfg.optim.lr == 0.01 and "paper" in plan.tunnel.batch_source
+    # the paper's batch law (~1M tokens at L ~ 3) leaves this small budget a handful of steps: the plan says so
+    assert plan.total_steps < 100 and f"note: only {plan.total_steps} steps" in plan.text()
+    fixed, cfg = make_plan(budget_for(1.2e5), campaign, bootstrap=20, batch_tokens=1024)
+    assert cfg.batch.tokens_per_step == fixed.tokens_per_step == 1024 and "note" not in fixed.text()
+
+
+def test_a_curve_moved_too_far_onto_the_law_is_not_drawn(campaign, tunnel, monkeypatch):
+    from minicpm.experiments import planner
+
+    monkeypatch.setattr(planner, "MAX_CURVE_SHIFT", 0.01)
+    plan, _ = make_plan(budget_for(1.2e5), campaign, windtunnel=tunnel, bootstrap=20)
+    assert plan.curve is None and "too far beyond the campaign's curves" in plan.curve_note
 
 
 def test_predicted_curve_comes_from_the_campaigns_curves_and_ends_at_the_law(planned):

@@ -39,6 +39,9 @@ PAPER_BATCH_LAW = (1.21e9, 6.24)
 PAPER_LR = 0.01
 """The μP base learning rate (paper §3.3), when no wind tunnel says otherwise."""
 DECAY_FRACTION = 0.1
+MAX_CURVE_SHIFT = 0.5
+"""The predicted curve is dropped when moving it onto L(N, D) takes more than this fraction of the loss: its shape
+then comes from an extrapolation far beyond the campaign's curves (a tiny campaign planned 40x longer: +230%)."""
 TABLE8 = ((320, 8), (512, 12), (640, 14), (768, 16), (896, 18), (1024, 20), (1344, 24))
 """Paper Table 8: (width, depth) of the scaling-curve proxies; head size 64, d_ff = 2.5·d."""
 
@@ -363,8 +366,8 @@ def _predicted_curve(plan: Plan, curves: list, campaign_batch: int, schedule_lr:
 
 def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | None = None,
               holdout: Optional[str] = None, bootstrap: int = 200, confidence: float = 0.9, seed: int = 0,
-              delta: float = 1e-3) -> tuple[Plan, object]:
-    """The plan and the training config it writes (a TrainConfig)."""
+              delta: float = 1e-3, batch_tokens: Optional[int] = None) -> tuple[Plan, object]:
+    """The plan and the training config it writes (a TrainConfig). batch_tokens fixes the batch instead of a law."""
     from minicpm.config import load_config
     from minicpm.experiments.fit import bootstrap_chinchilla, fit_chinchilla
     from minicpm.experiments.fit_data import _model_config
@@ -398,6 +401,10 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
     tunnel = read_windtunnel(windtunnel)
     a, b = tunnel.batch_law or PAPER_BATCH_LAW
     batch_wanted = float(a / float(law.loss(n, d_wanted)) ** b)
+    if batch_tokens is not None:
+        if batch_tokens < cfg.batch.seq_len:
+            raise MiniCPMError(f"--batch-tokens {batch_tokens}: less than one sequence ({cfg.batch.seq_len} tokens)")
+        batch_wanted, tunnel.batch_source = float(batch_tokens), "--batch-tokens"
     tokens_per_step, micro = _batch(batch_wanted, cfg.batch.seq_len, cfg.batch.micro_batch_size)
     total_steps = max(2, round(d_wanted / tokens_per_step))
     d = float(total_steps * tokens_per_step)
@@ -410,6 +417,10 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
     interval = boot.interval([bl.loss(n, d) for bl in boot.laws])
     plan = Plan(budget, law, n_opt, model, n, d, 6.0 * n * d, tokens_per_step, total_steps, warmup_steps,
                 decay_steps, lr, loss, interval, confidence, tunnel, family, batch_wanted)
+    if total_steps < 100:
+        plan.notes.append(f"note: only {total_steps} steps: the batch ({tokens_per_step} tokens, from "
+                          f"{tunnel.batch_source}) is large for this budget; a batch law of your own scale "
+                          f"(--windtunnel) or --batch-tokens gives a usable schedule")
 
     from minicpm.config import ModelSection
     cfg.model = ModelSection(preset=None, **dataclasses.asdict(model))
@@ -428,11 +439,18 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
         schedule = cfg.schedule.resolve()
         schedule_lr = lr * np.array([schedule(s) for s in range(total_steps + 1)])
         try:
-            plan.curve = _predicted_curve(plan, curves, campaign_batch, schedule_lr)
-            plan.curve_note = (f"multi-power law fitted on {len(curves)} curves of the largest campaign size, "
-                               f"shifted by {plan.curve['shift']:+.4f} to end at L(N, D)")
+            curve = _predicted_curve(plan, curves, campaign_batch, schedule_lr)
         except MiniCPMError as e:
             plan.curve_note = f"none ({e})"
+        else:
+            if abs(curve["shift"]) > MAX_CURVE_SHIFT * plan.loss:
+                plan.curve_note = (f"none (the curve law of the campaign's largest size, run on this plan, ends "
+                                   f"{curve['shift']:+.3g} away from L(N, D): the plan lies too far beyond the "
+                                   f"campaign's curves to draw its shape)")
+            else:
+                plan.curve = curve
+                plan.curve_note = (f"multi-power law fitted on {len(curves)} curves of the largest campaign size, "
+                                   f"shifted by {curve['shift']:+.4f} to end at L(N, D)")
     if holdout == "largest":
         plan.holdout = _holdout(table, delta)
     return plan, cfg
