@@ -60,6 +60,7 @@ def test_plan_allocates_the_budget_to_a_buildable_compute_optimal_shape(planned)
     s = cfg.schedule
     assert (s.kind, s.decay, s.total_steps, s.decay_steps) == ("wsd", "exp", plan.total_steps,
                                                                round(0.1 * plan.total_steps))
+    assert cfg.run.eval_every == plan.total_steps // 20 and cfg.run.init_from is None and cfg.run.out_dir is None
     # the predicted final loss: L(N, D) of the fitted law, its interval around it, close to the true law's
     assert plan.loss == pytest.approx(float(plan.law.loss(plan.n, plan.d)))
     assert plan.interval[0] < plan.loss < plan.interval[1]

@@ -39,6 +39,8 @@ PAPER_BATCH_LAW = (1.21e9, 6.24)
 PAPER_LR = 0.01
 """The μP base learning rate (paper §3.3), when no wind tunnel says otherwise."""
 DECAY_FRACTION = 0.1
+EVALUATIONS, CHECKPOINTS = 20, 10
+"""About this many evaluations and checkpoints along the planned run."""
 MAX_CURVE_SHIFT = 0.5
 """The predicted curve is dropped when moving it onto L(N, D) takes more than this fraction of the loss: its shape
 then comes from an extrapolation far beyond the campaign's curves (a tiny campaign planned 40x longer: +230%)."""
@@ -429,7 +431,11 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
     cfg.schedule = dataclasses.replace(cfg.schedule, kind="wsd", total_steps=total_steps, warmup_steps=warmup_steps,
                                        decay_steps=decay_steps, decay_start=None, decay="exp", half_life=None,
                                        floor=None, cosine_period=None)
-    cfg.run = dataclasses.replace(cfg.run, out_dir=None, init_from=None, init_weights_from=None)
+    # a campaign run checkpoints every decay point and keeps them all; the planned run evaluates often enough for
+    # `report --prediction` to draw its curve, and keeps a few checkpoints
+    cfg.run = dataclasses.replace(cfg.run, out_dir=None, init_from=None, init_weights_from=None,
+                                  eval_every=max(1, total_steps // EVALUATIONS),
+                                  checkpoint_every=max(1, total_steps // CHECKPOINTS), keep_last=3)
 
     largest_runs = [r.run for r in rows if r.n == table.params.max() and r.run is not None]
     curves, campaign_batch = campaign_curves(largest_runs)
