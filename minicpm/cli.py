@@ -284,7 +284,12 @@ def register_training_commands(sub) -> None:
     def report(args):
         from minicpm.report import write_report
 
-        written = write_report(args.runs, args.out)
+        written = write_report(args.runs, args.out, prediction=args.prediction)
+        if args.prediction:
+            from minicpm.experiments.watch import against_prediction
+            from minicpm.report import load_run
+
+            print(against_prediction(load_run(args.runs[0]), args.prediction)[0])
         for path in written:
             print(f"wrote {path}")
 
@@ -326,6 +331,9 @@ def register_training_commands(sub) -> None:
     p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay)")
     p.add_argument("--out", help="where report.html and the PNGs go (default: the first RUN)")
+    p.add_argument("--prediction", metavar="PLAN_OR_FIT",
+                   help="draw the first RUN against a prediction (PLAN.yaml of minicpm plan, or the JSON of scaling "
+                        "fit-curve or scaling fit) in prediction.png, and print how far its last eval is from it")
     p.set_defaults(handler=report)
 
     p = sub.add_parser("quickstart", help="tokenizer, data, WSD pretraining with a decay branch, samples and a "
@@ -840,6 +848,45 @@ def register_windtunnel_commands(sub) -> None:
     p.set_defaults(handler=batch_size)
 
 
+# ---------------------------------------------------------------- planner
+
+def register_planner_commands(sub) -> None:
+    """plan (scaling-campaign issue)."""
+
+    def plan(args) -> int:
+        from minicpm.experiments.planner import make_plan, write_plan
+
+        result, cfg = make_plan(args.budget, args.campaign, windtunnel=args.windtunnel, holdout=args.holdout,
+                                bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
+                                batch_tokens=args.batch_tokens)
+        print(result.text(), flush=True)
+        for path in write_plan(result, cfg, args.out):
+            print(f"wrote {path}")
+        return 0
+
+    p = sub.add_parser(
+        "plan", help="plan a compute-optimal run from a scaling campaign: model, tokens, batch, lr, WSD, loss",
+        description="From DIR/campaign.csv (minicpm scaling campaign): fit L(N, D), take the compute-optimal N for "
+                    "the budget snapped to a shape of the campaign's family, D = C/6N, the batch size (the wind "
+                    "tunnel's bs law, else the paper's 1.21e9/L^6.24), the lr (the wind tunnel's μP optimum, else "
+                    "0.01), WSD with a 10% exponential decay, and the predicted final loss with its bootstrap "
+                    "interval and curve. Writes PLAN.yaml, which `minicpm train PLAN.yaml --out RUN` runs as is, and "
+                    "PLAN.prediction.json beside it (for `minicpm report RUN --prediction PLAN.yaml`).")
+    p.add_argument("--budget", type=float, required=True, metavar="FLOPS", help="training compute, C = 6ND")
+    p.add_argument("--campaign", required=True, metavar="DIR", help="a scaling campaign's directory (campaign.csv)")
+    p.add_argument("--windtunnel", metavar="DIR",
+                   help="where windtunnel batch-size / lr-transfer wrote result.json (DIR or its subdirectories)")
+    p.add_argument("--holdout", choices=("largest",),
+                   help="largest: also refit without the largest size and report how far it predicts that size")
+    p.add_argument("--out", required=True, metavar="PLAN.yaml", help="the training config to write")
+    p.add_argument("--batch-tokens", type=int, metavar="N",
+                   help="use this batch (tokens per step) instead of a batch-size law")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of runs (default %(default)s)")
+    p.add_argument("--confidence", type=float, default=0.9, help="interval level (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default %(default)s)")
+    p.set_defaults(handler=plan)
+
+
 # ---------------------------------------------------------------- entry point
 
 REGISTER = [
@@ -852,6 +899,7 @@ REGISTER = [
     register_moe_commands,
     register_windtunnel_commands,
     register_long_context_commands,
+    register_planner_commands,
 ]
 
 

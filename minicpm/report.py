@@ -151,13 +151,22 @@ def _table(runs: list[RunData]) -> str:
             + "".join("<tr>" + cells("td", row) + "</tr>" for row in rows) + "</table>")
 
 
-def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) -> list[Path]:
-    """Write loss.png, bpb.png (when there are evaluations) and report.html; returns the paths written."""
+def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
+                 prediction: str | Path | None = None) -> list[Path]:
+    """Write loss.png, bpb.png (when there are evaluations) and report.html; returns the paths written.
+
+    prediction (a plan or a fit, minicpm/experiments/watch.py): also prediction.png, the first run against it, and
+    the line saying how far its last eval is from it (which against_prediction returns for printing)."""
     runs = [load_run(p) for p in run_dirs]
     attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
     images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs)}
+    verdict = ""
+    if prediction is not None:
+        from minicpm.experiments.watch import against_prediction
+
+        verdict, images["prediction.png"] = against_prediction(runs[0], prediction)
     written = []
     for name, data in images.items():
         if data is not None:
@@ -175,6 +184,7 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}pre{{background:#f6f6f6;padding:8px}}</style>
 </head><body><h1>{html.escape(title)}</h1>
 <p>Runs: {", ".join(html.escape(str(run.path)) for run in runs)}</p>
+{f"<p><b>Against the prediction:</b> {html.escape(verdict)}</p>" if verdict else ""}
 {_table(runs)}
 {figures}
 {configs}

@@ -37,6 +37,9 @@ FORMULAS = {
 }
 MAX_BLOCKS = 2000
 """The multi-power sum is exact up to this many LR changes; longer decays merge neighbouring steps into blocks."""
+FIT_BLOCKS = 400
+"""Blocks while fitting: on 24k-step cosine, linear and WSD schedules 400 blocks stay within 2e-5 of the exact sum
+(2000: 1e-6), far below the noise of any loss curve, at a fifth of the cost per evaluation."""
 
 
 def warmup_end(lr: np.ndarray) -> int:
@@ -78,22 +81,29 @@ class _TissueTerms:
 
 class _MPLTerms:
     """What the multi-power law needs from one schedule: the area up to each step and, per LR change k after
-    warmup, its size lr_{k−1} − lr_k, log lr_k and S_k(t) (0 where k > t, and G(0) = 0)."""
+    warmup, its size lr_{k−1} − lr_k, log lr_k and S_k(t) (0 where k > t, and G(0) = 0).
 
-    def __init__(self, lr: np.ndarray, steps: np.ndarray):
+    `ref` = (lr_ref, area_ref) centres the coupled pairs as fit.py centres log N: the terms hold area/area_ref and
+    log(lr_k/lr_ref), so theta carries A' = A·area_ref^-alpha and C' = C·lr_ref^-gamma. In raw units log lr ≈ −8
+    ties C to gamma (and A to alpha) along a narrow ridge that trust-region steps crawl along."""
+
+    def __init__(self, lr: np.ndarray, steps: np.ndarray, ref: tuple[float, float] = (1.0, 1.0),
+                 max_blocks: Optional[int] = None):
+        max_blocks = max_blocks or MAX_BLOCKS
         w = warmup_end(lr)
         cs = np.cumsum(lr)
-        self.area = (cs - lr[0])[steps]
+        lr_ref, area_ref = ref
+        self.area = (cs - lr[0])[steps] / area_ref
         k = w + 1 + np.flatnonzero(lr[w:-1] != lr[w + 1:])
         dk = lr[k - 1] - lr[k]
-        if len(k) > MAX_BLOCKS:  # merge neighbouring changes; each block acts at its change-weighted centre
-            blocks = np.array_split(np.arange(len(k)), MAX_BLOCKS)
+        if len(k) > max_blocks:  # merge neighbouring changes; each block acts at its change-weighted centre
+            blocks = np.array_split(np.arange(len(k)), max_blocks)
             weights = [np.abs(dk[b]) + 1e-300 for b in blocks]
             k = np.array([int(round(np.average(k[b], weights=wt))) for b, wt in zip(blocks, weights)])
             dk = np.array([dk[b].sum() for b in blocks])
         floor = lr.max() * 1e-12
         self.dk = dk
-        self.log_lr = np.log(np.maximum(lr[k], floor))
+        self.log_lr = np.log(np.maximum(lr[k], floor) / lr_ref)
         self.sk = np.maximum(cs[steps][:, None] - cs[k - 1][None, :], 0.0)
 
     def predict(self, theta: np.ndarray, jac: bool = False):
@@ -117,8 +127,9 @@ class _MPLTerms:
         return -np.expm1(-beta * np.log1p(cx)) @ self.dk
 
 
-def _terms(law: str, lr: np.ndarray, steps: np.ndarray):
-    return _TissueTerms(lr, steps) if law == "tissue" else _MPLTerms(lr, steps)
+def _terms(law: str, lr: np.ndarray, steps: np.ndarray, ref: tuple[float, float] = (1.0, 1.0),
+           max_blocks: Optional[int] = None):
+    return _TissueTerms(lr, steps) if law == "tissue" else _MPLTerms(lr, steps, ref, max_blocks)
 
 
 def _check_law(law: str) -> tuple[str, ...]:
@@ -127,14 +138,25 @@ def _check_law(law: str) -> tuple[str, ...]:
     return LAWS[law]
 
 
-def _theta(law: str, params: dict[str, float]) -> np.ndarray:
+def _theta(law: str, params: dict[str, float], ref: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+    """Internal coordinates: logs, lambda as log(1 − lambda), multi-power A and C centred on `ref` (_MPLTerms)."""
     v = dict(params)
     if law == "tissue":
         v["lambda"] = 1.0 - v["lambda"]  # lambda is fitted as log(1 − lambda)
-    return np.log([v[n] for n in LAWS[law]])
+    theta = np.log([v[n] for n in LAWS[law]])
+    if law == "mpl":
+        lr_ref, area_ref = ref
+        theta[1] -= v["alpha"] * math.log(area_ref)
+        theta[4] -= v["gamma"] * math.log(lr_ref)
+    return theta
 
 
-def _params(law: str, theta: np.ndarray) -> dict[str, float]:
+def _params(law: str, theta: np.ndarray, ref: tuple[float, float] = (1.0, 1.0)) -> dict[str, float]:
+    theta = np.array(theta, dtype=float)
+    if law == "mpl":
+        lr_ref, area_ref = ref
+        theta[1] += math.exp(theta[2]) * math.log(area_ref)
+        theta[4] += math.exp(theta[6]) * math.log(lr_ref)
     v = dict(zip(LAWS[law], np.exp(theta).tolist()))
     if law == "tissue":
         v["lambda"] = 1.0 - v["lambda"]
@@ -175,10 +197,12 @@ class CurveFit:
     curves: list[CurveStats] = field(default_factory=list)
     at_bound: list[str] = field(default_factory=list)
     """Parameters that ended on their search bound: the curves do not determine them (predictions may still hold)."""
+    cost: Optional[float] = None
+    """The Huber cost at the optimum (fit_objective computes it at any parameters)."""
 
     def to_json(self) -> dict:
         return {"law": self.law, "formula": FORMULAS[self.law], "params": self.params, "huber_delta": self.delta,
-                "at_bound": self.at_bound, "curves": [vars(c) for c in self.curves]}
+                "at_bound": self.at_bound, "cost": self.cost, "curves": [vars(c) for c in self.curves]}
 
 
 @dataclass
@@ -188,52 +212,91 @@ class _Data:
     loss: np.ndarray
 
 
-def _prepare(law: str, curves: Sequence[Curve], min_step: int, max_points: int) -> list[_Data]:
-    out = []
+def _pick(steps: np.ndarray, loss: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """At most max_points of a curve, evenly spaced in step: the laws' cost grows with the points."""
+    if len(steps) <= max_points:
+        return steps, loss
+    pick = np.unique(np.linspace(0, len(steps) - 1, max_points).round().astype(int))
+    return steps[pick], loss[pick]
+
+
+def _prepare(law: str, curves: Sequence[Curve], min_step: int, max_points: int,
+             screen_points: int = 0) -> tuple[list[_Data], list[_Data], tuple[float, float]]:
+    """The curves as fit data, a smaller subset for screening the start grid, and the centring reference
+    (the highest LR, the geometric mean of the areas at the points)."""
+    kept = []
     for cv in curves:
         last = int(max(cv.lr_steps[-1], cv.loss_steps[-1]))
         lr = lr_per_step(cv.lr_steps, cv.lr, last)
         if lr.max() <= 0:
             raise MiniCPMError(f"{cv.name}: the LR is 0 everywhere")
         keep = (cv.loss_steps > warmup_end(lr)) & (cv.loss_steps >= max(min_step, 1))
-        steps, loss = cv.loss_steps[keep].astype(int), cv.loss[keep]
-        if len(steps) > max_points:  # evenly spaced in step: the laws' cost grows with the points
-            pick = np.unique(np.linspace(0, len(steps) - 1, max_points).round().astype(int))
-            steps, loss = steps[pick], loss[pick]
+        steps, loss = _pick(cv.loss_steps[keep].astype(int), cv.loss[keep], max_points)
         if len(steps):
-            out.append(_Data(cv.name, _terms(law, lr, steps), loss))
-    return out
+            kept.append((cv.name, lr, steps, loss))
+    if not kept:
+        return [], [], (1.0, 1.0)
+    areas = np.concatenate([(np.cumsum(lr) - lr[0])[steps] for _, lr, steps, _ in kept])
+    ref = (float(max(lr.max() for _, lr, _, _ in kept)), float(np.exp(np.log(areas).mean())))
+    data = [_Data(name, _terms(law, lr, steps, ref, FIT_BLOCKS), loss) for name, lr, steps, loss in kept]
+    if not screen_points:
+        return data, data, ref
+    screen = []
+    for name, lr, steps, loss in kept:
+        steps, loss = _pick(steps, loss, screen_points)
+        screen.append(_Data(name, _terms(law, lr, steps, ref, FIT_BLOCKS), loss))
+    return data, screen, ref
 
 
-def _starts(law: str, data: list[_Data], n_starts: int) -> list[np.ndarray]:
+# The multi-power law's start grid, in the centred coordinates of _MPLTerms: each exponent over its plausible
+# range (Luo et al. 2025 fit alpha 0.43–0.51, beta 0.58–0.60, gamma 0.63–0.66 for 25M–400M models) and, for C,
+# the response one step at the peak LR gives, x = C·lr_peak^(1−gamma) (theirs: 2·(3e-4)^0.4 ≈ 0.08, an annealing
+# that settles over tens of steps), from 1e-3 (thousands of steps) to 1 (one step).
+MPL_GRID = {"alpha": (0.2, 0.35, 0.5, 0.7), "beta": (0.3, 0.5, 0.7, 1.0), "gamma": (0.3, 0.5, 0.7, 0.9),
+            "response": (1e-3, 1e-2, 1e-1, 1.0)}
+
+
+def _linear_solve(columns: list[np.ndarray], obs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Non-negative least squares of the relative residuals for the coefficients of the given columns."""
+    f = np.stack(columns, axis=1)
+    lin, res = nnls(f / obs[:, None], np.ones_like(obs))
+    return np.maximum(lin, 1e-8 * obs.mean()), float(res)
+
+
+def _starts(law: str, data: list[_Data], n_starts: int, ref: tuple[float, float]) -> list[np.ndarray]:
     """Variable projection on a grid: for fixed exponents the laws are linear in (L0, A, C) or (L0, A, B), which
-    non-negative least squares (relative residuals) solves; the best grid points start the full fit."""
+    non-negative least squares (relative residuals) solves. For the multi-power law the best point of each gamma
+    row starts a refinement, best first: gamma and C trade off along a long, flat valley, and starts spread along
+    it reach the deepest part of it where neighbouring grid points would all fall into one local dip."""
     obs = np.concatenate([d.loss for d in data])
+    ones = np.ones_like(obs)
     scored = []
     if law == "tissue":
         for alpha in (0.2, 0.4, 0.6, 0.9):
             for one_minus_lam in (1e-1, 1e-2, 1e-3, 1e-4):
-                f = np.concatenate([np.stack([np.ones(len(d.loss)), d.terms.s1 ** -alpha,
-                                              -d.terms.annealing_area(1.0 - one_minus_lam)[0]], axis=1)
-                                    for d in data])
-                lin, res = nnls(f / obs[:, None], np.ones_like(obs))
-                lin = np.maximum(lin, 1e-8 * obs.mean())
-                scored.append((res, [math.log(lin[0]), math.log(lin[1]), math.log(alpha), math.log(lin[2]),
-                                     math.log(one_minus_lam)]))
-    else:
-        for alpha in (0.3, 0.5, 0.8):
-            for beta in (0.3, 0.6, 1.0):
-                for gamma in (0.3, 0.6):
-                    for c in (1e-3, 1e-2, 1e-1, 1.0, 10.0):
-                        f = np.concatenate([np.stack([np.ones(len(d.loss)), d.terms.area ** -alpha,
-                                                      -d.terms.annealing_features(c, beta, gamma)], axis=1)
-                                            for d in data])
-                        lin, res = nnls(f / obs[:, None], np.ones_like(obs))
-                        lin = np.maximum(lin, 1e-8 * obs.mean())
-                        scored.append((res, [math.log(lin[0]), math.log(lin[1]), math.log(alpha), math.log(lin[2]),
-                                             math.log(c), math.log(beta), math.log(gamma)]))
+                anneal = np.concatenate([-d.terms.annealing_area(1.0 - one_minus_lam)[0] for d in data])
+                power = np.concatenate([d.terms.s1 ** -alpha for d in data])
+                lin, res = _linear_solve([ones, power, anneal], obs)
+                scored.append((res, None, [math.log(lin[0]), math.log(lin[1]), math.log(alpha), math.log(lin[2]),
+                                           math.log(one_minus_lam)]))
+        scored.sort(key=lambda s: s[0])
+        return [np.array(s[2]) for s in scored[:n_starts]]
+    lr_ref = ref[0]
+    log_area = np.concatenate([np.log(d.terms.area) for d in data])
+    for gamma in MPL_GRID["gamma"]:
+        for beta in MPL_GRID["beta"]:
+            for response in MPL_GRID["response"]:
+                c = response / lr_ref  # C' = C·lr_ref^-gamma, and x per peak step = C'·lr_ref
+                anneal = -np.concatenate([d.terms.annealing_features(c, beta, gamma) for d in data])
+                for alpha in MPL_GRID["alpha"]:
+                    lin, res = _linear_solve([ones, np.exp(-alpha * log_area), anneal], obs)
+                    scored.append((res, gamma, [math.log(lin[0]), math.log(lin[1]), math.log(alpha),
+                                                math.log(lin[2]), math.log(c), math.log(beta), math.log(gamma)]))
     scored.sort(key=lambda s: s[0])
-    return [np.array(s[1]) for s in scored[:n_starts]]
+    best_per_gamma: dict[float, list] = {}
+    for res, gamma, theta in scored:
+        best_per_gamma.setdefault(gamma, theta)
+    return [np.array(theta) for theta in list(best_per_gamma.values())[:n_starts]]
 
 
 def _bounds(law: str, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -245,16 +308,23 @@ def _bounds(law: str, obs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         np.array([hi_l0, 40, math.log(3.0), 40, 40, math.log(10.0), math.log(3.0)])
 
 
+def _huber_cost(r: np.ndarray, delta: float) -> float:
+    """scipy least_squares' cost with loss='huber', f_scale=delta: sum of delta²·rho(r²/delta²)/2."""
+    a = np.abs(r)
+    return float(np.sum(np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))))
+
+
 @single_threaded_blas
 def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min_step: int = 0,
-                  max_points: int = 200, n_starts: int = 3) -> CurveFit:
+                  max_points: int = 200, n_starts: int = 4, screen_points: int = 60) -> CurveFit:
     """Fit a loss-curve law to one or more curves: Huber (scale delta) on relative residuals, trust-region
-    least squares with analytic Jacobians, from the best grid points of a variable-projection search.
+    least squares with analytic Jacobians, from the best points of a variable-projection grid over each
+    parameter's plausible range (screened on `screen_points` points per curve), keeping the deepest optimum.
 
     Points up to the end of warmup (and before min_step) are left out: both laws describe the curve after it.
     """
     names = _check_law(law)
-    data = _prepare(law, curves, min_step, max_points)
+    data, screen, ref = _prepare(law, curves, min_step, max_points, screen_points if law == "mpl" else 0)
     n = sum(len(d.loss) for d in data)
     if n <= len(names):
         raise MiniCPMError(f"{n} loss points after warmup; law {law!r} has {len(names)} parameters: "
@@ -272,21 +342,21 @@ def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min
 
     lo, hi = _bounds(law, obs)
     best = None
-    for theta0 in _starts(law, data, n_starts):
+    for theta0 in _starts(law, screen, n_starts, ref):
         try:
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
                 res = least_squares(residuals, np.clip(theta0, lo + 1e-9, hi - 1e-9), jac=jacobian,
                                     bounds=(lo, hi), loss="huber", f_scale=delta, method="trf",
-                                    x_scale="jac", max_nfev=500, xtol=1e-10, ftol=1e-10, gtol=1e-10)
+                                    x_scale="jac", max_nfev=300, xtol=1e-12, ftol=1e-12, gtol=1e-12)
         except ValueError:
             continue  # the start produced a non-finite residual
-        if res.status <= 0 or not np.all(np.isfinite(res.fun)):
+        if res.status < 0 or not np.all(np.isfinite(res.fun)):
             continue
         if best is None or res.cost < best.cost:
             best = res
     if best is None:
         raise MiniCPMError(f"the {law!r} loss-curve fit did not converge from any start")
-    params = _params(law, best.x)
+    params = _params(law, best.x, ref)
     if not all(math.isfinite(v) for v in params.values()):
         raise MiniCPMError(f"the {law!r} loss-curve fit gave non-finite parameters")
     stats = []
@@ -294,7 +364,17 @@ def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min
         rel = d.terms.predict(best.x) / d.loss - 1.0
         stats.append(CurveStats(d.name, len(rel), float(np.sqrt(np.mean(rel ** 2))), float(np.abs(rel).max())))
     at_bound = [n for n, v, a, b in zip(names, best.x, lo, hi) if min(v - a, b - v) < 1e-6]
-    return CurveFit(law, params, delta, stats, at_bound)
+    return CurveFit(law, params, delta, stats, at_bound, float(best.cost))
+
+
+def fit_objective(fit_or_law, curves: Sequence[Curve], params: Optional[dict[str, float]] = None, *,
+                  delta: float = 1e-3, min_step: int = 0, max_points: int = 200) -> float:
+    """The Huber cost fit_curve_law minimises, at `params` (default: the fit's own), on the same points."""
+    law = fit_or_law.law if isinstance(fit_or_law, CurveFit) else fit_or_law
+    params = params if params is not None else fit_or_law.params
+    data, _, ref = _prepare(law, curves, min_step, max_points)
+    theta = _theta(law, params, ref)
+    return _huber_cost(np.concatenate([d.terms.predict(theta) / d.loss - 1.0 for d in data]), delta)
 
 
 def load_fit_params(doc: object, source: str) -> tuple[str, dict[str, float]]:
