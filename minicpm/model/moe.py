@@ -127,12 +127,11 @@ class MoE(nn.Module):
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-
-        def stacked(name: str) -> torch.Tensor:  # (E, in, out): grouped_mm computes rows @ W_e per group
-            return torch.stack([getattr(e, name).weight for e in self.experts]).to(rows.dtype).transpose(-2, -1)
-
-        hidden = F.silu(F.grouped_mm(rows, stacked("w1"), offs=offsets)) * F.grouped_mm(rows, stacked("w3"), offs=offsets)
-        return F.grouped_mm(hidden, stacked("w2"), offs=offsets)
+        # grouped_mm computes rows @ W_e per group, W_e (in, out); w1 and w3 side by side: one matmul for both
+        gate_up = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(rows.dtype)
+        down = torch.stack([e.w2.weight for e in self.experts]).to(rows.dtype)
+        gate, up = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
 
     def _report(self, aux: dict, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         # only this layer's own numbers: under activation checkpointing the block's forward runs again in the
