@@ -1,7 +1,8 @@
 """Plots and a self-contained HTML report for one or more runs (a stable run and its decay branches overlay).
 
 loss.png: train loss (lines) and held-out loss (markers) against tokens, with the learning rate on a second
-axis; bpb.png: held-out bits per byte against tokens. report.html embeds both as base64 and tabulates each run.
+axis; bpb.png: held-out bits per byte against tokens; router.png: an MoE's router (report_router.py). report.html
+embeds them as base64 and tabulates each run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.report_router import router_plot, router_table
 from minicpm.rundir import RunDir, checkpoint_step, run_of
 
 
@@ -157,7 +159,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
-    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs)}
+    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs), "router.png": router_plot(runs)}
     written = []
     for name, data in images.items():
         if data is not None:
@@ -176,6 +178,7 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}pre{{backgr
 </head><body><h1>{html.escape(title)}</h1>
 <p>Runs: {", ".join(html.escape(str(run.path)) for run in runs)}</p>
 {_table(runs)}
+{router_table(runs)}
 {figures}
 {configs}
 </body></html>
