@@ -181,7 +181,7 @@ def test_step_balance_sums_the_processes_counts_inside_the_forward_into_the_whol
         model.step_balance = StepBalance()
         model.step_balance.counting = True
         model.hidden_states(half, aux_losses={})
-        counts.append(model.step_balance._counts)
+        counts.append(model.step_balance.counts)
     losses = []
     for rank, half in enumerate(halves):  # "process" rank, whose all-reduce adds the other's counts
         model.step_balance = StepBalance(all_reduce=lambda t, other=counts[1 - rank]: t.add_(other))

@@ -188,25 +188,26 @@ class StepBalance:
         self.all_reduce = all_reduce
         """Sums a tensor over the data-parallel processes in place (None: one process)."""
         self.counting = False
-        self._counts: torch.Tensor | None = None  # (E + 1,): top-k assignments per expert, then router rows
+        self.counts: torch.Tensor | None = None
+        """The step's (E + 1,) counts from the pre-pass: top-k assignments per expert, then router rows."""
 
     def finish_counting(self) -> None:
         """After the pre-pass: the step's counts summed over the processes."""
         self.counting = False
-        if self._counts is not None and self.all_reduce is not None:
-            self.all_reduce(self._counts)
+        if self.counts is not None and self.all_reduce is not None:
+            self.all_reduce(self.counts)
 
     def fraction(self, assigned: torch.Tensor, rows: int) -> torch.Tensor:
         """f_e of the step, given this forward's own top-k assignments and router rows (pooled over its layers)."""
         own = torch.cat([assigned.detach().float(), assigned.new_tensor([float(rows)])])
         if self.counting:  # the pre-pass: add this forward's routing to the step's
-            self._counts = own if self._counts is None else self._counts + own
+            self.counts = own if self.counts is None else self.counts + own
             return own[:-1] / own[-1]
-        if self._counts is None:  # no pre-pass: this forward is the process's whole step
+        if self.counts is None:  # no pre-pass: this forward is the process's whole step
             if self.all_reduce is not None:
                 self.all_reduce(own)
             return own[:-1] / own[-1]
-        return self._counts[:-1] / self._counts[-1]
+        return self.counts[:-1] / self.counts[-1]
 
 
 def pool_router_losses(aux: dict, step: StepBalance | None = None) -> None:
