@@ -7,8 +7,8 @@ the same schedule. Prints the held-out loss and tokens/s of each.
         --tokens-per-step 4096 --file-stride 4
 
 The stable phase is configs/quickstart.yaml (1.3M parameters, 8192 tokens/step, constant lr); --stable-steps,
---tokens-per-step and --file-stride shrink it for a loaded machine. Both continuations are weights-only starts with a WSD schedule
-(warmup, then the last 20% an exponential decay); the MoE one also learns its balance loss (× 0.01).
+--tokens-per-step and --file-stride shrink it for a loaded machine. Both continuations are weights-only starts with a
+WSD schedule (warmup, then the last 20% an exponential decay); the MoE one also learns its balance loss (× 0.01).
 Existing stages under --out are reused (delete --out to start over).
 """
 

@@ -118,7 +118,8 @@ def test_two_processes_train_an_moe_like_one_and_their_checkpoint_resumes_in_one
     torchrun(tmp_path / "two")
     one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5, 6]
-    keys = ("loss", "grad_norm", "aux/load_balance", "aux/router_z", "moe/layer0/load_expert0", "moe/layer1/load_expert2")
+    keys = ("loss", "grad_norm", "aux/load_balance", "aux/router_z", "moe/layer0/load_expert0",
+            "moe/layer1/load_expert2")
     for step in one:
         for key in keys:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)
