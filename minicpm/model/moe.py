@@ -128,7 +128,9 @@ class MoE(nn.Module):
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
         # grouped_mm computes rows @ W_e per group, W_e (in, out); w1 and w3 side by side: one matmul for both
-        gate_up = torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in self.experts]).to(rows.dtype)
+        # (one copy: stacking w1_0, w3_0, w1_1, ... and viewing pairs as (E, 2I, d), not a cat then a stack)
+        gate_up = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).to(rows.dtype)
+        gate_up = gate_up.view(self.num_experts, 2 * self.intermediate_size, -1)
         down = torch.stack([e.w2.weight for e in self.experts]).to(rows.dtype)
         gate, up = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
         return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
