@@ -2,11 +2,16 @@
 
 A random-init MoE (8 experts, top-2 by default) is exported with μP folded in (minicpm.interop.mixtral) and loaded
 as MixtralForCausalLM, so both compute the same function and route the same way. One step = forward, cross-entropy
-plus 0.01 × the balance loss (ours through the aux channel, the peer's with output_router_logits), backward. Runs
-alternate ours/peer; the table gives the median wall time and tokens/s of each and the ratio.
+plus 0.01 × the balance loss (ours through the aux channel, the peer's with output_router_logits), backward. Two
+peers: transformers' `eager` experts (a Python loop over the experts, each selecting its tokens with a mask: the
+peer the MoE issue names) and its `grouped_mm` experts (stacked weights, one grouped matmul; transformers' default).
+Runs alternate ours/peers; the table gives the median step time and tokens/s of each and the ratios.
 
-    python benchmarks/moe_step.py                       # d=256, 4 layers, 8 experts, batch 4 x 256
-    python benchmarks/moe_step.py --experts-impl eager  # the peer's per-expert mask loop explicitly
+--clock cpu measures the process's CPU time instead of wall time: on a shared, loaded machine the wall time mostly
+measures the other processes; CPU time (with --threads 1) is what the step itself costs.
+
+    python benchmarks/moe_step.py                          # d=256, 4 layers, 8 experts, batch 4 x 256, wall clock
+    python benchmarks/moe_step.py --threads 1 --clock cpu  # on a loaded machine
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 
-def build_pair(args):
+def build_models(args):
     from transformers import MixtralForCausalLM
 
     from minicpm.interop.mixtral import export_mixtral
@@ -32,13 +37,15 @@ def build_pair(args):
                          num_hidden_layers=args.layers, num_attention_heads=args.d // 64,
                          num_key_value_heads=args.d // 64, num_experts=args.experts, num_experts_per_tok=args.top_k)
     ours = build_model(config, seed=0).train()
+    peers = {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         export_mixtral(ours, tmp)
-        kwargs = {"experts_implementation": args.experts_impl} if args.experts_impl else {}
-        peer = MixtralForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="sdpa",
-                                                  output_router_logits=True, router_aux_loss_coef=0.01, **kwargs)
-    return ours, peer.train()
+        for impl in args.peers:
+            peers[impl] = MixtralForCausalLM.from_pretrained(
+                tmp, dtype=torch.float32, attn_implementation="sdpa", output_router_logits=True,
+                router_aux_loss_coef=0.01, experts_implementation=impl).train()
+    return ours, peers
 
 
 def step_ours(model, ids, labels):
@@ -67,33 +74,41 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--experts-impl", default=None, help="the peer's experts_implementation (eager, grouped_mm, ...)")
+    parser.add_argument("--peers", nargs="+", default=["eager", "grouped_mm"],
+                        help="the peer's experts_implementation(s) (default: %(default)s)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or this process's CPU time (for a loaded machine)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    ours, peer = build_pair(args)
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    ours, peers = build_models(args)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g)
     ids, labels = ids[:, :-1], ids[:, 1:]
     with torch.no_grad():
-        ours.eval(), peer.eval()
-        error = (ours(ids) - peer(ids).logits).abs().max().item()
-        ours.train(), peer.train()
-    times = {"ours": [], "peer": []}
+        ours.eval()
+        reference = ours(ids)
+        error = max((reference - peer.eval()(ids).logits).abs().max().item() for peer in peers.values())
+        ours.train(), [peer.train() for peer in peers.values()]
+    runs = [("ours", step_ours, ours)] + [(f"peer {impl}", step_peer, peer) for impl, peer in peers.items()]
+    times = {name: [] for name, _, _ in runs}
     for i in range(args.repeats + 1):  # the first round warms up, untimed
-        for name, fn, model in (("ours", step_ours, ours), ("peer", step_peer, peer)):
-            start = time.perf_counter()
+        for name, fn, model in runs:
+            start = clock()
             fn(model, ids, labels)
             if i:
-                times[name].append(time.perf_counter() - start)
+                times[name].append(clock() - start)
     tokens = args.batch * args.seq
-    ours_s, peer_s = statistics.median(times["ours"]), statistics.median(times["peer"])
-    print(f"MoE training step, CPU, {torch.get_num_threads()} threads: d={args.d} L={args.layers} "
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"MoE training step, CPU, {torch.get_num_threads()} threads, {args.clock} clock: d={args.d} L={args.layers} "
           f"E={args.experts} top-{args.top_k} vocab={args.vocab} batch {args.batch}x{args.seq}; "
           f"max |logit difference| {error:.2e}")
-    print(f"{'figure':<28}{'ours':>12}{'peer':>12}{'ratio':>8}")
-    print(f"{'median step time (s)':<28}{ours_s:>12.4f}{peer_s:>12.4f}{peer_s / ours_s:>8.2f}")
-    print(f"{'tokens/s':<28}{tokens / ours_s:>12.0f}{tokens / peer_s:>12.0f}{peer_s / ours_s:>8.2f}")
+    print(f"{'figure':<34}{'ours':>10}{'peer':>10}{'ratio':>8}")
+    for impl in peers:
+        o, p = median["ours"], median[f"peer {impl}"]
+        print(f"{f'step time (s), peer {impl}':<34}{o:>10.4f}{p:>10.4f}{p / o:>8.2f}")
+        print(f"{f'tokens/s, peer {impl}':<34}{tokens / o:>10.0f}{tokens / p:>10.0f}{p / o:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,11 @@ class ObjectiveConfig:
     reported only under model.router_z_loss, x 0.001 as ST-MoE)."""
     options: Dict[str, Any] = field(default_factory=dict)
     """The objective kind's own settings (each kind documents and checks its keys)."""
+    balance_over: str = "step"
+    """MoE balance loss E·Σ f·P: step (f counted over the whole optimizer step on all processes, global-batch
+    balancing: the same loss for any accumulation and process count; costs one no-grad forward per step when
+    accumulating) | micro_batch (f of each micro-batch on its own process, as Mixtral's code; free, but the loss
+    depends on the micro-batch size)."""
 
 
 def _default_evaluators() -> list:
@@ -360,6 +365,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(not (r.init_from and r.init_weights_from),
            "run.init_from (--from: a branch with optimizer and data state) and run.init_weights_from (weights only) "
            "are two ways to start; give one")
+    _check(cfg.objective.balance_over in ("step", "micro_batch"),
+           f"objective.balance_over: expected step or micro_batch, got {cfg.objective.balance_over!r}")
     for name, weight in cfg.objective.aux_loss_weights.items():
         _check(math.isfinite(weight) and weight >= 0,
                f"objective.aux_loss_weights.{name} must be a finite number >= 0, got {weight}")

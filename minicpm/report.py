@@ -1,7 +1,8 @@
 """Plots and a self-contained HTML report for one or more runs (a stable run and its decay branches overlay).
 
 loss.png: train loss (lines) and held-out loss (markers) against tokens, with the learning rate on a second
-axis; bpb.png: held-out bits per byte against tokens. report.html embeds both as base64 and tabulates each run.
+axis; bpb.png: held-out bits per byte against tokens; router.png: an MoE's router (report_router.py). report.html
+embeds them as base64 and tabulates each run.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.report_router import router_plot, router_table
 from minicpm.rundir import RunDir, checkpoint_step, run_of
 
 
@@ -161,7 +163,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
     attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
-    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs)}
+    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs), "router.png": router_plot(runs)}
     verdict = ""
     if prediction is not None:
         from minicpm.experiments.watch import against_prediction
@@ -186,6 +188,7 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%}}pre{{backgr
 <p>Runs: {", ".join(html.escape(str(run.path)) for run in runs)}</p>
 {f"<p><b>Against the prediction:</b> {html.escape(verdict)}</p>" if verdict else ""}
 {_table(runs)}
+{router_table(runs)}
 {figures}
 {configs}
 </body></html>

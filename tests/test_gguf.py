@@ -297,10 +297,6 @@ def test_bad_requests_are_one_line_errors(checkpoint, tmp_path, tokenizer_dir):
 
     assert "'q4_k'" in error(checkpoint, tmp_path / "m.gguf", dtype="q4_k")
     assert "'gpt2'" in error(checkpoint, tmp_path / "m.gguf", arch="gpt2")
-    moe = tmp_path / "moe"
-    moe.mkdir()
-    (moe / "config.json").write_text(json.dumps(small_config().to_hf_dict() | {"num_experts": 4}))
-    assert "MoE" in error(moe, tmp_path / "m.gguf")
     yarn = write_checkpoint(tmp_path / "yarn", small_config(rope_scaling={"type": "yarn", "factor": 4.0}),
                             tokenizer_dir)
     assert "'yarn'" in error(yarn, tmp_path / "m.gguf")

@@ -167,3 +167,28 @@ def test_grouped_matmul_and_the_loop_over_experts_agree_forward_and_backward():
         results.append((out.detach(), moe.experts[1].w2.weight.grad.clone(), moe.gate.weight.grad.clone()))
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_step_balance_sums_the_processes_counts_inside_the_forward_into_the_whole_batchs_loss():
+    from minicpm.model.moe import StepBalance
+
+    model = build_model(moe_config(), seed=9)
+    ids = torch.randint(0, 96, (4, 8), generator=torch.Generator().manual_seed(0))
+    whole = router_logits(model, ids)[1]["load_balance"]  # one process, one forward: Mixtral's loss of the batch
+    halves = (ids[:2], ids[2:])
+    counts = []
+    for half in halves:  # what each process counts of its own tokens
+        model.step_balance = StepBalance()
+        model.step_balance.counting = True
+        model.hidden_states(half, aux_losses={})
+        counts.append(model.step_balance.counts)
+    losses = []
+    for rank, half in enumerate(halves):  # "process" rank, whose all-reduce adds the other's counts
+        model.step_balance = StepBalance(all_reduce=lambda t, other=counts[1 - rank]: t.add_(other))
+        aux = {}
+        model.hidden_states(half, aux_losses=aux)
+        losses.append(aux["load_balance"])
+    model.step_balance = None
+    assert float(sum(losses) / 2) == pytest.approx(float(whole), rel=1e-6)
+    alone = [router_logits(model, half)[1]["load_balance"] for half in halves]  # without the all-reduce: differs
+    assert float(sum(alone) / 2) != pytest.approx(float(whole), rel=1e-3)

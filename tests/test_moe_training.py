@@ -1,5 +1,6 @@
-"""Training a MiniCPM-MoE through the one loop: exact resume, activation checkpointing, and 2 gloo processes with
-FSDP2 that train like 1 (the aux loss and router statistics too), their DCP checkpoint resuming in 1.
+"""Training a MiniCPM-MoE through the one loop: exact resume, activation checkpointing, a balance loss and step that
+do not depend on the micro-batch size, and 2 gloo processes with FSDP2 that train like 1 (the aux loss and router
+statistics too), their DCP checkpoint resuming in 1.
 
 Run as a script (under torchrun or not), this file is the training process the two-process test starts.
 """
@@ -24,7 +25,7 @@ from minicpm.train.loop import train
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MOE = ("model.num_experts=4", "model.num_experts_per_tok=2", "model.router_z_loss=true", "run.dtype=fp32")
-# 8 sequences of 32 tokens per step: 2 processes x 2 micro-batches of 2, or 1 process x 4 micro-batches of 2
+# 8 sequences of 32 tokens per step: 2 processes x 2 micro-batches of 2, or 1 process x 1 micro-batch of 8
 SETTINGS = (*MOE, "schedule.total_steps=6", "schedule.decay_start=4", "run.log_every=1", "run.checkpoint_every=3",
             "batch.micro_batch_size=2", "parallel.activation_checkpointing=selective")
 STEP3 = "checkpoints/step_00000003"
@@ -80,6 +81,23 @@ def test_activation_checkpointing_changes_nothing_for_an_moe(tmp_path):
                 assert got[key] == pytest.approx(want[key], rel=1e-5), (mode, key)
 
 
+@pytest.mark.parametrize("balance_over", ["step", "micro_batch"])
+def test_the_balance_loss_and_the_step_are_the_same_for_one_and_four_micro_batches(tmp_path, balance_over):
+    common = (*MOE, "schedule.total_steps=3", "schedule.decay_start=2", "run.log_every=1", "run.checkpoint_every=0",
+              f"objective.balance_over={balance_over}")
+    logged = {}
+    for size in (8, 2):  # 8 sequences a step: 1 micro-batch of 8, or 4 of 2 (steps 2 and 3 see the updated weights)
+        run(tiny_config(tmp_path / str(size), *common, f"batch.micro_batch_size={size}"))
+        logged[size] = step_records(tmp_path / str(size))
+    if balance_over == "micro_batch":  # Mixtral's per-micro-batch f: the loss depends on the micro-batch size
+        assert logged[2][1]["aux/load_balance"] != pytest.approx(logged[8][1]["aux/load_balance"], rel=1e-4)
+        return
+    for step in (1, 2, 3):
+        # (the per-expert loads are token means, the same too; load_max/min are maxima of each micro-batch's)
+        for key in ("loss", "grad_norm", "aux/load_balance", "aux/router_z", "moe/layer1/load_expert3"):
+            assert logged[2][step][key] == pytest.approx(logged[8][step][key], rel=1e-5), (step, key)
+
+
 def torchrun(out_dir, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            str(out_dir), *args]
@@ -93,14 +111,15 @@ def torchrun(out_dir, *args):
 def test_two_processes_train_an_moe_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        run(tiny_config(tmp_path / "one", *SETTINGS))
+    try:  # one micro-batch of 8 in one process against 2 micro-batches of 2 in each of 2 processes
+        run(tiny_config(tmp_path / "one", *SETTINGS, "batch.micro_batch_size=8"))
     finally:
         torch.set_num_threads(threads)
     torchrun(tmp_path / "two")
     one, two = step_records(tmp_path / "one"), step_records(tmp_path / "two")
     assert sorted(one) == sorted(two) == [1, 2, 3, 4, 5, 6]
-    keys = ("loss", "grad_norm", "aux/load_balance", "aux/router_z", "moe/layer0/load_expert0", "moe/layer1/load_min")
+    keys = ("loss", "grad_norm", "aux/load_balance", "aux/router_z", "moe/layer0/load_expert0",
+            "moe/layer1/load_expert2")
     for step in one:
         for key in keys:
             assert two[step][key] == pytest.approx(one[step][key], rel=1e-5, abs=1e-6), (step, key)

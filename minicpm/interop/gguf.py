@@ -5,6 +5,9 @@ Two architectures:
            (scale_emb), `minicpm.residual_scale` (scale_depth/√L) and `minicpm.logit_scale` (d/dim_model_base;
            llama.cpp divides the logits by it). The head stays tied when the checkpoint's is.
   llama    a plain Llama with μP folded into the weights (interop.hf.fold_mup): no scale keys, head untied.
+An MoE model goes in either arch as llama.cpp's converter writes MiniCPM-MoE and Mixtral: per layer the router
+(ffn_gate_inp) and the experts stacked (ffn_gate_exps, ffn_up_exps, ffn_down_exps), with expert_count and
+expert_used_count.
 
 The tokenizer beside the checkpoint goes in: a byte-level BPE tokenizer.json as `tokenizer.ggml.model = "gpt2"`
 (tokens, types, merges, the pre-tokenizer's llama.cpp name), a SentencePiece tokenizer.model as "llama" (pieces,
@@ -27,8 +30,9 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import GGUF_ARCHES, GGUF_TYPES
 from minicpm.files import read_json_object
-from minicpm.interop.hf import PathLike, checkpoint_config, tokenizer_files
+from minicpm.interop.hf import PathLike, tokenizer_files
 from minicpm.interop.llama import fold_mup
+from minicpm.interop.mixtral import fold_mup_moe
 from minicpm.model.config import ModelConfig
 from minicpm.model.rope import transformers_rope
 from minicpm.model.transformer import MiniCPM
@@ -62,16 +66,16 @@ def export_gguf(checkpoint_dir: PathLike, out_file: PathLike, *, arch: str = "mi
         raise MiniCPMError(f"GGUF type {dtype!r}: the {arch} export writes {', '.join(DTYPES)}; for k-quants "
                            f"(q4_k_m, ...) run llama.cpp's llama-quantize on an f16 export")
     root = Path(checkpoint_dir)
-    experts = checkpoint_config(root).num_experts  # before reading any weights
-    if experts:
-        raise MiniCPMError(f"{root}: a MoE model ({experts} experts) does not export to GGUF yet")
     config, state = consolidate(root)
     rope_theta, rope_scaling = _rope(config)
     vocab = read_vocab(_tokenizer_path(root, tokenizer), config.vocab_size)
-    state = fold_mup(config, state) if arch == "llama" else state
     with torch.device("meta"):  # the model's own order (embedding, blocks 0..L-1, norm, head), whatever the file's
         order = [*MiniCPM(config).state_dict(), "lm_head.weight"]
     state = {key: state[key] for key in order if key in state}
+    if config.num_experts:
+        state = stack_experts(config, state)
+    if arch == "llama":
+        state = fold_mup_moe(config, state) if config.num_experts else fold_mup(config, state)
 
     def write(path: str) -> None:
         writer = gguf.GGUFWriter(path, arch)
@@ -107,6 +111,23 @@ def _write_file_atomically(out_file: Path, write) -> Path:
     return out_file
 
 
+def stack_experts(config: ModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The MoE layers as llama.cpp holds them: each layer's E experts' w1 / w3 / w2 stacked into one (E, out, in)
+    tensor (ffn_gate_exps / ffn_up_exps / ffn_down_exps, under the Mixtral names gguf's map knows), the router as
+    ffn_gate_inp; the order of `state` is kept (each stack where its expert 0 was)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix, dot, rest = key.partition(".mlp.experts.")
+        if not dot:
+            out[key] = tensor
+            continue
+        expert, matrix = rest.split(".", 1)  # "{e}", "w1.weight"
+        if expert == "0":
+            out[f"{prefix}.block_sparse_moe.experts.{matrix}"] = torch.stack(
+                [state[f"{prefix}.mlp.experts.{e}.{matrix}"] for e in range(config.num_experts)])
+    return out
+
+
 def _rope(config: ModelConfig) -> tuple[float, float | None]:
     """(base, linear factor or None): our RoPE as a Llama computes it (static NTK is a base change there, the one
     formula the Llama export uses too); llama.cpp has no dynamic NTK, and YaRN, LongRoPE and Llama-3 scaling do
@@ -135,6 +156,9 @@ def _add_model_keys(writer, gguf, config: ModelConfig, arch: str, dtype: str, na
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    if config.num_experts:  # llama.cpp's MoE graph for both arches: softmax → top-k → renormalise, as ours
+        writer.add_expert_count(config.num_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     writer.add_rope_dimension_count(config.head_dim)
     writer.add_rope_freq_base(rope_theta)
     if linear_factor is not None:

@@ -13,10 +13,12 @@ Parameter names are the official MiniCPM-MoE keys: `mlp.gate.weight` (E×d, no b
 
 What the layer reports through the model's auxiliary channel (`aux_losses`, see transformer.MiniCPM):
   load_balance        E·Σ_e f_e·P_e with f_e the fraction of the top-k assignments and P_e the mean router
-                      probability of expert e, both pooled over all the MoE layers of the forward before the product
-                      (transformers' `load_balancing_loss_func` for Mixtral); uniform routing gives k. Each layer
-                      leaves its own routing counts under a scratch key; the model pools them after its last layer
-                      (`pool_router_losses`), outside any activation-checkpointed block.
+                      probability of expert e, both pooled over all the MoE layers before the product (transformers'
+                      `load_balancing_loss_func` for Mixtral); uniform routing gives k. Each layer leaves its own
+                      routing counts under a scratch key; the model pools them after its last layer
+                      (`pool_router_losses`), outside any activation-checkpointed block. Over whose tokens f is
+                      counted: the forward's own (a bare forward, Mixtral's) or the whole optimizer step's
+                      (`StepBalance`, set by the train module: the same loss for any accumulation and process count).
   router_z            (with config.router_z_loss) ST-MoE's mean over tokens of logsumexp(logits)², averaged over layers.
   stat/moe/...        detached statistics, logged as metrics and never added to the loss: per layer the load of each
                       expert (fraction of assignments), its max and min, and the router entropy (nats, token mean)
@@ -27,6 +29,7 @@ What the layer reports through the model's auxiliary channel (`aux_losses`, see 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -124,12 +127,13 @@ class MoE(nn.Module):
 
     def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         offsets = counts.cumsum(0).to(torch.int32)
-
-        def stacked(name: str) -> torch.Tensor:  # (E, in, out): grouped_mm computes rows @ W_e per group
-            return torch.stack([getattr(e, name).weight for e in self.experts]).to(rows.dtype).transpose(-2, -1)
-
-        hidden = F.silu(F.grouped_mm(rows, stacked("w1"), offs=offsets)) * F.grouped_mm(rows, stacked("w3"), offs=offsets)
-        return F.grouped_mm(hidden, stacked("w2"), offs=offsets)
+        # grouped_mm computes rows @ W_e per group, W_e (in, out); w1 and w3 side by side: one matmul for both
+        # (one copy: stacking w1_0, w3_0, w1_1, ... and viewing pairs as (E, 2I, d), not a cat then a stack)
+        gate_up = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).to(rows.dtype)
+        gate_up = gate_up.view(self.num_experts, 2 * self.intermediate_size, -1)
+        down = torch.stack([e.w2.weight for e in self.experts]).to(rows.dtype)
+        gate, up = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+        return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
 
     def _report(self, aux: dict, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         # only this layer's own numbers: under activation checkpointing the block's forward runs again in the
@@ -163,17 +167,64 @@ class _Routing:
     entropy: torch.Tensor
 
 
-def pool_router_losses(aux: dict) -> None:
+class StepBalance:
+    """f_e of the balance loss counted over the whole optimizer step: all its micro-batches on all processes.
+
+    Why: E·Σ f_e·P_e is not a mean over tokens (f and P are each one), so a loss computed per micro-batch changes with
+    the micro-batch size, and balancing each small micro-batch is a stricter, different constraint than balancing
+    the batch (Qiu et al. 2025, "Demons in the Detail: On Implementing Load Balancing Loss for Training Specialized
+    Mixture-of-Expert Models": global-batch balancing, f synchronised over the data-parallel group). f has no
+    gradient (top-k counts), so given the step's f the loss is E·Σ_e f_e·(Σ_t p_te)/R, a sum over tokens that
+    accumulates exactly across micro-batches and processes like the cross-entropy; only f must be known before the
+    first backward. The train module gets it exactly:
+      one micro-batch per process   this forward's counts, summed over the processes inside the forward (one
+                                    all-reduce of E+1 numbers: Qiu et al.'s synchronisation);
+      several micro-batches         a no-grad pre-pass of the step's micro-batches counts the routing (`counting`),
+                                    summed over processes once; the forwards with gradients then use that f. The
+                                    pre-pass costs one extra forward per step, paid only when accumulating.
+    Each micro-batch reports E·Σ f_e·P_e^mb with P^mb its own mean probability; the objective weights it by the
+    micro-batch's targets, so the step's loss is the global E·Σ f_e·P_e exactly when targets are in proportion to
+    tokens (pretraining: every token is a target)."""
+
+    def __init__(self, all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.all_reduce = all_reduce
+        """Sums a tensor over the data-parallel processes in place (None: one process)."""
+        self.counting = False
+        self.counts: torch.Tensor | None = None
+        """The step's (E + 1,) counts from the pre-pass: top-k assignments per expert, then router rows."""
+
+    def finish_counting(self) -> None:
+        """After the pre-pass: the step's counts summed over the processes."""
+        self.counting = False
+        if self.counts is not None and self.all_reduce is not None:
+            self.all_reduce(self.counts)
+
+    def fraction(self, assigned: torch.Tensor, rows: int) -> torch.Tensor:
+        """f_e of the step, given this forward's own top-k assignments and router rows (pooled over its layers)."""
+        own = torch.cat([assigned.detach().float(), assigned.new_tensor([float(rows)])])
+        if self.counting:  # the pre-pass: add this forward's routing to the step's
+            self.counts = own if self.counts is None else self.counts + own
+            return own[:-1] / own[-1]
+        if self.counts is None:  # no pre-pass: this forward is the process's whole step
+            if self.all_reduce is not None:
+                self.all_reduce(own)
+            return own[:-1] / own[-1]
+        return self.counts[:-1] / self.counts[-1]
+
+
+def pool_router_losses(aux: dict, step: StepBalance | None = None) -> None:
     """After the layers of a forward: turn their routing into the aux losses (added to any already there).
 
     load_balance = E·Σ_e f_e·P_e with f and P pooled over every layer's tokens before the product, as transformers'
-    `load_balancing_loss_func` for Mixtral computes it; router_z = the mean over layers of each layer's z-loss.
+    `load_balancing_loss_func` for Mixtral computes it, f over this forward's tokens or, with `step`, over the
+    whole optimizer step's (StepBalance); router_z = the mean over layers of each layer's z-loss.
     Also the statistics over all layers: the largest and smallest expert load of any layer, the mean entropy."""
     routing: list[_Routing] = aux.pop(ROUTING_SCRATCH, [])
     if not routing:
         return
     rows = sum(r.tokens for r in routing)
-    fraction = torch.stack([r.assigned for r in routing]).sum(dim=0) / rows
+    assigned = torch.stack([r.assigned for r in routing]).sum(dim=0)
+    fraction = assigned / rows if step is None else step.fraction(assigned, rows)
     mean_prob = torch.stack([r.prob_sums for r in routing]).sum(dim=0) / rows
     aux["load_balance"] = aux.get("load_balance", 0.0) + len(fraction) * (fraction * mean_prob).sum()
     with torch.no_grad():

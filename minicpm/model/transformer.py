@@ -182,6 +182,9 @@ class MiniCPM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
                                                                           bias=False)
         self.rotary = RotaryCache()
+        self.step_balance = None
+        """MoE: over whose tokens the balance loss counts its f (a moe.StepBalance the train module sets for the
+        length of an optimizer step); None: each forward's own, as Mixtral."""
 
     def mup_roles(self) -> dict[str, str]:
         # the vocabulary matrices; every other parameter's role is declared by its own module
@@ -203,7 +206,8 @@ class MiniCPM(nn.Module):
         if aux_losses is not None and cfg.num_experts:
             from minicpm.model.moe import pool_router_losses
 
-            pool_router_losses(aux_losses)  # the balance loss pools the routing of all layers (Mixtral's)
+            # the balance loss pools the routing of all layers (Mixtral's), f over the step's tokens when set
+            pool_router_losses(aux_losses, self.step_balance)
         # paper Table 7: logits divided by the width multiplier d/dim_model_base
         return self.model.norm(h) / cfg.width_multiplier
 

@@ -121,8 +121,9 @@ class Progress:
         if self._bar is not None:
             self._bar.update(1)
             if record and "loss" in record:
+                # as format_record: per-layer metrics (moe/layer3/load_max) stay in metrics.jsonl
                 shown = {key: f"{value:.4g}" for key, value in record.items()
-                         if key not in _NOT_IN_BAR and isinstance(value, float)}
+                         if key not in _NOT_IN_BAR and isinstance(value, float) and key.count("/") <= 1}
                 self._bar.set_postfix(lr=f"{record['lr']:.2e}", **shown, refresh=False)
 
     def print(self, line: str) -> None:

@@ -109,16 +109,19 @@ class TrainModule:
         count = max(count, 1)
         loss_total = torch.zeros((), dtype=torch.float32, device=device)
         sums: dict[str, list[torch.Tensor]] = {}
-        for micro in micro_batches:
-            with self.autocast():
-                loss, metrics = self.objective.loss(self.model, micro, chunk_size=self.config.parallel.loss_chunk_size,
-                                                    reference=self.reference)
-            # normalised by the global batch's count: FSDP sums the processes' gradients into the global mean's
-            (loss / count).backward()
-            loss_total += loss.detach().float()
-            for name, (value, n) in metrics.items():
-                acc = sums.setdefault(name, [torch.zeros((), dtype=torch.float64, device=device)] * 2)
-                sums[name] = [acc[0] + value.detach().double(), acc[1] + torch.as_tensor(n, device=device).double()]
+        with self._step_balance(micro_batches):
+            for micro in micro_batches:
+                with self.autocast():
+                    loss, metrics = self.objective.loss(self.model, micro,
+                                                        chunk_size=self.config.parallel.loss_chunk_size,
+                                                        reference=self.reference)
+                # normalised by the global batch's count: FSDP sums the processes' gradients into the global mean's
+                (loss / count).backward()
+                loss_total += loss.detach().float()
+                for name, (value, n) in metrics.items():
+                    acc = sums.setdefault(name, [torch.zeros((), dtype=torch.float64, device=device)] * 2)
+                    sums[name] = [acc[0] + value.detach().double(),
+                                  acc[1] + torch.as_tensor(n, device=device).double()]
         loss_value, named = self._reduce(loss_total, sums)
         loss_value /= count
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
@@ -128,6 +131,32 @@ class TrainModule:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": grad_norm, "applied": applied, **named}
+
+    @contextlib.contextmanager
+    def _step_balance(self, micro_batches: Sequence[dict[str, torch.Tensor]]):
+        """MoE with objective.balance_over=step: the balance loss counts f over the whole step (model/moe.py
+        StepBalance), by a no-grad pre-pass of the objective over the micro-batches when there are several."""
+        model = self.model
+        if not getattr(model.config, "num_experts", 0) or self.config.objective.balance_over != "step":
+            yield
+            return
+        from minicpm.model.moe import StepBalance
+
+        balance = StepBalance(self.all_reduce if self.dist.distributed else None)
+        model.step_balance = balance
+        try:
+            if len(micro_batches) > 1:
+                balance.counting = True
+                # the forwards with gradients draw the same router jitter as the pre-pass did
+                cuda = [self.dist.device] if self.dist.device.type == "cuda" else []
+                with torch.no_grad(), torch.random.fork_rng(devices=cuda), self.autocast():
+                    for micro in micro_batches:
+                        self.objective.loss(model, micro, chunk_size=self.config.parallel.loss_chunk_size,
+                                            reference=self.reference)
+                balance.finish_counting()
+            yield
+        finally:
+            model.step_balance = None
 
     def _reduce(self, loss_total: torch.Tensor, sums: dict[str, list[torch.Tensor]]) -> tuple[float, dict[str, float]]:
         """Sum the loss and the metrics' (sum, count) over processes in one all-reduce; metrics become sum/count."""
