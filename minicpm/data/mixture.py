@@ -129,29 +129,40 @@ class _Stream:
         self._windows_order = _WindowOrder(self.windows, _mix64(self._key(epoch, 0x5851F42D4C957F2D)))
         self._layout_epoch = epoch
 
-    def _tokens(self, start: int, n: int) -> np.ndarray:
-        """Tokens [start, start + n) of the current epoch's packed layout."""
+    def _tokens(self, start: int, n: int, layout: bool = False):
+        """Tokens [start, start + n) of the current epoch's packed layout; with `layout`, also each token's loss
+        mask and the number of its document within the window (0, 1, ...).
+
+        A chat document cut by the window's start has lost its prompt: its tokens in the window are no targets."""
         out = np.empty(n, dtype=np.int64)
+        mask = np.empty(n, dtype=bool) if layout else None
+        docs = np.empty(n, dtype=np.int64) if layout else None
         k = int(np.searchsorted(self._ends, start, side="right"))
-        filled = 0
+        filled = part = 0
         while filled < n:
             doc = int(self._order[k])
             doc_start = int(self._ends[k]) - int(self.ds.doc_starts[doc + 1] - self.ds.doc_starts[doc])
             a = int(self.ds.doc_starts[doc]) + start + filled - doc_start
             m = min(n - filled, int(self.ds.doc_starts[doc + 1]) - a)
             out[filled:filled + m] = self.ds.tokens(a, a + m)
+            if layout:
+                cut = self.ds.has_loss_mask and a > int(self.ds.doc_starts[doc])
+                mask[filled:filled + m] = False if cut else self.ds.loss_mask(a, a + m)
+                docs[filled:filled + m] = part
             filled += m
+            part += 1
             k += 1
-        return out
+        return (out, mask, docs) if layout else out
 
-    def window(self) -> np.ndarray:
+    def window(self, layout: bool = False):
+        """The next window's tokens (seq_len + 1); with `layout`, (tokens, loss mask, document numbers)."""
         if self.position == self.windows:
             self.epoch, self.position = self.epoch + 1, 0
         self._layout(self.epoch)
         w = self._windows_order[self.position]
         self.position += 1
         self.sequences += 1
-        return self._tokens(w * self.seq_len, self.seq_len + 1)
+        return self._tokens(w * self.seq_len, self.seq_len + 1, layout)
 
     def state(self) -> dict:
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "position": self.position,
@@ -227,6 +238,22 @@ class Mixture:
         for row in range(n_sequences):
             batch[row] = self._streams[self._draw()].window()
         return torch.from_numpy(batch)
+
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether any dataset is chat data (a loss-mask channel)."""
+        return any(stream.ds.has_loss_mask for stream in self._streams)
+
+    def next_rows(self, n_sequences: int) -> dict[str, torch.Tensor]:
+        """The next n_sequences windows as next_batch draws them, with their layout: {"tokens" (n, seq_len + 1),
+        "loss_mask" (bool: a training target; all true for plain text), "doc_ids" (each window's documents
+        numbered 0, 1, ... along it)}."""
+        shape = (n_sequences, self.seq_len + 1)
+        tokens, mask, docs = np.empty(shape, np.int64), np.empty(shape, bool), np.empty(shape, np.int64)
+        for row in range(n_sequences):
+            tokens[row], mask[row], docs[row] = self._streams[self._draw()].window(layout=True)
+        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
+                "doc_ids": torch.from_numpy(docs)}
 
     def sequences_drawn(self) -> dict[str, int]:
         """How many sequences each dataset has given so far (for logging the realised mix)."""

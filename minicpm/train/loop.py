@@ -77,7 +77,7 @@ class Trainer:
         self.module = TrainModule.build(cfg, self.model_config, self.dist)
         self.data = data if data is not None else PretrainData(
             cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len, seed=cfg.run.seed,
-            tokenizer_hash=self.tokenizer_hash)
+            tokenizer_hash=self.tokenizer_hash, packing=cfg.data.packing)
         if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
             self.data.check_token_ids(self.model_config.vocab_size)
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
