@@ -1,0 +1,206 @@
+"""SFT: leak-free packing, chat rows in mixtures (alone and in the decay mix), the sft objective, answer loss."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minicpm.data.pretrain import rows_to_batch
+from minicpm.model.build import build_model
+from minicpm.model.config import preset
+from minicpm.model.packing import DocumentMask, document_positions
+from minicpm.train.losses import IGNORE_INDEX
+
+
+def tiny_model(vocab=64, kv_heads=2, seed=0):
+    cfg = dataclasses.replace(preset("tiny"), vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads)
+    return build_model(cfg, device=torch.device("cpu"), seed=seed).eval()
+
+
+@torch.no_grad()
+def test_changing_one_document_leaves_the_other_documents_logits_unchanged(one_thread):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    a, a2, b, c = (torch.randint(0, 64, (1, n), generator=g) for n in (5, 5, 7, 4))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4])
+    first = model(torch.cat([a, b, c], 1), doc_ids=doc_ids)
+    second = model(torch.cat([a2, b, c], 1), doc_ids=doc_ids)
+    assert torch.equal(first[:, 5:], second[:, 5:])  # bit for bit: no token attends across a boundary
+    assert not torch.allclose(first[:, :5], second[:, :5])
+    # and each document computes what it computes alone, its positions counted from its own start
+    torch.testing.assert_close(first[:, 5:12], model(b), rtol=0, atol=1e-4)
+    torch.testing.assert_close(first[:, 12:], model(c), rtol=0, atol=1e-4)
+
+
+@torch.no_grad()
+def test_without_doc_ids_documents_do_see_each_other(one_thread):
+    model = tiny_model()
+    g = torch.Generator().manual_seed(1)
+    a, a2, b = (torch.randint(0, 64, (1, n), generator=g) for n in (5, 5, 7))
+    assert not torch.allclose(model(torch.cat([a, b], 1))[:, 5:], model(torch.cat([a2, b], 1))[:, 5:])
+
+
+def test_document_positions_restart_at_each_document():
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2], [5, 5, 5, 5, 5, 5]])
+    assert document_positions(ids).tolist() == [[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]]
+
+
+def test_flex_block_mask_computes_what_the_sdpa_reference_computes():
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    g = torch.Generator().manual_seed(2)
+    doc_ids = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14, [0] * 64])
+    q = torch.randn(2, 4, 64, 16, generator=g)
+    k, v = torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g)
+    reference = DocumentMask(doc_ids, "sdpa").attend(q, k, v, enable_gqa=True)
+    with pytest.warns(UserWarning) if False else _no_check():
+        flex = DocumentMask(doc_ids, "flex").attend(q, k, v, enable_gqa=True)
+    torch.testing.assert_close(flex, reference, rtol=0, atol=1e-5)
+
+
+class _no_check:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is the slow reference path
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+def test_rows_to_batch_ignores_prompt_tokens_and_labels_across_documents():
+    rows = torch.arange(8)[None]
+    mask = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1]], dtype=torch.bool)
+    docs = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1]])
+    batch = rows_to_batch(rows, mask, docs)
+    I = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[I, 2, 3, I, 5, 6, 7]]  # 4 is a prompt token and starts another document
+    assert batch["doc_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1]]
+    assert rows_to_batch(rows, mask)["labels"].tolist() == [[I, 2, 3, I, 5, 6, 7]]
+    assert rows_to_batch(rows)["labels"].tolist() == [[1, 2, 3, 4, 5, 6, 7]] and "doc_ids" not in rows_to_batch(rows)
+
+
+# ------------------------------------------------------------------------------------------ chat data
+
+def reverse_task(n, seed):
+    rng = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "value", "index"]
+    out = []
+    for _ in range(n):
+        w = " ".join(rng.sample(words, 3))
+        out.append({"messages": [{"role": "user", "content": f"reverse: {w}"},
+                                 {"role": "assistant", "content": " ".join(reversed(w.split()))}]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_set(datasets, tmp_path_factory):
+    from minicpm.data.prepare_chat import prepare_chat
+
+    tokenizer = datasets[0]
+    root = tmp_path_factory.mktemp("chat")
+    src = root / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in reverse_task(300, 0)))
+    return prepare_chat([str(src)], tokenizer, root / "chat", seq_len=64, val_fraction=0.1).out
+
+
+def test_chat_windows_carry_masks_and_a_cut_conversation_has_no_targets(chat_set):
+    from minicpm.data.mixture import Mixture
+    from minicpm.data.shards import TokenDataset
+
+    ds = TokenDataset(chat_set)
+    plain = Mixture({str(chat_set): 1.0}, seq_len=64, seed=3).next_batch(16)
+    rows = Mixture({str(chat_set): 1.0}, seq_len=64, seed=3).next_rows(16)
+    assert torch.equal(rows["tokens"], plain)  # the layout rides along the same draw
+    starts = {tuple(ds.document(i)[:4].tolist()) for i in range(len(ds))}
+    assert rows["loss_mask"].any(dim=1).sum() >= 12  # most windows hold an answer
+    for tokens, mask, docs in zip(rows["tokens"], rows["loss_mask"], rows["doc_ids"]):
+        first_doc = docs == 0
+        whole = tuple(tokens[:4].tolist()) in starts
+        if not whole:  # the window starts inside a conversation: its prompt is lost, so none of it is a target
+            assert not mask[first_doc].any()
+        assert (docs.diff() >= 0).all() and (docs.diff() <= 1).all()
+
+
+def test_realised_decay_mix_of_chat_and_plain_text_from_a_yaml_config_is_within_2_percent(datasets, chat_set,
+                                                                                          tmp_path):
+    from minicpm.config import load_config
+    from minicpm.data.pretrain import PretrainData
+
+    tokenizer, code, prose = datasets
+    (tmp_path / "two_stage.yaml").write_text(
+        f"data:\n  stable: {{{code}: 1.0, {prose}: 1.0}}\n  decay: {{{code}: 0.5, {prose}: 0.2, {chat_set}: 0.3}}\n"
+        f"  tokenizer: {tokenizer}\n  packing: document\n"
+        "batch: {seq_len: 16, tokens_per_step: 256, micro_batch_size: 16}\n"
+        "schedule: {total_steps: 100, warmup_steps: 0, decay_steps: 90}\n")
+    cfg = load_config(tmp_path / "two_stage.yaml")
+    data = PretrainData(cfg.data.stable, cfg.data.decay, cfg.schedule.resolve(), seq_len=cfg.batch.seq_len,
+                        seed=0, packing=cfg.data.packing)
+    targets = 0
+    for step in range(10, 100):
+        batch = data.next_batch(step, 64)
+        assert "doc_ids" in batch
+        targets += int((batch["labels"] != IGNORE_INDEX).sum())
+    drawn = data.decay.sequences_drawn()
+    total = sum(drawn.values())
+    for path, weight in cfg.data.decay.items():
+        assert abs(drawn[path] / total - weight) < 0.02, (path, drawn)
+    assert 0 < targets < 90 * 64 * 16
+
+
+def test_sft_objective_counts_answer_tokens_only(chat_set, one_thread):
+    from minicpm.data.mixture import Mixture
+    from minicpm.train.objectives import OBJECTIVES
+
+    rows = Mixture({str(chat_set): 1.0}, seq_len=64, seed=0).next_rows(8)
+    batch = rows_to_batch(rows["tokens"], rows["loss_mask"], rows["doc_ids"])
+    model = tiny_model(vocab=512)
+    objective = OBJECTIVES.get("sft").cls(None, {})
+    with torch.no_grad():
+        loss, _ = objective.loss(model, batch)
+        logits = model(batch["input_ids"], doc_ids=batch["doc_ids"])
+    answer = rows["loss_mask"][:, 1:] & (rows["doc_ids"][:, 1:] == rows["doc_ids"][:, :-1])
+    expected = F.cross_entropy(logits[answer], rows["tokens"][:, 1:][answer], reduction="sum")
+    assert objective.count(batch) == int(answer.sum()) > 0
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_sft_run_from_a_checkpoint_lowers_held_out_answer_loss(datasets, chat_set, tmp_path, one_thread):
+    from train_helpers import tiny_config
+
+    from minicpm.train.loop import Trainer
+
+    tokenizer, code, _ = datasets
+    base = tiny_config(tmp_path / "base", f"data.stable={{{code}: 1.0}}", f"data.tokenizer={tokenizer}",
+                       "schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.decay_start=2", "data.eval_sequences=0")
+    base_ckpt = Trainer(base).fit().checkpoint
+    sft = tiny_config(tmp_path / "sft", f"data.stable={{{chat_set}: 1.0}}", f"data.tokenizer={tokenizer}",
+                      f"run.init_weights_from={base_ckpt}", "objective.kind=sft", "data.packing=document",
+                      "batch.seq_len=64", "optim.lr=0.01", "schedule.total_steps=30", "schedule.warmup_steps=0", "schedule.decay_start=0",
+                      "schedule.floor=0.1", "run.eval_every=30", "run.checkpoint_every=0",
+                      "evaluators=[{kind: answer_loss, conversations: 32}]")
+    trainer = Trainer(sft)
+    before = trainer.evaluators[0](trainer.module)["answer_loss"]
+    result = trainer.fit()
+    after = result.last_eval["eval/answer_loss/answer_loss"]
+    assert after < before - 0.5, (before, after)
+
+
+def test_answer_loss_evaluator_refuses_plain_text(datasets, tmp_path):
+    from train_helpers import tiny_config
+
+    from minicpm.errors import MiniCPMError
+    from minicpm.train.loop import Trainer
+
+    tokenizer, code, _ = datasets
+    cfg = tiny_config(tmp_path / "x", f"data.stable={{{code}: 1.0}}", f"data.tokenizer={tokenizer}",
+                      "evaluators=[{kind: answer_loss}]")
+    with pytest.raises(MiniCPMError, match="no chat dataset"):
+        Trainer(cfg)
