@@ -187,6 +187,7 @@ def test_sft_run_from_a_checkpoint_lowers_held_out_answer_loss(datasets, chat_se
                       "schedule.floor=0.1", "run.eval_every=30", "run.checkpoint_every=0",
                       "evaluators=[{kind: answer_loss, conversations: 32}]")
     trainer = Trainer(sft)
+    trainer.module.load_weights(base_ckpt)  # measured on the model SFT starts from
     before = trainer.evaluators[0](trainer.module)["answer_loss"]
     result = trainer.fit()
     after = result.last_eval["eval/answer_loss/answer_loss"]
@@ -204,3 +205,102 @@ def test_answer_loss_evaluator_refuses_plain_text(datasets, tmp_path):
                       "evaluators=[{kind: answer_loss}]")
     with pytest.raises(MiniCPMError, match="no chat dataset"):
         Trainer(cfg)
+
+
+# ------------------------------------------------------------------------------------------ demo and chat
+
+@pytest.fixture(scope="module")
+def align_demo(datasets, tmp_path_factory):
+    """The align demo, scaled down, on a tiny base model trained for a few steps (a stand-in for the quickstart's)."""
+    from train_helpers import tiny_config
+
+    from minicpm.align_demo import AlignRecipe, run_align_demo
+    from minicpm.train.loop import Trainer
+
+    tokenizer, code, _ = datasets
+    root = tmp_path_factory.mktemp("align")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        base = tiny_config(root / "base", f"data.stable={{{code}: 1.0}}", f"data.tokenizer={tokenizer}",
+                           "schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.decay_start=2",
+                           "data.eval_sequences=0", "model.max_position_embeddings=512")
+        checkpoint = Trainer(base).fit().checkpoint
+        recipe = AlignRecipe(sft_steps=6, examples=200, eval_conversations=8, file_stride=10, overrides=(
+            "batch.seq_len=192", "batch.tokens_per_step=768", "batch.micro_batch_size=4", "run.progress=false",
+            "optim.lr=0.01"))
+        summary = run_align_demo(root / "qs", device="cpu", recipe=recipe, checkpoint=checkpoint, tokenizer=tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "qs", summary
+
+
+def test_align_demo_fine_tunes_and_lowers_held_out_answer_loss(align_demo, capsys):
+    out, summary = align_demo
+    assert summary["answer_loss_after_sft"] < summary["answer_loss_before_sft"]
+    assert json.loads((out / "align/summary.json").read_text())["answer_loss_after_sft"] == \
+        summary["answer_loss_after_sft"]
+    config = (out / "align/runs/sft/config.yaml").read_text()
+    assert "kind: sft" in config and "packing: document" in config and "init_weights_from" in config
+    assert summary["sample"]["question"].startswith("What does ")
+
+
+def test_after_sft_stages_get_the_sft_model(align_demo, datasets, monkeypatch):
+    from minicpm import align_demo as demo
+
+    seen = {}
+
+    def stage(ctx):
+        seen["ckpt"] = ctx.sft_checkpoint
+        return {"stage_ran": True}
+
+    monkeypatch.setattr(demo, "AFTER_SFT", [stage])
+    out, summary = align_demo
+    again = demo.run_align_demo(out, device="cpu", recipe=demo.AlignRecipe(examples=200, file_stride=10, overrides=(
+        "batch.seq_len=192", "batch.tokens_per_step=768", "batch.micro_batch_size=4")),
+        checkpoint=summary["sft_checkpoint"], tokenizer=datasets[0])  # every step is there: only the stage runs
+    assert again["stage_ran"] and str(seen["ckpt"]) == summary["sft_checkpoint"]
+    assert again["answer_loss_after_sft"] == summary["answer_loss_after_sft"]
+
+
+def test_chat_and_generate_chat_use_the_checkpoints_template(align_demo, minicpm):
+    from minicpm.infer.chat import checkpoint_template
+
+    _, summary = align_demo
+    ckpt = summary["sft_checkpoint"]
+    assert checkpoint_template(ckpt).name == "minicpm"  # from the run's chat data, not the tokenizer's ChatML
+    done = minicpm("generate", ckpt, "--chat", "--prompt", "What does os.walk(top) do?", "--max-new-tokens", "8",
+                   "--temperature", "0")
+    assert done.returncode == 0, done.stderr
+    talk = minicpm("chat", ckpt, "--max-new-tokens", "6", "--seed", "0", input="hello\nagain\n/quit\n")
+    assert talk.returncode == 0, talk.stderr
+    assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 2
+
+
+def test_chat_session_keeps_history_and_stops_at_the_end_of_turn(align_demo):
+    from minicpm.data.chat import get_template
+    from minicpm.data.tokenizer import load_tokenizer
+    from minicpm.infer.chat import ChatSession
+    from minicpm.interop.hf import load_model
+
+    _, summary = align_demo
+    model = load_model(summary["sft_checkpoint"]).eval()
+    tok = load_tokenizer(f"{summary['sft_checkpoint']}/tokenizer.json")
+    session = ChatSession(model, tok, get_template("minicpm"), max_new_tokens=4, temperature=0.0)
+    first = "".join(session.reply("one"))
+    "".join(session.reply("two"))
+    assert [m["role"] for m in session.history] == ["user", "assistant"] * 2
+    assert session.history[1]["content"] == (first.strip() or "…")
+    assert "</s>" not in first
+    prompt = session.prompt_ids(session.history + [{"role": "user", "content": "three"}])
+    assert tok.decode(prompt, skip_special_tokens=False).startswith("<s><用户>one<AI>")
+
+
+def test_prepare_chat_cli_bad_line_is_one_line_exit_2(datasets, tmp_path, minicpm):
+    src = tmp_path / "c.jsonl"
+    src.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" +
+                   json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    done = minicpm("prepare", "--format", "chat", src, "--tokenizer", datasets[0], "--out", tmp_path / "out")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert f"{src}:2: messages[0].role 'wizard' is unknown" in done.stderr
+    assert not (tmp_path / "out").exists()

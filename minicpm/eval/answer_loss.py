@@ -107,6 +107,10 @@ class AnswerLoss:
         self.sets = {set_name: packed_conversations(path, cfg.batch.seq_len, options.conversations,
                                                     tokenizer_hash=setup.tokenizer_hash)
                      for set_name, path in zip(dataset_names(dirs), dirs)}
+        for set_name, rows in self.sets.items():
+            if not rows["loss_mask"].any():
+                raise MiniCPMError(f"evaluator {name} (answer_loss): {set_name} has no held-out conversation of at "
+                                   f"most batch.seq_len + 1 = {cfg.batch.seq_len + 1} tokens to measure")
 
     def __call__(self, target: EvalTarget) -> dict[str, float]:
         out: dict[str, float] = {}

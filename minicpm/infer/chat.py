@@ -132,3 +132,27 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write=sy
             write.flush()
         write.write("\n")
         write.flush()
+
+
+def open_session(checkpoint: str | Path, *, template: str | None = None, tokenizer: str | Path | None = None,
+                 dtype: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+                 **sampling) -> ChatSession:
+    """A ChatSession with a checkpoint: its weights, its tokenizer (beside it, or `tokenizer`) and its template
+    (checkpoint_template)."""
+    from minicpm.data.tokenizer import load_tokenizer
+    from minicpm.infer.tokenizer import find_tokenizer
+    from minicpm.interop.hf import load_model
+
+    chat_template = checkpoint_template(checkpoint, template, tokenizer)
+    tok = load_tokenizer(find_tokenizer(checkpoint, tokenizer))
+    model = load_model(checkpoint, dtype=dtype).eval()
+    return ChatSession(model, tok, chat_template, system=system, max_new_tokens=max_new_tokens, **sampling)
+
+
+def chat_answer(checkpoint: str | Path, message: str, *, template: str | None = None,
+                tokenizer: str | Path | None = None, dtype: str | None = None, max_new_tokens: int = 256,
+                **sampling) -> Iterator[str]:
+    """One user message's answer from a checkpoint, streamed (`minicpm generate --chat`)."""
+    session = open_session(checkpoint, template=template, tokenizer=tokenizer, dtype=dtype,
+                           max_new_tokens=max_new_tokens, **sampling)
+    return session.reply(message)
