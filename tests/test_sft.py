@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import warnings
 
 import pytest
 import torch
@@ -58,21 +59,35 @@ def test_flex_block_mask_computes_what_the_sdpa_reference_computes():
     q = torch.randn(2, 4, 64, 16, generator=g)
     k, v = torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g)
     reference = DocumentMask(doc_ids, "sdpa").attend(q, k, v, enable_gqa=True)
-    with pytest.warns(UserWarning) if False else _no_check():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is the slow reference path
         flex = DocumentMask(doc_ids, "flex").attend(q, k, v, enable_gqa=True)
     torch.testing.assert_close(flex, reference, rtol=0, atol=1e-5)
 
 
-class _no_check:
-    def __enter__(self):
-        import warnings
+def test_held_out_rows_split_into_documents_at_each_eos():
+    from minicpm.eval.loss import eos_doc_ids
 
-        self._w = warnings.catch_warnings()
-        self._w.__enter__()
-        warnings.simplefilter("ignore")  # eager FlexAttention on a CPU warns that it is the slow reference path
+    assert eos_doc_ids(torch.tensor([[5, 2, 6, 7, 2, 8]]), 2).tolist() == [[0, 0, 1, 1, 1, 2]]
 
-    def __exit__(self, *exc):
-        return self._w.__exit__(*exc)
+
+def test_document_packing_switch_for_pretraining(datasets, tmp_path, one_thread):
+    from train_helpers import tiny_config
+
+    from minicpm.train.loop import Trainer
+
+    tokenizer, code, prose = datasets
+    cfg = tiny_config(tmp_path / "run", f"data.stable={{{code}: 1.0, {prose}: 1.0}}", f"data.tokenizer={tokenizer}",
+                      "data.packing=document", "schedule.total_steps=3", "schedule.warmup_steps=1",
+                      "schedule.decay_start=2", "data.eval_sequences=4")
+    trainer = Trainer(cfg)
+    batch = trainer.data.next_batch(0, 8)
+    eos = 2
+    ends = (batch["input_ids"] == eos)
+    assert ends.any() and torch.equal(batch["doc_ids"][:, 1:] - batch["doc_ids"][:, :-1], ends[:, :-1].long())
+    assert (batch["labels"][ends] == IGNORE_INDEX).all()  # nothing is predicted across a document's end
+    result = trainer.fit()
+    assert result.last_eval["eval_loss"] > 0 and result.step == 3
 
 
 def test_rows_to_batch_ignores_prompt_tokens_and_labels_across_documents():
