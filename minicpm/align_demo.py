@@ -102,7 +102,7 @@ def _answer(checkpoint: Path, tokenizer: Path, question: str, device: str) -> st
     tok, template = load_tokenizer(tokenizer), get_template(TEMPLATE)
     ids = render_prompt([{"role": "user", "content": question}], template, tok)
     return "".join(stream_answer(model, tok, template, ids, max_new_tokens=60, temperature=0.0,
-                                 stop_id=end_of_turn_id(template, tok))).strip()
+                                 repetition_penalty=1.3, stop_id=end_of_turn_id(template, tok))).strip()
 
 
 def run_align_demo(out: str | Path = "quickstart", *, device: str = "auto", recipe: AlignRecipe = AlignRecipe(),
@@ -142,8 +142,7 @@ def run_align_demo(out: str | Path = "quickstart", *, device: str = "auto", reci
         _say(f"held-out answer loss of the decayed model: {before:.3f} nats/token")
         _say(f"SFT: {cfg.schedule.total_steps} steps from {checkpoint} -> {sft_run}")
         result = timer.run("sft", trainer.fit)
-        numbers = {"answer_loss_before_sft": before,
-                   "answer_loss_after_sft": result.last_eval["eval/answer_loss/answer_loss"],
+        numbers = {"answer_loss_before_sft": before, "answer_loss_after_sft": result.last_eval["eval_answer_loss"],
                    "sft_checkpoint": str(result.checkpoint), "sft_steps": cfg.schedule.total_steps}
         write_atomic(done, json.dumps(numbers, indent=2) + "\n")
     sft_checkpoint = Path(numbers["sft_checkpoint"])
@@ -172,7 +171,7 @@ def _print_summary(s: dict[str, Any], root: Path, base: Path) -> None:
           f"({', '.join(f'{k} {v:.0f}s' for k, v in s['seconds'].items())})")
     before, after = s["answer_loss_before_sft"], s["answer_loss_after_sft"]
     print(f"held-out answer loss: {before:.3f} nats/token before SFT, {after:.3f} after {s['sft_steps']} SFT steps "
-          f"({before - after:+.3f} lower)" if after < before else
+          f"({before - after:.3f} lower)" if after < before else
           f"held-out answer loss: {before:.3f} before SFT, {after:.3f} after (no improvement)")
     sample = s["sample"]
     print(f"\nheld-out question: {sample['question']}\n  before SFT: {sample['before_sft'][:200]!r}\n"

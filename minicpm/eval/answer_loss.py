@@ -28,6 +28,11 @@ class AnswerLossOptions:
     """Held-out conversations per dataset at most (the first ones of its validation split, the same every time)."""
     batch_size: Optional[int] = None
     """Rows per forward pass; null: batch.micro_batch_size."""
+    headline: bool = True
+    """Also write the mean answer loss as eval_answer_loss (shown on the training log line)."""
+
+    def aliases(self) -> dict[str, str]:
+        return {"answer_loss": "eval_answer_loss"} if self.headline else {}
 
 
 def packed_conversations(path: str, seq_len: int, max_conversations: int, split: str = "val",
@@ -97,7 +102,7 @@ class AnswerLoss:
         from minicpm.data.shards import read_meta
 
         cfg = setup.config
-        self.name, self.every, self.aliases = name, every, {}
+        self.name, self.every, self.aliases = name, every, options.aliases()
         self.batch_size = options.batch_size or cfg.batch.micro_batch_size
         dirs = options.datasets if options.datasets is not None else \
             [d for d in dict.fromkeys([*cfg.data.stable, *(cfg.data.decay or {})]) if read_meta(d).get("loss_mask")]
