@@ -126,22 +126,95 @@ def chat_set(datasets, tmp_path_factory):
     return prepare_chat([str(src)], tokenizer, root / "chat", seq_len=64, val_fraction=0.1).out
 
 
-def test_chat_windows_carry_masks_and_a_cut_conversation_has_no_targets(chat_set):
+@pytest.fixture(scope="module")
+def varied_chat(datasets, tmp_path_factory):
+    """Reversal conversations of 1 to 20 words: from 24 tokens to more than a row of 64."""
+    from minicpm.data.prepare_chat import prepare_chat
+
+    rng = random.Random(1)
+    words = ["alpha", "beta", "gamma", "delta", "sigma", "omega", "value", "index"]
+    root = tmp_path_factory.mktemp("varied")
+    with open(root / "chat.jsonl", "w") as f:
+        for _ in range(80):
+            w = [rng.choice(words) for _ in range(rng.randint(1, 20))]
+            f.write(json.dumps({"prompt": "reverse: " + " ".join(w), "response": " ".join(reversed(w))}) + "\n")
+    return prepare_chat([str(root / "chat.jsonl")], datasets[0], root / "chat", seq_len=128, val_fraction=0).out
+
+
+def test_best_fit_decreasing_puts_each_length_into_the_row_it_fills_most():
+    from minicpm.data.chat_rows import best_fit_decreasing
+
+    # 5 opens row 0 (room 3), 4 row 1 (room 4), 3 fills row 0, 3 goes to row 1 (room 1), 2 opens row 2, 1 fills row 1
+    assert best_fit_decreasing([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+    assert best_fit_decreasing([8, 8], 8) == [[0], [1]]
+
+
+def epoch_targets(chat_set, seq_len, seed, epochs=1):
+    """The answer targets of each conversation-segment of `epochs` epochs of rows, and the rows themselves."""
+    from collections import Counter
+
+    from minicpm.data.chat_rows import ConversationRows
     from minicpm.data.mixture import Mixture
     from minicpm.data.shards import TokenDataset
 
-    ds = TokenDataset(chat_set)
-    plain = Mixture({str(chat_set): 1.0}, seq_len=64, seed=3).next_batch(16)
-    rows = Mixture({str(chat_set): 1.0}, seq_len=64, seed=3).next_rows(16)
-    assert torch.equal(rows["tokens"], plain)  # the layout rides along the same draw
-    starts = {tuple(ds.document(i)[:4].tolist()) for i in range(len(ds))}
-    assert rows["loss_mask"].any(dim=1).sum() >= 12  # most windows hold an answer
+    per_epoch = len(ConversationRows("chat", TokenDataset(chat_set), seq_len))
+    mixture = Mixture({str(chat_set): 1.0}, seq_len=seq_len, seed=seed)
+    found = []
+    for _ in range(epochs):
+        rows = mixture.next_rows(per_epoch)
+        batch = rows_to_batch(rows["tokens"], rows["loss_mask"], rows["doc_ids"])
+        seen = Counter()
+        for labels, docs in zip(batch["labels"], batch["doc_ids"]):
+            for d in docs.unique().tolist():
+                answer = labels[(docs == d) & (labels != IGNORE_INDEX)]
+                if len(answer):
+                    seen[tuple(answer.tolist())] += 1
+        found.append(seen)
+    return found, mixture, rows
+
+
+def test_every_answer_token_of_every_kept_conversation_is_a_target_exactly_once_per_epoch(varied_chat):
+    from collections import Counter
+
+    from minicpm.data.shards import TokenDataset
+
+    ds = TokenDataset(varied_chat)
+    seq_len = 55
+    lengths = ds.document_lengths()
+    assert (lengths > seq_len + 1).sum() >= 3 and (lengths <= seq_len + 1).sum() >= 20  # some skipped, most kept
+    expected = Counter()
+    for i in range(len(ds)):
+        if lengths[i] <= seq_len + 1:
+            start, stop = int(ds.doc_starts[i]), int(ds.doc_starts[i + 1])
+            expected[tuple(ds.document(i)[ds.loss_mask(start, stop)].tolist())] += 1
+    (first, second), mixture, rows = epoch_targets(varied_chat, seq_len, seed=3, epochs=2)
+    assert first == expected and second == expected
+    assert mixture.skipped_too_long == {str(varied_chat): int((lengths > seq_len + 1).sum())}
+    assert rows["tokens"].shape[1] == seq_len + 1
+    assert len(rows["tokens"]) < sum(expected.values())  # rows hold several conversations
+    # filler after the conversations is a document of its own with no target
+    eos, fillers = int(ds.meta["tokenizer"]["eos_id"]), 0
     for tokens, mask, docs in zip(rows["tokens"], rows["loss_mask"], rows["doc_ids"]):
-        first_doc = docs == 0
-        whole = tuple(tokens[:4].tolist()) in starts
-        if not whole:  # the window starts inside a conversation: its prompt is lost, so none of it is a target
-            assert not mask[first_doc].any()
-        assert (docs.diff() >= 0).all() and (docs.diff() <= 1).all()
+        last = docs == docs.max()
+        if (tokens[last] == eos).all():
+            fillers += 1
+            assert not mask[last].any()
+    assert fillers > 0
+
+
+def test_conversation_rows_resume_where_the_state_stopped(chat_set):
+    from minicpm.data.mixture import Mixture
+
+    a = Mixture({str(chat_set): 1.0}, seq_len=64, seed=5)
+    a.next_rows(7)
+    state = a.state_dict()
+    after = a.next_rows(200)  # past the end of an epoch
+    b = Mixture({str(chat_set): 1.0}, seq_len=64, seed=5)
+    b.load_state_dict(state)
+    resumed = b.next_rows(200)
+    assert b.state_dict()["datasets"][0]["epoch"] >= 1
+    for key in ("tokens", "loss_mask", "doc_ids"):
+        assert torch.equal(after[key], resumed[key])
 
 
 def test_realised_decay_mix_of_chat_and_plain_text_from_a_yaml_config_is_within_2_percent(datasets, chat_set,
@@ -153,7 +226,7 @@ def test_realised_decay_mix_of_chat_and_plain_text_from_a_yaml_config_is_within_
     (tmp_path / "two_stage.yaml").write_text(
         f"data:\n  stable: {{{code}: 1.0, {prose}: 1.0}}\n  decay: {{{code}: 0.5, {prose}: 0.2, {chat_set}: 0.3}}\n"
         f"  tokenizer: {tokenizer}\n  packing: document\n"
-        "batch: {seq_len: 16, tokens_per_step: 256, micro_batch_size: 16}\n"
+        "batch: {seq_len: 64, tokens_per_step: 1024, micro_batch_size: 16}\n"
         "schedule: {total_steps: 100, warmup_steps: 0, decay_steps: 90}\n")
     cfg = load_config(tmp_path / "two_stage.yaml")
     data = PretrainData(cfg.data.stable, cfg.data.decay, cfg.schedule.resolve(), seq_len=cfg.batch.seq_len,
@@ -167,7 +240,7 @@ def test_realised_decay_mix_of_chat_and_plain_text_from_a_yaml_config_is_within_
     total = sum(drawn.values())
     for path, weight in cfg.data.decay.items():
         assert abs(drawn[path] / total - weight) < 0.02, (path, drawn)
-    assert 0 < targets < 90 * 64 * 16
+    assert 0 < targets < 90 * 64 * 64
 
 
 def test_sft_objective_counts_answer_tokens_only(chat_set, one_thread):

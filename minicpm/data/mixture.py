@@ -10,6 +10,10 @@ skipped that epoch (other tokens are skipped the next, as the documents are resh
 not only the documents, matters when documents are long: consecutive windows of one layout come from one or two
 documents, so a batch of them would see a handful of files; permuted, a batch draws on the whole dataset.
 
+Chat data (a loss-mask channel, `minicpm prepare --format chat`) is not cut into windows: its stream hands out
+rows of whole conversations (`minicpm.data.chat_rows`), so no answer loses its prompt; a row is seq_len + 1 tokens
+like a window, so the weights below count it alike (filler included).
+
 The window order is a keyed Feistel permutation of [0, windows) with cycle walking: any window count, O(1)
 memory and O(1) work a window, so a dataset of billions of tokens needs no array over its windows (the
 document order costs one int64 array a document, as the document offsets already do); the state is an
@@ -131,9 +135,7 @@ class _Stream:
 
     def _tokens(self, start: int, n: int, layout: bool = False):
         """Tokens [start, start + n) of the current epoch's packed layout; with `layout`, also each token's loss
-        mask and the number of its document within the window (0, 1, ...).
-
-        A chat document cut by the window's start has lost its prompt: its tokens in the window are no targets."""
+        mask (all true: plain text) and the number of its document within the window (0, 1, ...)."""
         out = np.empty(n, dtype=np.int64)
         mask = np.empty(n, dtype=bool) if layout else None
         docs = np.empty(n, dtype=np.int64) if layout else None
@@ -146,8 +148,7 @@ class _Stream:
             m = min(n - filled, int(self.ds.doc_starts[doc + 1]) - a)
             out[filled:filled + m] = self.ds.tokens(a, a + m)
             if layout:
-                cut = self.ds.has_loss_mask and a > int(self.ds.doc_starts[doc])
-                mask[filled:filled + m] = False if cut else self.ds.loss_mask(a, a + m)
+                mask[filled:filled + m] = self.ds.loss_mask(a, a + m)
                 docs[filled:filled + m] = part
             filled += m
             part += 1
@@ -171,6 +172,38 @@ class _Stream:
     def load(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.sequences = int(state["sequences"])
+
+
+class _ConversationStream(_Stream):
+    """A chat dataset's rows of whole conversations (`minicpm.data.chat_rows`), packed once, handed out in a
+    pseudo-random order of their own each epoch; every answer token of a conversation that fits a row is a target
+    exactly once per epoch."""
+
+    def __init__(self, name: str, ds: TokenDataset, seed: int, seq_len: int):
+        from minicpm.data.chat_rows import ConversationRows
+
+        self.rows = ConversationRows(name, ds, seq_len)
+        self.windows = len(self.rows)
+        self.name, self.ds, self.seed, self.seq_len = name, ds, seed, seq_len
+        self.fingerprint = _fingerprint(ds)
+        self.epoch = self.position = self.sequences = 0
+        self._order_epoch, self._rows_order = -1, None
+
+    def window(self, layout: bool = False):
+        if self.position == self.windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._rows_order = _WindowOrder(self.windows, _mix64(self._key(self.epoch, 0x5851F42D4C957F2D)))
+            self._order_epoch = self.epoch
+        tokens, mask, docs = self.rows.row(self._rows_order[self.position])
+        self.position += 1
+        self.sequences += 1
+        return (tokens, mask, docs) if layout else tokens
+
+
+def _stream(name: str, ds: TokenDataset, seed: int, seq_len: int) -> _Stream:
+    """Chat data comes in rows of whole conversations, plain text in windows over its packed documents."""
+    return (_ConversationStream if ds.has_loss_mask else _Stream)(name, ds, seed, seq_len)
 
 
 def _open_all(paths: Iterable[str], split: str, tokenizer_hash: str | None) -> dict[str, TokenDataset]:
@@ -218,7 +251,7 @@ class Mixture:
         self._shares = _shares(weights)
         opened = _open_all(self.names, split, tokenizer_hash)
         self.tokenizer_hash = next(iter(opened.values())).tokenizer_hash
-        self._streams = [_Stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
+        self._streams = [_stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
         self._credits = [0] * len(self.names)
 
     @property
@@ -238,6 +271,11 @@ class Mixture:
         for row in range(n_sequences):
             batch[row] = self._streams[self._draw()].window()
         return torch.from_numpy(batch)
+
+    @property
+    def skipped_too_long(self) -> dict[str, int]:
+        """Per chat dataset, its conversations longer than seq_len + 1 tokens, which no row can hold whole."""
+        return {s.name: s.rows.skipped_too_long for s in self._streams if isinstance(s, _ConversationStream)}
 
     @property
     def has_loss_mask(self) -> bool:

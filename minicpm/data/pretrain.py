@@ -26,6 +26,13 @@ class DataSource(Protocol):
             for dataset in (mixture.datasets if mixture is not None else ()):
                 dataset.check_token_ids(vocab_size)
 
+    def skipped_too_long(self) -> dict[str, int]:
+        """Per chat dataset of either stage, its conversations too long for a row of seq_len + 1 (never trained)."""
+        skipped: dict[str, int] = {}
+        for mixture in (self.stable, self.decay):
+            skipped.update(mixture.skipped_too_long if mixture is not None else {})
+        return skipped
+
     def stage(self, step: int) -> str:
         """The name of the training stage a step belongs to (logged with each metrics line)."""
 

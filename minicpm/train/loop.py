@@ -80,6 +80,10 @@ class Trainer:
             tokenizer_hash=self.tokenizer_hash, packing=cfg.data.packing)
         if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
             self.data.check_token_ids(self.model_config.vocab_size)
+        for name, n in (self.data.skipped_too_long() if hasattr(self.data, "skipped_too_long") else {}).items():
+            if n:
+                self._warn(f"{name}: {n} conversation(s) longer than batch.seq_len + 1 = {cfg.batch.seq_len + 1} "
+                           f"tokens are skipped (no row holds them whole)")
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
         self.step = 0
         self.tokens = 0
