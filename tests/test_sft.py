@@ -365,6 +365,57 @@ def test_chat_and_generate_chat_use_the_checkpoints_template(align_demo, minicpm
     assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 2
 
 
+def test_checkpoints_carry_the_chat_template_so_chat_works_after_the_data_is_deleted(datasets, tmp_path, minicpm,
+                                                                                     one_thread):
+    import shutil
+
+    from train_helpers import tiny_config
+    from transformers import AutoTokenizer
+
+    from minicpm.data.chat import MINICPM_TEMPLATE, get_template
+    from minicpm.data.prepare_chat import prepare_chat
+    from minicpm.infer.chat import checkpoint_template
+    from minicpm.train.loop import Trainer
+
+    tokenizer = datasets[0]
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in reverse_task(40, 2)))
+    data = prepare_chat([str(src)], tokenizer, tmp_path / "chat", template="minicpm", seq_len=64, val_fraction=0).out
+    cfg = tiny_config(tmp_path / "sft", f"data.stable={{{data}: 1.0}}", f"data.tokenizer={tokenizer}",
+                      "objective.kind=sft", "batch.seq_len=64", "schedule.total_steps=1", "schedule.warmup_steps=0",
+                      "schedule.decay_start=0", "data.eval_sequences=0", "run.checkpoint_every=1")
+    ckpt = Trainer(cfg).fit().checkpoint
+    shutil.rmtree(data)
+
+    shipped = json.loads((ckpt / "tokenizer_config.json").read_text())
+    original = json.loads((tokenizer.parent / "tokenizer_config.json").read_text())
+    assert original["chat_template"] != MINICPM_TEMPLATE  # the tokenizer ships ChatML; the run trained on MiniCPM's
+    assert shipped["chat_template"] == MINICPM_TEMPLATE
+    assert {k: v for k, v in shipped.items() if k != "chat_template"} == \
+        {k: v for k, v in original.items() if k != "chat_template"}
+    template = checkpoint_template(ckpt)
+    assert (template.name, template.add_bos) == ("minicpm", True)
+    messages = [{"role": "user", "content": "reverse: a b"}, {"role": "assistant", "content": "b a"}]
+    rendered = AutoTokenizer.from_pretrained(str(ckpt)).apply_chat_template(messages, tokenize=False)
+    assert rendered == get_template("minicpm").render_text(messages) == "<用户>reverse: a b<AI>b a"
+    talk = minicpm("chat", str(ckpt), "--max-new-tokens", "3", "--seed", "0", input="hello\n/quit\n")
+    assert talk.returncode == 0, talk.stderr
+    assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 1
+
+
+def test_plain_text_checkpoints_keep_the_tokenizers_own_config(datasets, tmp_path, one_thread):
+    from train_helpers import tiny_config
+
+    from minicpm.train.loop import Trainer
+
+    tokenizer, code, _ = datasets
+    cfg = tiny_config(tmp_path / "base", f"data.stable={{{code}: 1.0}}", f"data.tokenizer={tokenizer}",
+                      "schedule.total_steps=1", "schedule.warmup_steps=0", "schedule.decay_start=0",
+                      "data.eval_sequences=0", "run.checkpoint_every=1")
+    ckpt = Trainer(cfg).fit().checkpoint
+    assert (ckpt / "tokenizer_config.json").read_bytes() == (tokenizer.parent / "tokenizer_config.json").read_bytes()
+
+
 def test_chat_session_keeps_history_and_stops_at_the_end_of_turn(align_demo):
     from minicpm.data.chat import get_template
     from minicpm.data.tokenizer import load_tokenizer

@@ -123,8 +123,8 @@ def get_template(name: str | None, tokenizer_dir: str | Path | None = None) -> C
     shipped = config.get("chat_template")
     if isinstance(shipped, list):  # [{"name": "default", "template": ...}, ...] (several named templates)
         shipped = next((t.get("template") for t in shipped if isinstance(t, dict) and t.get("name") == "default"), None)
-    if name is None:
-        name = "auto" if isinstance(shipped, str) and shipped else "minicpm"
+    if name is None:  # a shipped template that is one of ours (a checkpoint trained on it carries it) goes by name
+        name = _OURS.get(shipped, "auto") if isinstance(shipped, str) and shipped else "minicpm"
     bos, eos = _token_text(config.get("bos_token"), "<s>"), _token_text(config.get("eos_token"), "</s>")
     if name == "minicpm":
         return ChatTemplate("minicpm", MINICPM_TEMPLATE, end_of_turn=eos, add_bos=True, bos_token=bos, eos_token=eos)
@@ -139,6 +139,20 @@ def get_template(name: str | None, tokenizer_dir: str | Path | None = None) -> C
         return ChatTemplate("auto", shipped, end_of_turn=_probe_end_of_turn(probe), bos_token=bos, eos_token=eos,
                             add_bos=bool(config.get("add_bos_token", False)) and bos not in shipped)
     raise MiniCPMError(f"chat template {name!r}: unknown (choose one of: {', '.join(TEMPLATE_NAMES)})")
+
+
+_OURS = {MINICPM_TEMPLATE: "minicpm", CHATML_TEMPLATE: "chatml"}
+
+
+def tokenizer_config_with_template(tokenizer: str | Path | None, template: ChatTemplate) -> str:
+    """tokenizer_config.json of `tokenizer` (a tokenizer file or its directory; {} when it has none) with
+    `template` as its chat_template, as transformers' apply_chat_template reads it: what a checkpoint trained on
+    chat data carries, so chatting with it needs neither the data nor --template."""
+    config = dict(_tokenizer_config(tokenizer))
+    config["chat_template"] = template.source
+    config.setdefault("bos_token", template.bos_token)
+    config.setdefault("eos_token", template.eos_token)
+    return json.dumps(config, indent=2, ensure_ascii=False) + "\n"
 
 
 def _probe_end_of_turn(template: ChatTemplate) -> str:

@@ -120,3 +120,13 @@ def dataset_template(path: str | Path):
 
     meta = read_meta(path)
     return ChatTemplate.from_description(meta["chat"]) if isinstance(meta.get("chat"), dict) else None
+
+
+def training_template(paths):
+    """The chat template of the first chat dataset among `paths` (a run's data.stable, then data.decay), or None
+    when all are plain text: the template a run's checkpoints carry."""
+    for path in paths:
+        found = dataset_template(path)
+        if found is not None:
+            return found
+    return None

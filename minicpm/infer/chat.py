@@ -22,7 +22,8 @@ def _run_config(checkpoint: Path) -> Path | None:
 def checkpoint_template(checkpoint: str | Path, name: str | None = None, tokenizer: str | Path | None = None
                         ) -> ChatTemplate:
     """The template to chat with a checkpoint in: `name` when given; else the one its chat training data was
-    rendered with (the run's datasets' meta.json); else the tokenizer's own chat_template; else MiniCPM's."""
+    rendered with (the run's datasets' meta.json); else the chat_template of the tokenizer_config.json beside it
+    (which a checkpoint trained on chat data carries, so the data may have moved since); else MiniCPM's."""
     from minicpm.infer.tokenizer import find_tokenizer
 
     tokenizer_path = find_tokenizer(checkpoint, tokenizer)
