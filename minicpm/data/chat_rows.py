@@ -15,6 +15,7 @@ as `minicpm prepare --format chat` does for its own --seq-len.
 from __future__ import annotations
 
 from bisect import bisect_left, insort
+from typing import Sequence
 
 import numpy as np
 
@@ -22,24 +23,35 @@ from minicpm.data.shards import TokenDataset
 from minicpm.errors import MiniCPMError
 
 
-def best_fit_decreasing(lengths: np.ndarray, width: int) -> list[list[int]]:
+def best_fit_decreasing(lengths: Sequence[int] | np.ndarray, width: int) -> list[list[int]]:
     """Indices of `lengths` grouped into rows whose lengths sum to at most `width`; every length must be at most
-    width. Deterministic: ties go to the lower index and to the earlier row."""
+    width. Deterministic (ties go to the lower index). Rows are kept by how much room they have left, and a row's
+    room is at most `width`, so each placement costs a search among at most `width` room values, whatever the
+    number of rows."""
     order = np.lexsort((np.arange(len(lengths)), -np.asarray(lengths, dtype=np.int64)))
     rows: list[list[int]] = []
-    free: list[tuple[int, int]] = []  # (room left, row), sorted: the first with room >= n is the best fit
+    rooms: list[int] = []                 # the distinct room values some row has, ascending
+    by_room: dict[int, list[int]] = {}    # room -> the rows with exactly that much room
     for i in order.tolist():
         n = int(lengths[i])
-        if n > width:
+        if not 0 < n <= width:
             raise ValueError(f"length {n} does not fit a row of {width}")
-        at = bisect_left(free, (n, -1))
-        if at < len(free):
-            room, row = free.pop(at)
+        at = bisect_left(rooms, n)  # the least room that still holds n: the best fit
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room]
+                rooms.pop(at)
         else:
             room, row = width, len(rows)
             rows.append([])
         rows[row].append(i)
-        insort(free, (room - n, row))
+        if room > n:
+            if room - n not in by_room:
+                insort(rooms, room - n)
+                by_room[room - n] = []
+            by_room[room - n].append(row)
     return rows
 
 
