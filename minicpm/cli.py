@@ -52,6 +52,17 @@ def register_model_commands(sub) -> None:
         from minicpm.infer.tokenizer import find_tokenizer, load_codec
         from minicpm.interop.hf import load_model
 
+        if args.chat:
+            from minicpm.infer.chat import chat_answer
+            pieces = chat_answer(args.checkpoint, args.prompt, template=args.template, tokenizer=args.tokenizer,
+                                 dtype=args.dtype, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                 top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                                 repetition_penalty=args.repetition_penalty, seed=args.seed)
+            for piece in pieces:
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            return
         codec = load_codec(find_tokenizer(args.checkpoint, args.tokenizer))
         model = load_model(args.checkpoint, dtype=args.dtype)
         for piece in stream_text(model, codec, args.prompt, max_new_tokens=args.max_new_tokens,
@@ -137,6 +148,11 @@ def register_model_commands(sub) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one beside the checkpoint)")
     p.add_argument("--dtype", choices=dtypes, default=None, help="compute dtype (default: as stored)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step (slow)")
+    p.add_argument("--chat", action="store_true", help="--prompt is a user's message: answer it in the checkpoint's "
+                                                        "chat template, stopping at the end of the assistant's turn")
+    p.add_argument("--template", choices=("minicpm", "chatml", "auto"), default=None,
+                   help="--chat: chat template (default: the one the checkpoint was fine-tuned with, else the "
+                        "tokenizer's own, else minicpm)")
     p.set_defaults(handler=generate)
 
 
@@ -213,16 +229,33 @@ def register_data_commands(sub) -> None:
     prepare.add_argument("--shard-tokens", type=int, default=None,
                          help="start a new shard past this many tokens (default: 2^28)")
     prepare.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once complete)")
+    prepare.add_argument("--format", choices=("text", "chat"), default="text",
+                         help="text: documents (default); chat: JSONL conversations ('messages' with roles "
+                              "system/user/assistant, or 'prompt'/'response'), rendered with --template and "
+                              "stored with a loss mask on the answers (for SFT, alone or in the decay mix)")
+    prepare.add_argument("--template", choices=("minicpm", "chatml", "auto"), default="minicpm",
+                         help="chat: the chat template (default %(default)s; auto: the tokenizer's own)")
+    prepare.add_argument("--seq-len", type=int, default=2048,
+                         help="chat: longest conversation kept, in tokens (longer ones are skipped and counted; a "
+                              "prompt this long is an error); default %(default)s")
 
     def run_prepare(args) -> int:
         from minicpm.data.prepare import prepare as prepare_dataset
         from minicpm.data.shards import DEFAULT_SHARD_TOKENS
-        result = prepare_dataset(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                                 workers=args.workers, options=source_options(args),
-                                 shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, overwrite=args.overwrite)
+        if args.format == "chat":
+            from minicpm.data.prepare_chat import prepare_chat
+            result = prepare_chat(args.sources, args.tokenizer, args.out, template=args.template,
+                                  seq_len=args.seq_len, val_fraction=args.val_fraction,
+                                  shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, overwrite=args.overwrite)
+        else:
+            result = prepare_dataset(args.sources, args.tokenizer, args.out, val_fraction=args.val_fraction,
+                                     workers=args.workers, options=source_options(args),
+                                     shard_tokens=args.shard_tokens or DEFAULT_SHARD_TOKENS, overwrite=args.overwrite)
         for split, s in result.splits.items():
             if s.documents:
                 print(f"{split:<5} {s.documents:>9,} documents {s.tokens:>13,} tokens {s.bytes / 1e6:>10.2f} MB")
+        if getattr(result, "skipped_too_long", 0):
+            print(f"skipped {result.skipped_too_long:,} conversations longer than --seq-len {args.seq_len}")
         print(f"wrote {result.out} ({result.dtype}) in {result.seconds:.1f} s: {result.mb_per_s:.2f} MB/s")
         return 0
 
@@ -887,6 +920,55 @@ def register_planner_commands(sub) -> None:
     p.set_defaults(handler=plan)
 
 
+# ---------------------------------------------------------------- chat and SFT: chat, align-demo
+
+def register_chat_commands(sub) -> None:
+    """chat, align-demo (SFT half of the SFT/DPO issue)."""
+
+    def chat(args):
+        from minicpm.infer.chat import open_session, chat_loop
+        session = open_session(args.checkpoint, template=args.template, tokenizer=args.tokenizer, dtype=args.dtype,
+                               system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                               seed=args.seed)
+        print(f"template: {session.template.name} (a turn ends at {session.template.end_of_turn!r})")
+        chat_loop(session)
+
+    p = sub.add_parser("chat", help="chat with a fine-tuned checkpoint in the terminal",
+                       description="Talk to CHECKPOINT: each line you type is a user turn; the answer streams until "
+                                   "the end of the assistant's turn, and the conversation so far is the context of "
+                                   "the next answer (the oldest turns are dropped when it no longer fits). /reset "
+                                   "forgets it, /quit or Ctrl-D ends.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--template", choices=("minicpm", "chatml", "auto"), default=None,
+                   help="chat template (default: the one the checkpoint was fine-tuned with, else the tokenizer's "
+                        "own, else minicpm)")
+    p.add_argument("--system", default=None, help="a system message opening the conversation")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest answer in tokens (default 256)")
+    p.add_argument("--temperature", type=float, default=0.7, help="softmax temperature; 0 is greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens; 0 is off (default)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="as in generate; 1 is off (default)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file (default: the one beside the checkpoint)")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: as stored)")
+    p.set_defaults(handler=chat)
+
+    def align_demo(args):
+        from minicpm.align_demo import AlignRecipe, run_align_demo
+        run_align_demo(args.out, device=args.device, recipe=AlignRecipe(sft_steps=args.sft_steps))
+
+    p = sub.add_parser("align-demo", help="the step after the quickstart: SFT on stdlib docstrings",
+                       description="Fine-tune the quickstart's decayed model (under --out) on questions about "
+                                   "documented stdlib functions answered by their docstrings (configs/sft.yaml: "
+                                   "loss on the answers, packed conversations kept apart, μP lr 1e-3 decaying) and "
+                                   "print the held-out answer loss before and after SFT. No download.")
+    p.add_argument("--out", default="quickstart", help="the quickstart's directory (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
+    p.add_argument("--sft-steps", type=int, default=60, help="SFT steps of 8192 tokens (default %(default)s)")
+    p.set_defaults(handler=align_demo)
+
+
 # ---------------------------------------------------------------- entry point
 
 REGISTER = [
@@ -900,6 +982,7 @@ REGISTER = [
     register_windtunnel_commands,
     register_long_context_commands,
     register_planner_commands,
+    register_chat_commands,
 ]
 
 

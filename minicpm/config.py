@@ -53,6 +53,10 @@ class DataConfig:
     """tokenizer.json the shards were made with; checked against every shard set; sets model.vocab_size."""
     eval_sequences: int = 64
     """Held-out sequences per dataset (validation split) in each evaluation; 0 disables evaluation."""
+    packing: str = "concat"
+    """How documents share a training row: concat (one stream, attention crosses document boundaries, as in the
+    paper's pretraining) | document (each document attends only to itself, positions restart at its start, and no
+    label crosses a boundary: SFT and leak-free pretraining)."""
 
 
 @dataclass
@@ -333,6 +337,8 @@ def validate(cfg: TrainConfig) -> None:
             continue
         for name, weight in mix.items():
             _check(weight > 0, f"data.{stage}: weight of {name!r} must be positive, got {weight}")
+    _check(cfg.data.packing in ("concat", "document"),
+           f"data.packing: expected concat or document, got {cfg.data.packing!r}")
     _check(cfg.data.eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {cfg.data.eval_sequences}")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")

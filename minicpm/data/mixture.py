@@ -10,6 +10,10 @@ skipped that epoch (other tokens are skipped the next, as the documents are resh
 not only the documents, matters when documents are long: consecutive windows of one layout come from one or two
 documents, so a batch of them would see a handful of files; permuted, a batch draws on the whole dataset.
 
+Chat data (a loss-mask channel, `minicpm prepare --format chat`) is not cut into windows: its stream hands out
+rows of whole conversations (`minicpm.data.chat_rows`), so no answer loses its prompt; a row is seq_len + 1 tokens
+like a window, so the weights below count it alike (filler included).
+
 The window order is a keyed Feistel permutation of [0, windows) with cycle walking: any window count, O(1)
 memory and O(1) work a window, so a dataset of billions of tokens needs no array over its windows (the
 document order costs one int64 array a document, as the document offsets already do); the state is an
@@ -129,29 +133,37 @@ class _Stream:
         self._windows_order = _WindowOrder(self.windows, _mix64(self._key(epoch, 0x5851F42D4C957F2D)))
         self._layout_epoch = epoch
 
-    def _tokens(self, start: int, n: int) -> np.ndarray:
-        """Tokens [start, start + n) of the current epoch's packed layout."""
+    def _tokens(self, start: int, n: int, layout: bool = False):
+        """Tokens [start, start + n) of the current epoch's packed layout; with `layout`, also each token's loss
+        mask (all true: plain text) and the number of its document within the window (0, 1, ...)."""
         out = np.empty(n, dtype=np.int64)
+        mask = np.empty(n, dtype=bool) if layout else None
+        docs = np.empty(n, dtype=np.int64) if layout else None
         k = int(np.searchsorted(self._ends, start, side="right"))
-        filled = 0
+        filled = part = 0
         while filled < n:
             doc = int(self._order[k])
             doc_start = int(self._ends[k]) - int(self.ds.doc_starts[doc + 1] - self.ds.doc_starts[doc])
             a = int(self.ds.doc_starts[doc]) + start + filled - doc_start
             m = min(n - filled, int(self.ds.doc_starts[doc + 1]) - a)
             out[filled:filled + m] = self.ds.tokens(a, a + m)
+            if layout:
+                mask[filled:filled + m] = self.ds.loss_mask(a, a + m)
+                docs[filled:filled + m] = part
             filled += m
+            part += 1
             k += 1
-        return out
+        return (out, mask, docs) if layout else out
 
-    def window(self) -> np.ndarray:
+    def window(self, layout: bool = False):
+        """The next window's tokens (seq_len + 1); with `layout`, (tokens, loss mask, document numbers)."""
         if self.position == self.windows:
             self.epoch, self.position = self.epoch + 1, 0
         self._layout(self.epoch)
         w = self._windows_order[self.position]
         self.position += 1
         self.sequences += 1
-        return self._tokens(w * self.seq_len, self.seq_len + 1)
+        return self._tokens(w * self.seq_len, self.seq_len + 1, layout)
 
     def state(self) -> dict:
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "position": self.position,
@@ -160,6 +172,38 @@ class _Stream:
     def load(self, state: dict) -> None:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
         self.sequences = int(state["sequences"])
+
+
+class _ConversationStream(_Stream):
+    """A chat dataset's rows of whole conversations (`minicpm.data.chat_rows`), packed once, handed out in a
+    pseudo-random order of their own each epoch; every answer token of a conversation that fits a row is a target
+    exactly once per epoch."""
+
+    def __init__(self, name: str, ds: TokenDataset, seed: int, seq_len: int):
+        from minicpm.data.chat_rows import ConversationRows
+
+        self.rows = ConversationRows(name, ds, seq_len)
+        self.windows = len(self.rows)
+        self.name, self.ds, self.seed, self.seq_len = name, ds, seed, seq_len
+        self.fingerprint = _fingerprint(ds)
+        self.epoch = self.position = self.sequences = 0
+        self._order_epoch, self._rows_order = -1, None
+
+    def window(self, layout: bool = False):
+        if self.position == self.windows:
+            self.epoch, self.position = self.epoch + 1, 0
+        if self._order_epoch != self.epoch:
+            self._rows_order = _WindowOrder(self.windows, _mix64(self._key(self.epoch, 0x5851F42D4C957F2D)))
+            self._order_epoch = self.epoch
+        tokens, mask, docs = self.rows.row(self._rows_order[self.position])
+        self.position += 1
+        self.sequences += 1
+        return (tokens, mask, docs) if layout else tokens
+
+
+def _stream(name: str, ds: TokenDataset, seed: int, seq_len: int) -> _Stream:
+    """Chat data comes in rows of whole conversations, plain text in windows over its packed documents."""
+    return (_ConversationStream if ds.has_loss_mask else _Stream)(name, ds, seed, seq_len)
 
 
 def _open_all(paths: Iterable[str], split: str, tokenizer_hash: str | None) -> dict[str, TokenDataset]:
@@ -207,7 +251,7 @@ class Mixture:
         self._shares = _shares(weights)
         opened = _open_all(self.names, split, tokenizer_hash)
         self.tokenizer_hash = next(iter(opened.values())).tokenizer_hash
-        self._streams = [_Stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
+        self._streams = [_stream(name, opened[name], self.seed, self.seq_len) for name in self.names]
         self._credits = [0] * len(self.names)
 
     @property
@@ -227,6 +271,27 @@ class Mixture:
         for row in range(n_sequences):
             batch[row] = self._streams[self._draw()].window()
         return torch.from_numpy(batch)
+
+    @property
+    def skipped_too_long(self) -> dict[str, int]:
+        """Per chat dataset, its conversations longer than seq_len + 1 tokens, which no row can hold whole."""
+        return {s.name: s.rows.skipped_too_long for s in self._streams if isinstance(s, _ConversationStream)}
+
+    @property
+    def has_loss_mask(self) -> bool:
+        """Whether any dataset is chat data (a loss-mask channel)."""
+        return any(stream.ds.has_loss_mask for stream in self._streams)
+
+    def next_rows(self, n_sequences: int) -> dict[str, torch.Tensor]:
+        """The next n_sequences windows as next_batch draws them, with their layout: {"tokens" (n, seq_len + 1),
+        "loss_mask" (bool: a training target; all true for plain text), "doc_ids" (each window's documents
+        numbered 0, 1, ... along it)}."""
+        shape = (n_sequences, self.seq_len + 1)
+        tokens, mask, docs = np.empty(shape, np.int64), np.empty(shape, bool), np.empty(shape, np.int64)
+        for row in range(n_sequences):
+            tokens[row], mask[row], docs[row] = self._streams[self._draw()].window(layout=True)
+        return {"tokens": torch.from_numpy(tokens), "loss_mask": torch.from_numpy(mask),
+                "doc_ids": torch.from_numpy(docs)}
 
     def sequences_drawn(self) -> dict[str, int]:
         """How many sequences each dataset has given so far (for logging the realised mix)."""

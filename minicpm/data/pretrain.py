@@ -26,6 +26,13 @@ class DataSource(Protocol):
             for dataset in (mixture.datasets if mixture is not None else ()):
                 dataset.check_token_ids(vocab_size)
 
+    def skipped_too_long(self) -> dict[str, int]:
+        """Per chat dataset of either stage, its conversations too long for a row of seq_len + 1 (never trained)."""
+        skipped: dict[str, int] = {}
+        for mixture in (self.stable, self.decay):
+            skipped.update(mixture.skipped_too_long if mixture is not None else {})
+        return skipped
+
     def stage(self, step: int) -> str:
         """The name of the training stage a step belongs to (logged with each metrics line)."""
 
@@ -34,9 +41,38 @@ class DataSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def rows_to_batch(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Packed rows of seq_len+1 tokens → inputs and next-token labels."""
-    return {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+PACKING = ("concat", "document")
+
+
+def rows_to_batch(rows: torch.Tensor, loss_mask: torch.Tensor | None = None,
+                  doc_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Packed rows of seq_len+1 tokens → inputs and next-token labels.
+
+    loss_mask (same shape): a label whose token is no target (a chat prompt) becomes IGNORE_INDEX. doc_ids: the
+    batch carries them (the model then keeps documents apart), and no label crosses into another document (its
+    first token cannot be predicted from a document it does not see)."""
+    from minicpm.train.losses import IGNORE_INDEX
+
+    batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
+    if loss_mask is None and doc_ids is None:
+        return batch
+    ignore = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    if loss_mask is not None:
+        ignore |= ~loss_mask[:, 1:]
+    if doc_ids is not None:
+        ignore |= doc_ids[:, 1:] != doc_ids[:, :-1]
+        batch["doc_ids"] = doc_ids[:, :-1]
+    batch["labels"] = batch["labels"].masked_fill(ignore, IGNORE_INDEX)
+    return batch
+
+
+def mixture_batch(mixture, sequences: int, packing: str = "concat") -> dict[str, torch.Tensor]:
+    """The mixture's next `sequences` rows as a batch: plain next-token rows unless chat data (a loss mask) or
+    document packing asks for the layout."""
+    if packing == "concat" and not mixture.has_loss_mask:
+        return rows_to_batch(mixture.next_batch(sequences))
+    rows = mixture.next_rows(sequences)
+    return rows_to_batch(rows["tokens"], rows["loss_mask"], rows["doc_ids"] if packing == "document" else None)
 
 
 class PretrainData:
@@ -49,13 +85,15 @@ class PretrainData:
     """
 
     def __init__(self, stable: dict[str, float], decay: dict[str, float] | None, schedule, *, seq_len: int,
-                 seed: int, tokenizer_hash: str | None = None):
+                 seed: int, tokenizer_hash: str | None = None, packing: str = "concat"):
         from minicpm.data.mixture import Mixture
 
         if not stable:
             raise MiniCPMError("data.stable is empty: give at least one prepared dataset directory, "
                                "e.g. data.stable={path/to/shards: 1.0}")
-        self.schedule = schedule
+        if packing not in PACKING:
+            raise MiniCPMError(f"data.packing: {packing!r}, expected one of {', '.join(PACKING)}")
+        self.schedule, self.packing = schedule, packing
         self.stable = Mixture(dict(stable), seq_len=seq_len, seed=seed, tokenizer_hash=tokenizer_hash)
         self.decay = (Mixture(dict(decay), seq_len=seq_len, seed=seed, tokenizer_hash=tokenizer_hash)
                       if decay else None)
@@ -66,11 +104,11 @@ class PretrainData:
 
     def next_batch(self, step: int, sequences: int) -> dict[str, torch.Tensor]:
         if self.stage(step) == "stable":
-            return rows_to_batch(self.stable.next_batch(sequences))
+            return mixture_batch(self.stable, sequences, self.packing)
         if not self.decay_started:
             self.decay.load_state_dict(self.stable.state_dict(), streams_only=True)
             self.decay_started = True
-        return rows_to_batch(self.decay.next_batch(sequences))
+        return mixture_batch(self.decay, sequences, self.packing)
 
     def state_dict(self) -> dict[str, Any]:
         return {"stable": self.stable.state_dict(),

@@ -8,6 +8,8 @@ Layout of a prepared dataset directory DIR (written by `minicpm prepare`, see `m
     DIR/train/00000.idx      document offsets into the .bin: little-endian int64, documents + 1 entries, from 0
     DIR/train/00001.bin ...  further shards (a document never spans two shards)
     DIR/val/00000.bin ...    the held-out split, same form (absent when --val-fraction is 0)
+    DIR/train/00000.mask     chat data only (meta.json "loss_mask": true): one byte per token of the .bin, 1 where
+                             the token is a training target (an assistant's answer), 0 elsewhere
 
 Each document is its tokens followed by the end-of-document id (</s>, id 2 for our tokenizers); no <s> is
 added. meta.json::
@@ -21,6 +23,10 @@ added. meta.json::
                           "shards": [{"name": "00000", "documents": D, "tokens": T,
                                       "sha256_bin": "...", "sha256_idx": "..."}]},
                 "val": {...}}}
+
+Chat data (`minicpm prepare --format chat`, see `minicpm.data.chat`) adds `"loss_mask": true`, `"chat": {the
+template}`, `"skipped_too_long"` and a `sha256_mask` per shard; readers that do not know the keys read its tokens
+as plain text.
 
 `bytes` counts the UTF-8 bytes of the documents' text, so bits per byte = nats per token / ln 2 / (bytes/tokens)
 (the paper reports loss per byte, Sec. 6.1, following GPT-4). meta.json holds no times or paths of the build, so
@@ -43,6 +49,7 @@ from minicpm.files import read_json_object
 
 FORMAT, VERSION = "minicpm-shards", 1
 OFFSET_DTYPE = np.dtype("<i8")
+MASK_DTYPE = np.dtype("u1")
 DEFAULT_SHARD_TOKENS = 1 << 28   # 512 MiB of uint16 per shard
 
 
@@ -60,56 +67,76 @@ class ShardInfo:
     tokens: int
     sha256_bin: str
     sha256_idx: str
+    sha256_mask: str | None = None
 
 
 class ShardWriter:
     """Appends documents to numbered shards in one split directory; a new shard starts past `shard_tokens`."""
 
-    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+    def __init__(self, directory: Path, dtype: np.dtype, shard_tokens: int = DEFAULT_SHARD_TOKENS, *,
+                 loss_mask: bool = False):
         self.directory, self.dtype, self.shard_tokens = Path(directory), np.dtype(dtype), shard_tokens
+        self.loss_mask = loss_mask
         self.shards: list[ShardInfo] = []
         self._file: BinaryIO | None = None
+        self._mask_file: BinaryIO | None = None
         self._hash = hashlib.sha256()
+        self._mask_hash = hashlib.sha256()
         self._offsets: list[int] = []
 
-    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        """Append documents given as their concatenated tokens and their lengths (EOS included)."""
+    def add(self, tokens: np.ndarray, lengths: np.ndarray, mask: np.ndarray | None = None) -> None:
+        """Append documents given as their concatenated tokens and their lengths (EOS included); a writer made
+        with loss_mask=True takes each token's loss mask too."""
         data = np.ascontiguousarray(tokens, dtype=self.dtype)
         if int(lengths.sum()) != len(data):
             raise ValueError(f"{len(data)} tokens do not match document lengths summing to {int(lengths.sum())}")
+        if self.loss_mask != (mask is not None) or (mask is not None and len(mask) != len(data)):
+            raise ValueError("a loss-mask writer takes one mask value per token; a plain writer takes none")
+        flags = None if mask is None else np.ascontiguousarray(mask, dtype=MASK_DTYPE)
         if len(lengths) == 0:
             return
         start = run_start = 0
         for length in lengths.tolist():
             if self._file is not None and self._offsets[-1] > 0 and self._offsets[-1] + length > self.shard_tokens:
-                self._write(data[run_start:start])
+                self._write(data[run_start:start], None if flags is None else flags[run_start:start])
                 run_start = start
                 self._close_shard()
             if self._file is None:
                 self._open_shard()
             self._offsets.append(self._offsets[-1] + length)
             start += length
-        self._write(data[run_start:start])
+        self._write(data[run_start:start], None if flags is None else flags[run_start:start])
 
-    def _write(self, chunk: np.ndarray) -> None:
+    def _write(self, chunk: np.ndarray, flags: np.ndarray | None) -> None:
         raw = chunk.tobytes()
         self._file.write(raw)
         self._hash.update(raw)
+        if flags is not None:
+            raw = flags.tobytes()
+            self._mask_file.write(raw)
+            self._mask_hash.update(raw)
 
     def _open_shard(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         name = f"{len(self.shards):05d}"
         self._file = open(self.directory / f"{name}.bin", "wb")
         self._hash = hashlib.sha256()
+        if self.loss_mask:
+            self._mask_file = open(self.directory / f"{name}.mask", "wb")
+            self._mask_hash = hashlib.sha256()
         self._offsets = [0]
 
     def _close_shard(self) -> None:
         self._file.close()
+        if self._mask_file is not None:
+            self._mask_file.close()
+            self._mask_file = None
         name = f"{len(self.shards):05d}"
         idx = np.asarray(self._offsets, dtype=OFFSET_DTYPE).tobytes()
         (self.directory / f"{name}.idx").write_bytes(idx)
         self.shards.append(ShardInfo(name, len(self._offsets) - 1, self._offsets[-1],
-                                     self._hash.hexdigest(), hashlib.sha256(idx).hexdigest()))
+                                     self._hash.hexdigest(), hashlib.sha256(idx).hexdigest(),
+                                     self._mask_hash.hexdigest() if self.loss_mask else None))
         self._file = None
 
     def close(self) -> list[ShardInfo]:
@@ -118,15 +145,16 @@ class ShardWriter:
         return self.shards
 
     def abort(self) -> None:
-        """Close the open file without finishing its shard (the caller removes the directory)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        """Close the open files without finishing their shard (the caller removes the directory)."""
+        for f in (self._file, self._mask_file):
+            if f is not None:
+                f.close()
+        self._file = self._mask_file = None
 
 
 def shard_entry(info: ShardInfo) -> dict:
-    """The shard's record in meta.json."""
-    return dataclasses.asdict(info)
+    """The shard's record in meta.json (sha256_mask only for chat data)."""
+    return {k: v for k, v in dataclasses.asdict(info).items() if not (k == "sha256_mask" and v is None)}
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -196,7 +224,7 @@ def _check_meta_fields(meta: dict, meta_path: Path) -> None:
                 fail(f"{where}.shards[{i}].name", f"must be a shard number such as '00000', got {shard.get('name')!r}")
             for key in ("documents", "tokens"):
                 count(shard.get(key), f"{where}.shards[{i}].{key}")
-            for key in ("sha256_bin", "sha256_idx"):
+            for key in ("sha256_bin", "sha256_idx") + (("sha256_mask",) if meta.get("loss_mask") else ()):
                 if not isinstance(shard.get(key), str) or not _SHA256_HEX.match(shard[key]):
                     fail(f"{where}.shards[{i}].{key}", "must be 64 lowercase hex digits")
     sources = meta.get("sources", [])
@@ -210,6 +238,8 @@ def _check_meta_fields(meta: dict, meta_path: Path) -> None:
             count(source.get(key), f"sources[{i}].{key}")
     if "skipped_empty_documents" in meta:
         count(meta["skipped_empty_documents"], "skipped_empty_documents")
+    if not isinstance(meta.get("loss_mask", False), bool):
+        fail("loss_mask", f"must be true or false, got {meta['loss_mask']!r}")
 
 
 class TokenDataset:
@@ -228,10 +258,14 @@ class TokenDataset:
         info = splits[split]
         self.dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")  # shards are little-endian everywhere
         self._tokens: list[np.ndarray] = []
+        self.has_loss_mask = bool(self.meta.get("loss_mask", False))
+        self._masks: list[np.ndarray] = []
         starts, bases, base = [], [0], 0
         for shard in info["shards"]:
             tokens, offsets = self._open_shard(shard)
             self._tokens.append(tokens)
+            if self.has_loss_mask:
+                self._masks.append(self._open_mask(shard))
             starts.append(offsets[:-1] + base)
             base += len(tokens)
             bases.append(base)
@@ -262,9 +296,25 @@ class TokenDataset:
             raise MiniCPMError(f"{idx_path}: document offsets are not increasing from 0 to {shard['tokens']} (corrupt)")
         return tokens, offsets
 
+    def _open_mask(self, shard: dict) -> np.ndarray:
+        path = self.path / self.split / f"{shard['name']}.mask"
+        if not path.is_file():
+            raise MiniCPMError(f"{path}: missing (the dataset is incomplete; rerun `minicpm prepare`)")
+        if path.stat().st_size != shard["tokens"]:
+            raise MiniCPMError(f"{path}: {path.stat().st_size} bytes, meta.json implies {shard['tokens']} (truncated "
+                               f"or corrupt; rerun `minicpm prepare`)")
+        return np.memmap(path, dtype=MASK_DTYPE, mode="r") if shard["tokens"] else np.zeros(0, MASK_DTYPE)
+
     @property
     def tokenizer_hash(self) -> str:
         return self.meta["tokenizer"]["hash"]
+
+    def loss_mask(self, start: int, stop: int) -> np.ndarray:
+        """Whether each token [start, stop) is a training target: the mask channel of chat data, all True for
+        plain text."""
+        if not self.has_loss_mask:
+            return np.ones(stop - start, dtype=bool)
+        return self._slice(self._masks, start, stop).astype(bool)
 
     def __len__(self) -> int:
         return self.num_documents
@@ -275,6 +325,9 @@ class TokenDataset:
 
     def tokens(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) of the split, copied out of the shards they lie in."""
+        return self._slice(self._tokens, start, stop)
+
+    def _slice(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= self.num_tokens:
             raise IndexError(f"tokens [{start}, {stop}) outside [0, {self.num_tokens})")
         first = int(np.searchsorted(self.shard_starts, start, side="right")) - 1
@@ -282,7 +335,7 @@ class TokenDataset:
         while start < stop:
             base, end = int(self.shard_starts[first]), int(self.shard_starts[first + 1])
             take = min(stop, end)
-            parts.append(self._tokens[first][start - base:take - base])
+            parts.append(arrays[first][start - base:take - base])
             start = take
             first += 1
         return np.concatenate(parts) if len(parts) != 1 else np.array(parts[0])
@@ -325,7 +378,9 @@ def verify(path: str | Path) -> dict[str, dict[str, int]]:
     for split, info in meta["splits"].items():
         ds = open_dataset(path, split)
         for shard, tokens in zip(info["shards"], ds._tokens):
-            for suffix, key in ((".bin", "sha256_bin"), (".idx", "sha256_idx")):
+            checked = ((".bin", "sha256_bin"), (".idx", "sha256_idx")) + \
+                (((".mask", "sha256_mask"),) if ds.has_loss_mask else ())
+            for suffix, key in checked:
                 file = path / split / f"{shard['name']}{suffix}"
                 if _sha256_file(file) != shard[key]:
                     raise MiniCPMError(f"{file}: checksum differs from meta.json (corrupt; rerun `minicpm prepare`)")

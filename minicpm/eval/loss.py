@@ -41,15 +41,25 @@ def split_rows(rows: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     return rows[rank * per_rank:(rank + 1) * per_rank]
 
 
+def eos_doc_ids(rows: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Documents numbered along each row, a document ending at (and including) its end-of-document id."""
+    ends = (rows == eos_id).long()
+    return ends.cumsum(dim=1) - ends
+
+
 @torch.no_grad()
 def heldout_loss_sum(target: EvalTarget, rows: torch.Tensor, *, batch_size: int,
-                     objective: str | None = "next_token") -> tuple[float, int]:
+                     objective: str | None = "next_token", eos_id: int | None = None) -> tuple[float, int]:
     """Summed next-token loss (nats) and the number of predicted tokens over rows of shape (n, seq_len+1), summed
-    over every process's rows."""
+    over every process's rows. With eos_id (data.packing: document) the documents of a row are kept apart as in
+    training."""
+    from minicpm.data.pretrain import rows_to_batch
+
     total = torch.zeros(2, dtype=torch.float64, device=target.device)
     for start in range(0, rows.shape[0], batch_size):
-        chunk = rows[start:start + batch_size].to(target.device, non_blocking=True)
-        loss_sum, count = target.eval_step({"input_ids": chunk[:, :-1], "labels": chunk[:, 1:]}, objective)["loss"]
+        chunk = rows[start:start + batch_size]
+        batch = rows_to_batch(chunk) if eos_id is None else rows_to_batch(chunk, doc_ids=eos_doc_ids(chunk, eos_id))
+        loss_sum, count = target.eval_step(batch, objective)["loss"]
         total[0] += loss_sum.double()
         total[1] += float(count)
     total = target.all_reduce(total)
@@ -65,6 +75,7 @@ class HeldoutLoss:
     def __init__(self, name: str, every: int, options: HeldoutOptions, setup: EvalSetup):
         from minicpm.data.mixture import bytes_per_token, validation_batches
         from minicpm.data.pretrain import dataset_names
+        from minicpm.data.shards import read_meta
 
         cfg = setup.config
         self.name, self.every, self.options = name, every, options
@@ -75,19 +86,23 @@ class HeldoutLoss:
             list(dict.fromkeys([*cfg.data.stable, *(cfg.data.decay or {})]))
         self.sets: dict[str, torch.Tensor] = {}
         self.bytes_per_token: dict[str, float] = {}
+        self.eos_ids: dict[str, int | None] = {}
         if not sequences:
             return
         for set_name, path in zip(dataset_names(dirs), dirs):
             self.sets[set_name] = validation_batches([path], seq_len=cfg.batch.seq_len, max_sequences=sequences,
                                                      tokenizer_hash=setup.tokenizer_hash)
             self.bytes_per_token[set_name] = bytes_per_token([path])
+            # leak-free packing in training: the held-out rows' documents kept apart too
+            self.eos_ids[set_name] = (read_meta(path)["tokenizer"]["eos_id"] if cfg.data.packing == "document"
+                                      else None)
 
     def __call__(self, target: EvalTarget) -> dict[str, float]:
         out: dict[str, float] = {}
         for set_name, rows in self.sets.items():
             mine = split_rows(rows, target.rank, target.world_size)
             loss_sum, count = heldout_loss_sum(target, mine, batch_size=self.batch_size,
-                                               objective=self.options.objective)
+                                               objective=self.options.objective, eos_id=self.eos_ids[set_name])
             loss = loss_sum / max(count, 1)
             out[f"{set_name}/loss"] = loss
             out[f"{set_name}/bpb"] = loss / math.log(2) / self.bytes_per_token[set_name]

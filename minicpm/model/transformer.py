@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minicpm.model.config import ModelConfig
+from minicpm.model.packing import DocumentMask, document_positions
 from minicpm.model.param_roles import GAIN, HIDDEN, VOCABULARY
 from minicpm.model.rope import RotaryCache, apply_rope
 
@@ -64,7 +65,8 @@ class Attention(nn.Module):
     def mup_roles(self) -> dict[str, str]:
         return {f"{name}.weight": HIDDEN for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
+                documents: DocumentMask | None = None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -81,6 +83,9 @@ class Attention(nn.Module):
                 mask = torch.ones(T, k.shape[2], dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
         # paper section 3.1: the standard 1/sqrt(head_dim) attention scale, no muP 1/d; grouped-query heads share
         # their K/V inside SDPA (enable_gqa) instead of copies of them
+        if documents is not None:  # packed documents: each attends only to itself
+            out = documents.attend(q, k, v, enable_gqa=self.n_kv_heads != self.n_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
@@ -119,8 +124,8 @@ class DecoderLayer(nn.Module):
         self.residual_scale = config.residual_scale
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,
-                aux_losses: dict[str, torch.Tensor] | None = None):
-        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos)
+                aux_losses: dict[str, torch.Tensor] | None = None, documents: DocumentMask | None = None):
+        x = x + self.residual_scale * self.self_attn(self.input_layernorm(x), cos, sin, cache, start_pos, documents)
         x = x + self.residual_scale * self.mlp(self.post_attention_layernorm(x), aux_losses)
         return x
 
@@ -166,6 +171,9 @@ class MiniCPM(nn.Module):
     `hidden_states(input_ids)` returns the final normed, muP-scaled hidden state and `head_weight` the output
     matrix, so that logits = hidden_states @ head_weight.T.
 
+    Packed rows: pass `doc_ids` (B, T), equal on each document's positions, and every document attends only to
+    itself, at positions counted from its own start (minicpm.model.packing).
+
     Auxiliary losses (an MoE's load balance) come out through one channel: pass a dict as `aux_losses` and the
     layers that have such a loss add theirs into it by name (each a per-token mean over the batch); the training
     objective weighs and adds them.
@@ -195,14 +203,22 @@ class MiniCPM(nn.Module):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     def hidden_states(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None, start_pos: int = 0,
-                      aux_losses: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                      aux_losses: dict[str, torch.Tensor] | None = None,
+                      doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         cfg = self.config
         cos, sin = self.rotary.cos_sin(cfg, start_pos, start_pos + input_ids.shape[1], input_ids.device)
+        documents = None
+        if doc_ids is not None:
+            if cache is not None:
+                raise ValueError("doc_ids (packed documents) are for training and scoring, not with a KV cache")
+            positions = document_positions(doc_ids)
+            cos, sin = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+            documents = DocumentMask(doc_ids)
         # paper Table 7: embedding output x scale_emb
         h = self.model.embed_tokens(input_ids) * cfg.scale_emb
         aux_losses = None if aux_losses is None else AuxChannel(aux_losses)
         for i, layer in enumerate(self.model.layers):
-            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos, aux_losses)
+            h = layer(h, cos, sin, None if cache is None else cache[i], start_pos, aux_losses, documents)
         if aux_losses is not None and cfg.num_experts:
             from minicpm.model.moe import pool_router_losses
 
@@ -212,8 +228,8 @@ class MiniCPM(nn.Module):
         return self.model.norm(h) / cfg.width_multiplier
 
     def forward(self, input_ids: torch.Tensor, cache: list[KVCache] | None = None,
-                start_pos: int = 0) -> torch.Tensor:
-        h = self.hidden_states(input_ids, cache, start_pos)
+                start_pos: int = 0, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.hidden_states(input_ids, cache, start_pos, doc_ids=doc_ids)
         return F.linear(h, self.head_weight).float()
 
     def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> list[KVCache]:

@@ -124,18 +124,26 @@ def _with_manifest(trainer_state: dict[str, Any], directory: Path) -> dict[str, 
 
 
 def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict[str, Any], *, keep_last: int = 0, tokenizer: str | Path | None = None) -> Path:
+                    trainer_state: dict[str, Any], *, keep_last: int = 0, tokenizer: str | Path | None = None,
+                    chat_template=None) -> Path:
     """Write RUN/checkpoints/step_N atomically, point `latest` at it, delete all but the newest keep_last.
 
     tokenizer: the run's tokenizer.json; it and its companion files are copied in, so that a checkpoint is a
     complete model directory (`minicpm generate CHECKPOINT` finds its tokenizer).
+    chat_template: the template of the chat data the run trains on (`minicpm.data.chat.ChatTemplate`); it becomes
+    the chat_template of the checkpoint's tokenizer_config.json.
     """
     from minicpm.interop.hf import write_model_files
 
     final = run.checkpoint_dir(step)
     tmp = temporary_directory_for(final, name=run.temporary_checkpoint_name(step))
     try:
-        write_model_files(tmp, model, extra_files=_tokenizer_files(tokenizer) if tokenizer else None)
+        extra: dict[str, str | Path] = dict(_tokenizer_files(tokenizer)) if tokenizer else {}
+        if chat_template is not None:
+            from minicpm.data.chat import tokenizer_config_with_template
+
+            extra["tokenizer_config.json"] = tokenizer_config_with_template(tokenizer, chat_template)
+        write_model_files(tmp, model, extra_files=extra)
         torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
         write_atomic(tmp / STATE_FILE, json.dumps(_with_manifest(trainer_state, tmp), indent=1) + "\n")
     except BaseException:  # e.g. ENOSPC: the half-written checkpoint goes, the previous one stays the newest

@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from minicpm.config import TrainConfig, batch_plan, import_plugins, model_config, save_config, with_model
 from minicpm.data.pretrain import DataSource, PretrainData, tokenizer_facts
+from minicpm.data.prepare_chat import training_template
 from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, Evaluator, build_evaluators
 from minicpm.rundir import RunDir
@@ -77,9 +78,14 @@ class Trainer:
         self.module = TrainModule.build(cfg, self.model_config, self.dist)
         self.data = data if data is not None else PretrainData(
             cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len, seed=cfg.run.seed,
-            tokenizer_hash=self.tokenizer_hash)
+            tokenizer_hash=self.tokenizer_hash, packing=cfg.data.packing)
         if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
             self.data.check_token_ids(self.model_config.vocab_size)
+        self.chat_template = training_template([*cfg.data.stable, *(cfg.data.decay or {})]) if data is None else None
+        for name, n in (self.data.skipped_too_long() if hasattr(self.data, "skipped_too_long") else {}).items():
+            if n:
+                self._warn(f"{name}: {n} conversation(s) longer than batch.seq_len + 1 = {cfg.batch.seq_len + 1} "
+                           f"tokens are skipped (no row holds them whole)")
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
         self.step = 0
         self.tokens = 0
@@ -147,7 +153,7 @@ class Trainer:
                 if (_due(self.step, cfg.run.checkpoint_every) or self.step == total) and not self.bad_steps:
                     # never during a run of skipped steps: the newest checkpoint stays the last good one
                     saved = self.module.save(self.run, self.step, self.trainer_state(), keep_last=cfg.run.keep_last,
-                                             tokenizer=cfg.data.tokenizer)
+                                             tokenizer=cfg.data.tokenizer, chat_template=self.chat_template)
         finally:
             progress.close()
             if writer is not None:

@@ -201,14 +201,14 @@ class TrainModule:
     # --- checkpoints -------------------------------------------------------------------------------------------
 
     def save(self, run: RunDir, step: int, trainer_state: dict[str, Any], *, keep_last: int,
-             tokenizer: str | None) -> Path | None:
+             tokenizer: str | None, chat_template=None) -> Path | None:
         """Save weights, optimizer and the loop's state as RUN/checkpoints/step_N (every process takes part when
         sharded); returns the checkpoint on the process that published it."""
         if self.dist.distributed:  # every rank writes its shards; rank 0 the config and trainer state
             return ckpt.save_sharded_checkpoint(run, step, self.model, self.optimizer, trainer_state,
                                                 keep_last=keep_last, is_main=self.dist.is_main)
         return ckpt.save_checkpoint(run, step, self.model, self.optimizer, trainer_state, keep_last=keep_last,
-                                    tokenizer=tokenizer)
+                                    tokenizer=tokenizer, chat_template=chat_template)
 
     def load(self, checkpoint: Path) -> None:
         """Exact state of a checkpoint of either format: weights and optimizer moments (N processes' shards into

@@ -98,10 +98,20 @@ class NextToken:
     def loss(self, model, batch, *, chunk_size=None, reference=None):
         # auxiliary losses only in training: a held-out loss is the cross-entropy alone
         aux: dict[str, torch.Tensor] | None = {} if model.training else None
-        hidden = model.hidden_states(batch["input_ids"], aux_losses=aux)
+        # packed documents (data.packing: document) attend only to themselves
+        hidden = model.hidden_states(batch["input_ids"], aux_losses=aux, doc_ids=batch.get("doc_ids"))
         loss = lm_loss(hidden, model.head_weight, batch["labels"], chunk_size=chunk_size)
         metrics: dict[str, Metric] = {}
         if aux:
             loss = add_aux_losses(loss, metrics, aux, self.aux_loss_weights, self.count(batch))
         return loss, metrics
 
+
+
+@register_objective("sft")
+class SupervisedFineTuning(NextToken):
+    """Cross-entropy of the assistants' answer tokens only, token-weighted as next_token (paper section 5: SFT).
+
+    Which tokens are answers comes with the data: chat shards (`minicpm prepare --format chat`) carry a loss mask,
+    and the batch's labels are IGNORE_INDEX everywhere else. Run it with data.packing: document, so that packed
+    conversations do not see each other (configs/sft.yaml)."""
