@@ -814,6 +814,48 @@ def register_windtunnel_commands(sub) -> None:
     p.set_defaults(handler=lr_transfer)
 
     p = wsub.add_parser(
+        "search", help="TPE search of scale_emb, scale_depth, init_std and lr on a proxy trained for D = 10N tokens",
+        description="Paper App. A.1: a Bayesian (TPE, Optuna) sweep over model.scale_emb, model.scale_depth, "
+                    "model.initializer_range (init_std) and optim.lr, each on a log scale, on the proxy CONFIG "
+                    "with schedule.total_steps set so that it sees D = --tokens-per-param x N tokens (N: "
+                    "non-embedding parameters). Every trial is a run directory under DIR/runs/; re-running "
+                    "resumes. Writes DIR/search.png (the metric against each hyper-parameter), "
+                    "DIR/importance.png (fANOVA importances) and DIR/result.json.")
+    p.add_argument("config_and_overrides", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
+                   help="the proxy's training recipe, then dotted overrides")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--trials", type=int, default=16, help="finished trials wanted (default %(default)s)")
+    p.add_argument("--tokens-per-param", type=float, default=10.0,
+                   help="D / N, tokens per non-embedding parameter (default %(default)s, the paper's)")
+    p.add_argument("--params", nargs="+", default=["scale_emb", "scale_depth", "init_std", "lr"],
+                   choices=["scale_emb", "scale_depth", "init_std", "lr"], help="what to search (default: all)")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="a log-scale range, e.g. lr=0.002:0.05 (defaults: scale_emb 1:64, scale_depth 0.25:8, "
+                        "init_std 0.01:1, lr 0.001:0.1)")
+    p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default %(default)s)")
+
+    def search(args) -> int:
+        from minicpm.experiments.windtunnel_search import parse_ranges
+        from minicpm.experiments.windtunnel_search import search as run
+        from minicpm.train.launch import split_config_and_overrides
+
+        config, overrides = split_config_and_overrides(args.config_and_overrides)
+        if config is None:
+            raise MiniCPMError("give the proxy's training recipe (a YAML file) first")
+        result = run(config, overrides, out=args.out, trials=args.trials, tokens_per_param=args.tokens_per_param,
+                     ranges=parse_ranges(args.range), params=args.params, metric=args.metric, workers=args.workers,
+                     threads=args.threads, seed=args.seed, echo=lambda line: print(line, flush=True))
+        print(result.table())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(handler=search)
+
+    p = wsub.add_parser(
         "batch-size", help="the optimal batch size against the loss, bs = a / L^b, from runs (paper App. A.2)",
         description="From runs that differ in batch.tokens_per_step (run directories, or sweep directories whose "
                     "runs/ hold them): the tokens each needed to reach each target loss, the batch size needing the "
