@@ -282,9 +282,16 @@ def register_training_commands(sub) -> None:
             print(result.summary())
 
     def report(args):
+        from minicpm.experiments.sweep_report import is_sweep_dir, summary_lines, write_sweep_report
         from minicpm.report import write_report
 
-        written = write_report(args.runs, args.out)
+        if len(args.runs) == 1 and is_sweep_dir(args.runs[0]):  # a sweep directory (trials.csv): draw the sweep
+            from minicpm.experiments.sweep_report import read_sweep
+
+            print("\n".join(summary_lines(read_sweep(args.runs[0]))))
+            written = write_sweep_report(args.runs[0], args.out)
+        else:
+            written = write_report(args.runs, args.out)
         for path in written:
             print(f"wrote {path}")
 
@@ -323,8 +330,10 @@ def register_training_commands(sub) -> None:
                    help="exponential decay half-life in steps (schedule.half_life; default decay_steps/5)")
     p.set_defaults(handler=train)
 
-    p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay)")
+    p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs, or a sweep")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay), "
+                   "or one sweep directory (with trials.csv: the metric against each parameter, best and failed "
+                   "trials)")
     p.add_argument("--out", help="where report.html and the PNGs go (default: the first RUN)")
     p.set_defaults(handler=report)
 
