@@ -361,8 +361,7 @@ class Sweep:
         reported: set[int] = set()
         last_beat = time.time()
         pruned = False
-        process = _context().Process(target=train_trial, name=f"minicpm-trial-{trial.number}",
-                                     args=(str(self.spec.config), overrides, str(run_dir), self.spec.threads))
+        process = self._trial_process(trial.number, overrides, run_dir)
         process.start()
         try:
             while process.exitcode is None:
@@ -395,6 +394,16 @@ class Sweep:
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another worker judged this trial interrupted meanwhile; its retry gives the same result
         self.echo(f"trial {trial.number}: {self.spec.metric} {value:.6g}")
+
+    def _trial_process(self, number: int, overrides: list[str], run_dir: Path):
+        """The trial's process: forked from the fork server, or a torchrun job (trial_launcher: torchrun)."""
+        if self.spec.trial_launcher == "torchrun":
+            from minicpm.experiments.sweep_torchrun import TorchrunTrial
+
+            return TorchrunTrial(str(self.spec.config), overrides, str(run_dir), self.spec.threads,
+                                 self.spec.nproc_per_node, run_dir / TRIAL_LOG)
+        return _context().Process(target=train_trial, name=f"minicpm-trial-{number}",
+                                  args=(str(self.spec.config), overrides, str(run_dir), self.spec.threads))
 
     def _report(self, trial, run_dir: Path, reported: set[int]) -> bool:
         """Report the evaluations logged since the last call (intermediate values for the pruner)."""
@@ -539,10 +548,10 @@ def _failure_line(log: Path, returncode: int) -> str:
         return f"killed by {name}{hint}"
     try:
         lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.strip()]
+                 if line.strip(" =-")]  # not the rules of a torchrun failure banner
     except OSError:
         lines = []
-    for line in reversed(lines[-20:]):
+    for line in reversed(lines[-200:]):  # a torchrun job ends on its agent's long traceback
         if ": error: " in line:
             return line.split(": error: ", 1)[1]
     return lines[-1] if lines else f"exit status {returncode}"
