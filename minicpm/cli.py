@@ -802,6 +802,9 @@ def register_windtunnel_commands(sub) -> None:
     p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
     p.add_argument("--only", choices=("mup", "sp"), help="run one parametrisation only")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="run.seed values: each learning rate is trained once per seed and its loss averaged "
+                        "(default: %(default)s)")
 
     def lr_transfer(args) -> int:
         from minicpm.experiments.windtunnel import lr_transfer as run
@@ -813,7 +816,7 @@ def register_windtunnel_commands(sub) -> None:
         low, high = sorted(args.log2_lr)
         result = run(config, overrides, widths=args.widths, log2_lrs=range(low, high + 1), out=args.out,
                      head_dim=args.head_dim, base_width=args.base_width, metric=args.metric, workers=args.workers,
-                     parametrisations=(args.only,) if args.only else ("mup", "sp"),
+                     parametrisations=(args.only,) if args.only else ("mup", "sp"), seeds=args.seeds,
                      echo=lambda line: print(line, flush=True))
         print(result.table())
         for path in result.written:
