@@ -499,6 +499,7 @@ def train_trial(config: str, overrides: list[str], run_dir: str, threads: int) -
     trial continues its own checkpoint; a fresh one starts at step 0), its output appended to RUN/trial.log."""
     if sys.platform == "linux":
         _die_with_parent()
+    _release_fork_server()
     log = open(Path(run_dir) / TRIAL_LOG, "ab", buffering=0)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
@@ -529,6 +530,21 @@ def _die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _release_fork_server() -> None:
+    """Close this trial's copy of the fork server's "alive" pipe. The fork server exits when every copy of that pipe
+    is closed; multiprocessing hands one to each child it forks (so that children may fork through it too), so
+    with trials holding theirs a killed sweep left the server, and through it the trials, running for ever."""
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
 
 
 def _end(process) -> None:
