@@ -315,14 +315,21 @@ def register_training_commands(sub) -> None:
             print(result.summary())
 
     def report(args):
+        from minicpm.experiments.sweep_report import is_sweep_dir, summary_lines, write_sweep_report
         from minicpm.report import write_report
 
-        written = write_report(args.runs, args.out, prediction=args.prediction)
-        if args.prediction:
-            from minicpm.experiments.watch import against_prediction
-            from minicpm.report import load_run
+        if len(args.runs) == 1 and is_sweep_dir(args.runs[0]):  # a sweep directory (trials.csv): draw the sweep
+            from minicpm.experiments.sweep_report import read_sweep
 
-            print(against_prediction(load_run(args.runs[0]), args.prediction)[0])
+            print("\n".join(summary_lines(read_sweep(args.runs[0]))))
+            written = write_sweep_report(args.runs[0], args.out)
+        else:
+            written = write_report(args.runs, args.out, prediction=args.prediction)
+            if args.prediction:
+                from minicpm.experiments.watch import against_prediction
+                from minicpm.report import load_run
+
+                print(against_prediction(load_run(args.runs[0]), args.prediction)[0])
         for path in written:
             print(f"wrote {path}")
 
@@ -361,8 +368,10 @@ def register_training_commands(sub) -> None:
                    help="exponential decay half-life in steps (schedule.half_life; default decay_steps/5)")
     p.set_defaults(handler=train)
 
-    p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay)")
+    p = sub.add_parser("report", help="plots and a self-contained report.html for one or more runs, or a sweep")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories (a stable run and its branches overlay), "
+                   "or one sweep directory (with trials.csv: the metric against each parameter, best and failed "
+                   "trials)")
     p.add_argument("--out", help="where report.html and the PNGs go (default: the first RUN)")
     p.add_argument("--prediction", metavar="PLAN_OR_FIT",
                    help="draw the first RUN against a prediction (PLAN.yaml of minicpm plan, or the JSON of scaling "
@@ -834,6 +843,9 @@ def register_windtunnel_commands(sub) -> None:
     p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
     p.add_argument("--only", choices=("mup", "sp"), help="run one parametrisation only")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="run.seed values: each learning rate is trained once per seed and its loss averaged "
+                        "(default: %(default)s)")
 
     def lr_transfer(args) -> int:
         from minicpm.experiments.windtunnel import lr_transfer as run
@@ -845,7 +857,7 @@ def register_windtunnel_commands(sub) -> None:
         low, high = sorted(args.log2_lr)
         result = run(config, overrides, widths=args.widths, log2_lrs=range(low, high + 1), out=args.out,
                      head_dim=args.head_dim, base_width=args.base_width, metric=args.metric, workers=args.workers,
-                     parametrisations=(args.only,) if args.only else ("mup", "sp"),
+                     parametrisations=(args.only,) if args.only else ("mup", "sp"), seeds=args.seeds,
                      echo=lambda line: print(line, flush=True))
         print(result.table())
         for path in result.written:
@@ -853,6 +865,48 @@ def register_windtunnel_commands(sub) -> None:
         return 0
 
     p.set_defaults(handler=lr_transfer)
+
+    p = wsub.add_parser(
+        "search", help="TPE search of scale_emb, scale_depth, init_std and lr on a proxy trained for D = 10N tokens",
+        description="Paper App. A.1: a Bayesian (TPE, Optuna) sweep over model.scale_emb, model.scale_depth, "
+                    "model.initializer_range (init_std) and optim.lr, each on a log scale, on the proxy CONFIG "
+                    "with schedule.total_steps set so that it sees D = --tokens-per-param x N tokens (N: "
+                    "non-embedding parameters). Every trial is a run directory under DIR/runs/; re-running "
+                    "resumes. Writes DIR/search.png (the metric against each hyper-parameter), "
+                    "DIR/importance.png (fANOVA importances) and DIR/result.json.")
+    p.add_argument("config_and_overrides", nargs="+", metavar="CONFIG [KEY=VALUE ...]",
+                   help="the proxy's training recipe, then dotted overrides")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--trials", type=int, default=16, help="finished trials wanted (default %(default)s)")
+    p.add_argument("--tokens-per-param", type=float, default=10.0,
+                   help="D / N, tokens per non-embedding parameter (default %(default)s, the paper's)")
+    p.add_argument("--params", nargs="+", default=["scale_emb", "scale_depth", "init_std", "lr"],
+                   choices=["scale_emb", "scale_depth", "init_std", "lr"], help="what to search (default: all)")
+    p.add_argument("--range", action="append", default=[], metavar="NAME=LOW:HIGH",
+                   help="a log-scale range, e.g. lr=0.002:0.05 (defaults: scale_emb 1:64, scale_depth 0.25:8, "
+                        "init_std 0.01:1, lr 0.001:0.1)")
+    p.add_argument("--metric", default="eval_loss", help="metrics.jsonl key to minimise (default %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="parallel trials (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per trial (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default %(default)s)")
+
+    def search(args) -> int:
+        from minicpm.experiments.windtunnel_search import parse_ranges
+        from minicpm.experiments.windtunnel_search import search as run
+        from minicpm.train.launch import split_config_and_overrides
+
+        config, overrides = split_config_and_overrides(args.config_and_overrides)
+        if config is None:
+            raise MiniCPMError("give the proxy's training recipe (a YAML file) first")
+        result = run(config, overrides, out=args.out, trials=args.trials, tokens_per_param=args.tokens_per_param,
+                     ranges=parse_ranges(args.range), params=args.params, metric=args.metric, workers=args.workers,
+                     threads=args.threads, seed=args.seed, echo=lambda line: print(line, flush=True))
+        print(result.table())
+        for path in result.written:
+            print(f"wrote {path}")
+        return 0
+
+    p.set_defaults(handler=search)
 
     p = wsub.add_parser(
         "batch-size", help="the optimal batch size against the loss, bs = a / L^b, from runs (paper App. A.2)",

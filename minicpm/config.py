@@ -108,6 +108,18 @@ class ScheduleConfig:
 
 
 @dataclass
+class RampStage:
+    """One stage of the batch-size ramp (minicpm/train/batch_ramp.py)."""
+
+    tokens_per_step: int = 0
+    """This stage's global batch in tokens."""
+    until_tokens: Optional[int] = None
+    """The stage lasts until the run has seen this many tokens (a whole number of its steps)."""
+    until_step: Optional[int] = None
+    """Or until this optimizer step (give one of the two)."""
+
+
+@dataclass
 class BatchConfig:
     """Batch geometry; gradient accumulation is derived: tokens_per_step = seq_len·micro_batch_size·accum·ranks."""
 
@@ -117,6 +129,9 @@ class BatchConfig:
     """Tokens per training sequence."""
     micro_batch_size: int = 16
     """Sequences per forward/backward pass on each process."""
+    ramp: List[RampStage] = field(default_factory=list)
+    """Batch-size ramp (paper: 2M then 4M tokens): [{until_tokens: T, tokens_per_step: B}, ...]; each stage's batch
+    until T tokens (or until_step), then tokens_per_step. Steps stay the schedule's unit (see train/batch_ramp.py)."""
 
 
 @dataclass
@@ -352,6 +367,10 @@ def validate(cfg: TrainConfig) -> None:
         _check(getattr(b, name) > 0, f"batch.{name} must be positive, got {getattr(b, name)}")
     _check(b.tokens_per_step % b.seq_len == 0,
            f"batch.tokens_per_step ({b.tokens_per_step}) must be a multiple of batch.seq_len ({b.seq_len})")
+    if b.ramp:
+        from minicpm.train.batch_ramp import batch_ramp
+
+        batch_ramp(b)
     r = cfg.run
     for name in ("log_every",):
         _check(getattr(r, name) > 0, f"run.{name} must be positive, got {getattr(r, name)}")

@@ -361,8 +361,7 @@ class Sweep:
         reported: set[int] = set()
         last_beat = time.time()
         pruned = False
-        process = _context().Process(target=train_trial, name=f"minicpm-trial-{trial.number}",
-                                     args=(str(self.spec.config), overrides, str(run_dir), self.spec.threads))
+        process = self._trial_process(trial.number, overrides, run_dir)
         process.start()
         try:
             while process.exitcode is None:
@@ -395,6 +394,16 @@ class Sweep:
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another worker judged this trial interrupted meanwhile; its retry gives the same result
         self.echo(f"trial {trial.number}: {self.spec.metric} {value:.6g}")
+
+    def _trial_process(self, number: int, overrides: list[str], run_dir: Path):
+        """The trial's process: forked from the fork server, or a torchrun job (trial_launcher: torchrun)."""
+        if self.spec.trial_launcher == "torchrun":
+            from minicpm.experiments.sweep_torchrun import TorchrunTrial
+
+            return TorchrunTrial(str(self.spec.config), overrides, str(run_dir), self.spec.threads,
+                                 self.spec.nproc_per_node, run_dir / TRIAL_LOG)
+        return _context().Process(target=train_trial, name=f"minicpm-trial-{number}",
+                                  args=(str(self.spec.config), overrides, str(run_dir), self.spec.threads))
 
     def _report(self, trial, run_dir: Path, reported: set[int]) -> bool:
         """Report the evaluations logged since the last call (intermediate values for the pruner)."""
@@ -490,6 +499,7 @@ def train_trial(config: str, overrides: list[str], run_dir: str, threads: int) -
     trial continues its own checkpoint; a fresh one starts at step 0), its output appended to RUN/trial.log."""
     if sys.platform == "linux":
         _die_with_parent()
+    _release_fork_server()
     log = open(Path(run_dir) / TRIAL_LOG, "ab", buffering=0)
     os.dup2(log.fileno(), 1)
     os.dup2(log.fileno(), 2)
@@ -522,6 +532,21 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _release_fork_server() -> None:
+    """Close this trial's copy of the fork server's "alive" pipe. The fork server exits when every copy of that pipe
+    is closed; multiprocessing hands one to each child it forks (so that children may fork through it too), so
+    with trials holding theirs a killed sweep left the server, and through it the trials, running for ever."""
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
+
+
 def _end(process) -> None:
     process.terminate()
     process.join(timeout=10)
@@ -539,10 +564,10 @@ def _failure_line(log: Path, returncode: int) -> str:
         return f"killed by {name}{hint}"
     try:
         lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.strip()]
+                 if line.strip(" =-")]  # not the rules of a torchrun failure banner
     except OSError:
         lines = []
-    for line in reversed(lines[-20:]):
+    for line in reversed(lines[-200:]):  # a torchrun job ends on its agent's long traceback
         if ": error: " in line:
             return line.split(": error: ", 1)[1]
     return lines[-1] if lines else f"exit status {returncode}"

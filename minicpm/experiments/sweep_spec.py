@@ -14,6 +14,8 @@
     pruner: median                           # or hyperband, or {kind: median, n_startup_trials: 2, ...}
     seed: 0
     name: my-sweep                           # the study's name (default: the spec file's stem)
+    trial_launcher: torchrun                 # process (default: a forked `minicpm train`) | torchrun
+    nproc_per_node: 2                        # torchrun: processes per trial (GPUs, or gloo CPU processes)
 
 Every error is one line naming the spec file and key; nothing is written before the spec is valid.
 """
@@ -33,7 +35,8 @@ SAMPLERS = ("grid", "random", "tpe")
 DIRECTIONS = ("minimize", "maximize")
 PRUNERS = ("median", "hyperband")
 SPEC_KEYS = ("base", "space", "sampler", "trials", "metric", "direction", "workers", "threads", "pruner", "seed",
-             "name")
+             "name", "trial_launcher", "nproc_per_node")
+TRIAL_LAUNCHERS = ("process", "torchrun")
 BASE_KEYS = ("config", "overrides")
 RANGE_KEYS = ("low", "high", "log")
 
@@ -73,6 +76,8 @@ class SweepSpec:
     pruner: dict[str, Any] | None = None
     seed: int = 0
     name: str = "sweep"
+    trial_launcher: str = "process"
+    nproc_per_node: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
@@ -137,9 +142,15 @@ def load_spec(path: str | Path) -> SweepSpec:
     else:
         trials = _positive_int(data.get("trials", 10), "trials", fail)
     pruner = _pruner(data.get("pruner"), fail)
+    launcher = data.get("trial_launcher", "process")
+    if launcher not in TRIAL_LAUNCHERS:
+        raise fail("trial_launcher", f"expected {' | '.join(TRIAL_LAUNCHERS)}, got {launcher!r}")
+    nproc = _positive_int(data.get("nproc_per_node", 1), "nproc_per_node", fail)
+    if nproc > 1 and launcher != "torchrun":
+        raise fail("nproc_per_node", f"{nproc} processes per trial need trial_launcher: torchrun")
     return SweepSpec(path=path, config=config, overrides=overrides, space=space, sampler=sampler, trials=trials,
                      metric=metric, direction=direction, workers=workers, threads=threads, pruner=pruner, seed=seed,
-                     name=name)
+                     name=name, trial_launcher=launcher, nproc_per_node=nproc)
 
 
 def _base(base: Any, path: Path, fail) -> tuple[Path, list[str]]:

@@ -8,6 +8,10 @@ head counts (width / head_dim); the recipe and its overrides set everything else
     DIR/{mup,sp}/w{width}/           one sweep each (runs/, trials.csv, study.journal)
     DIR/lr_transfer.png              loss against learning rate, one line per width, a panel per parametrisation
     DIR/result.json                  the losses, the optimum per width and its shift in ×2 steps
+
+With several --seeds each learning rate is trained once per seed (run.seed: the initialisation and the data
+order) and its loss is the mean over them (None when any seed failed: a divergence at that rate is not averaged
+away). An optimum at the grid's first or last rate is marked: the true optimum may lie outside the grid.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class Optimum:
     lr: float | None
     loss: float | None
     shift: int | None  # log₂(optimum / the smallest width's optimum)
+    at_edge: bool = False  # the grid's first or last learning rate: the optimum may lie beyond it
 
 
 @dataclass
@@ -53,7 +58,8 @@ class LrTransferResult:
                 lr = f"2^{math.log2(o.lr):.0f}" if o.lr else "-"
                 loss = f"{o.loss:.4f}" if o.loss is not None else "-"
                 shift = f"{o.shift:+d}" if o.shift is not None else "-"
-                lines.append(f"{LABELS[name]:4}{o.width:>7}{lr:>12}{loss:>10}{shift:>18}")
+                edge = "  (grid edge)" if o.at_edge else ""
+                lines.append(f"{LABELS[name]:4}{o.width:>7}{lr:>12}{loss:>10}{shift:>18}{edge}")
         for name, optima in self.optima.items():
             shifts = [o.shift for o in optima if o.shift is not None]
             if shifts:
@@ -72,14 +78,24 @@ def optima_of(losses: dict[int, dict[float, float | None]]) -> list[Optimum]:
             continue
         lr = min(done, key=done.get)
         first = first or lr
-        out.append(Optimum(width, lr, done[lr], round(math.log2(lr / first))))
+        grid = sorted(losses[width])
+        out.append(Optimum(width, lr, done[lr], round(math.log2(lr / first)), lr in (grid[0], grid[-1])))
     return out
+
+
+def mean_over_seeds(rows: Sequence[dict]) -> dict[float, float | None]:
+    """Per learning rate, the mean metric of its trials (one per seed); None when any of them has no value."""
+    by_lr: dict[float, list] = {}
+    for row in rows:
+        by_lr.setdefault(float(row["params"]["optim.lr"]), []).append(row["value"])
+    return {lr: (None if any(v is None for v in values) else sum(values) / len(values))
+            for lr, values in sorted(by_lr.items())}
 
 
 def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequence[int], log2_lrs: Sequence[int],
                 out: str | Path, head_dim: int = 16, base_width: int | None = None,
                 parametrisations: Sequence[str] = ("mup", "sp"), metric: str = "eval_loss", workers: int = 1,
-                echo=print) -> LrTransferResult:
+                seeds: Sequence[int] = (0,), echo=print) -> LrTransferResult:
     from minicpm.experiments.sweep import Sweep, check_space_keys
 
     recipe = Path(recipe)
@@ -95,6 +111,12 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
         raise MiniCPMError("--log2-lr: give at least one exponent")
     base_width = base_width or widths[0]
     lrs = tuple(2.0 ** k for k in sorted(set(log2_lrs)))
+    seeds = tuple(sorted(set(seeds)))
+    if not seeds:
+        raise MiniCPMError("--seeds: give at least one seed")
+    space = {"optim.lr": Param("optim.lr", choices=lrs)}
+    if len(seeds) > 1:
+        space["run.seed"] = Param("run.seed", choices=seeds)
     out = Path(out)
     sweeps = []
     for name in parametrisations:
@@ -102,7 +124,7 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
             spec = SweepSpec(path=recipe, config=recipe.resolve(),
                              overrides=[*overrides, *width_overrides(width, head_dim=head_dim, base_width=base_width,
                                                                      parametrisation=name)],
-                             space={"optim.lr": Param("optim.lr", choices=lrs)}, sampler="grid", trials=len(lrs),
+                             space=space, sampler="grid", trials=len(lrs) * len(seeds),
                              metric=metric, workers=workers, name=f"lr-transfer-{name}-w{width}")
             check_space_keys(spec)
             sweeps.append((name, width, spec))
@@ -110,10 +132,10 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
     for name, width, spec in sweeps:
         echo(f"{LABELS[name]} width {width}: {len(lrs)} learning rates")
         result = Sweep(spec, out / name / f"w{width}", echo=echo).run()
-        losses[name][width] = {float(r["params"]["optim.lr"]): r["value"] for r in result.rows}
+        losses[name][width] = mean_over_seeds(result.rows)
     optima = {name: optima_of(losses[name]) for name in parametrisations}
     written = [write_atomic(out / "result.json", json.dumps({
-        "widths": widths, "learning_rates": list(lrs), "base_width": base_width, "metric": metric,
+        "widths": widths, "learning_rates": list(lrs), "seeds": list(seeds), "base_width": base_width, "metric": metric,
         "losses": {n: {str(w): {repr(lr): v for lr, v in per.items()} for w, per in by_w.items()}
                    for n, by_w in losses.items()},
         "optima": {n: [o.__dict__ for o in opt] for n, opt in optima.items()}}, indent=1) + "\n")]

@@ -31,6 +31,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, Evaluator, build_evaluators
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
+from minicpm.train.batch_ramp import batch_ramp
 from minicpm.train.distributed import DistInfo, has_fast_bf16, init_distributed, resolve_dtype
 from minicpm.train.metrics import IntervalStats, MetricsWriter, Progress, Throughput, device_peak_flops, format_record
 from minicpm.train.module import TrainModule
@@ -73,6 +74,10 @@ class Trainer:
         self.run = RunDir(cfg.run.out_dir)
         self.schedule = cfg.schedule.resolve()
         self.plan = batch_plan(cfg.batch, self.dist.world_size)
+        self.ramp = batch_ramp(cfg.batch)
+        # every batch size of the ramp checked against the process count before the first step
+        self.plans = {tokens: batch_plan(dataclasses.replace(cfg.batch, tokens_per_step=tokens),
+                                         self.dist.world_size) for tokens in self.ramp.sizes()}
         self.tokenizer_hash, vocab_size = tokenizer_facts(cfg.data.tokenizer)
         self.model_config = model_config(cfg, vocab_size, base=self._weights_source_config())
         self.module = TrainModule.build(cfg, self.model_config, self.dist)
@@ -128,15 +133,18 @@ class Trainer:
             while self.step < total:
                 stage = self.data.stage(self.step)
                 lr = cfg.optim.lr * self.schedule(self.step)
-                metrics = self.module.train_step(self._micro_batches(), lr=lr)
+                step_tokens = self.ramp.tokens_per_step(self.step)
+                metrics = self.module.train_step(self._micro_batches(self.plans[step_tokens]), lr=lr)
                 self.step += 1
-                self.tokens += cfg.batch.tokens_per_step
-                throughput.add(cfg.batch.tokens_per_step)
+                self.tokens += step_tokens
+                throughput.add(step_tokens)
                 self._account(metrics, progress)
                 record = None
                 if self.step % cfg.run.log_every == 0 or self.step == total:
                     record = {"step": self.step, "tokens": self.tokens, "lr": lr, "stage": stage,
                               **self.interval.summary(), **throughput.read()}
+                    if self.ramp.stages:
+                        record["batch_tokens"] = step_tokens
                     self.interval = IntervalStats()
                     last_train = record
                     if main:
@@ -166,9 +174,9 @@ class Trainer:
         return TrainResult(self.run.path, self.step, self.tokens, last_train, last_eval,
                            saved or self.run.latest_checkpoint(), is_main=main)
 
-    def _micro_batches(self) -> list[dict[str, torch.Tensor]]:
+    def _micro_batches(self, plan) -> list[dict[str, torch.Tensor]]:
         """This process's contiguous rows of the step's global batch, cut into micro-batches."""
-        plan, mb = self.plan, self.cfg.batch.micro_batch_size
+        mb = self.cfg.batch.micro_batch_size
         batch = self.data.next_batch(self.step, plan.sequences)
         first = self.dist.rank * plan.per_rank
         return [{k: v[first + i * mb:first + (i + 1) * mb] for k, v in batch.items()}
@@ -285,6 +293,7 @@ class Trainer:
               f"  batch: {cfg.batch.tokens_per_step:,} tokens/step = {self.plan.sequences} x {cfg.batch.seq_len}; "
               f"{self.dist.world_size} process(es) x {self.plan.accumulation} micro-batches of "
               f"{cfg.batch.micro_batch_size}\n"
+              + (f"  batch ramp: {self.ramp.describe()}\n" if self.ramp.stages else "") +
               f"  objective: {cfg.objective.kind}; evaluators: "
               f"{', '.join(e.name for e in self.evaluators) or 'none'}\n"
               f"  schedule: {self.schedule.describe()}; lr {cfg.optim.lr:g}\n"
