@@ -44,7 +44,7 @@ def register_model_commands(sub) -> None:
         from minicpm.interop.export import export_checkpoint
 
         out = export_checkpoint(args.source, args.out, to="minicpm", dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, official=False)
         print(f"wrote {out}")
 
     def generate(args):
