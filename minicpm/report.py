@@ -16,6 +16,7 @@ from typing import Any
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.report_dynamics import dynamics_plot
 from minicpm.rundir import RunDir, checkpoint_step, run_of
 
 
@@ -158,6 +159,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None) 
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
     images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs)}
+    images["dynamics.png"] = dynamics_plot(runs)
     written = []
     for name, data in images.items():
         if data is not None:

@@ -59,27 +59,40 @@ class IntervalStats:
     sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     skipped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    """Steps that gave each metric, where some step did not (a metric that needs the previous step)."""
 
     def add(self, values: dict[str, float]) -> None:
+        for key in self.sums.keys() - values.keys():  # every earlier step had it, this one does not
+            self.counts.setdefault(key, self.steps)
         for key, value in values.items():
+            if key not in self.sums and self.steps:  # earlier steps did not have it
+                self.counts.setdefault(key, 0)
             self.sums[key] = self.sums.get(key, 0.0) + value
+            if key in self.counts:
+                self.counts[key] += 1
         self.steps += 1
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {key: total / self.steps for key, total in self.sums.items()} if self.steps else {}
+        out: dict[str, Any] = {key: total / max(self.counts.get(key, self.steps), 1)
+                               for key, total in self.sums.items()} if self.steps else {}
         if self.skipped:
             out["skipped_steps"] = self.skipped
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "steps": self.steps, "skipped": self.skipped}
+        state = {"sums": dict(self.sums), "steps": self.steps, "skipped": self.skipped}
+        if self.counts:
+            state["counts"] = dict(self.counts)
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "IntervalStats":
         if "sums" not in state:  # checkpoints written before named metrics: loss_sum and grad_norm_sum
             sums = {"loss": state["loss_sum"], "grad_norm": state["grad_norm_sum"]} if state["steps"] else {}
             return cls(sums, int(state["steps"]), int(state["skipped"]))
-        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]), int(state["skipped"]))
+        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]), int(state["skipped"]),
+                   {k: int(v) for k, v in state.get("counts", {}).items()})
 
 
 @dataclass
