@@ -864,6 +864,10 @@ class _Parser(argparse.ArgumentParser):
             self.epilog = self.epilog()
         return super().format_help()
 
+    def error(self, message: str):
+        # bad input is one line and exit 2, like the project's own errors (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
