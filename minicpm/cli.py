@@ -44,7 +44,7 @@ def register_model_commands(sub) -> None:
         from minicpm.interop.export import export_checkpoint
 
         out = export_checkpoint(args.source, args.out, to="minicpm", dtype=args.dtype,
-                                max_shard_size=args.max_shard_size)
+                                max_shard_size=args.max_shard_size, official=False)
         print(f"wrote {out}")
 
     def generate(args):
@@ -1048,6 +1048,10 @@ class _Parser(argparse.ArgumentParser):
         if callable(self.epilog):
             self.epilog = self.epilog()
         return super().format_help()
+
+    def error(self, message: str):
+        # bad input is one line and exit 2, like the project's own errors (argparse would print the usage first)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -159,6 +159,13 @@ class RunConfig:
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
     tensorboard: bool = False
     """Also write TensorBoard events to RUN/tensorboard (needs the tensorboard extra)."""
+    wandb: bool = False
+    """Also log to Weights & Biases in RUN/wandb, offline unless WANDB_MODE says otherwise (`wandb sync` uploads
+    it later; needs the wandb extra)."""
+    dynamics: bool = False
+    """Log the decay dynamics of paper §4.4 every step: cosine of consecutive gradients, update norm, directional
+    derivatives D1, D2 and the curvature along the update (dynamics/* in metrics.jsonl; two extra copies of the
+    weights in memory)."""
     progress: bool = True
     """Show a progress bar with ETA."""
     init_from: Optional[str] = None

@@ -17,6 +17,7 @@ from typing import Any
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.report_dynamics import dynamics_plot
 from minicpm.report_router import router_plot, router_table
 from minicpm.rundir import RunDir, checkpoint_step, run_of
 
@@ -163,7 +164,8 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
     attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
     out.mkdir(parents=True, exist_ok=True)
-    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs), "router.png": router_plot(runs)}
+    images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs), "router.png": router_plot(runs),
+              "dynamics.png": dynamics_plot(runs)}
     verdict = ""
     if prediction is not None:
         from minicpm.experiments.watch import against_prediction

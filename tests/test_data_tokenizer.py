@@ -109,7 +109,8 @@ def test_sentencepiece_model_encodes_like_sentencepiece(tmp_path, model_type):
     tok = load_tokenizer(tmp_path / "sp.model")
     assert (tok.token_to_id("<s>"), tok.token_to_id("</s>")) == (1, 2)
     for text in ["def add(a, b): return a + b", "The quick brown fox 123", "naïve café 😀 Ω", "Hello  world"]:
-        assert tok.encode(text).ids == sp.encode(text), text
+        assert tok.encode(text, add_special_tokens=False).ids == sp.encode(text), text
+        assert tok.encode(text).ids == [1] + sp.encode(text), text  # <s> first, as LlamaTokenizer's default
         assert tok.decode(tok.encode(text).ids) == sp.decode(sp.encode(text))
     assert tokenizer_hash(tmp_path / "sp.model") == tokenizer_hash(tok)
 

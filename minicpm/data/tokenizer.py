@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors,
+                        trainers)
 
 from minicpm.data.sources import SourceOptions, iter_corpus
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
+from minicpm.files import read_json_object, write_atomic
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -187,8 +189,17 @@ _SP_NORMAL, _SP_UNKNOWN, _SP_CONTROL, _SP_USER_DEFINED, _SP_UNUSED, _SP_BYTE = 1
 _SP_UNIGRAM, _SP_BPE = 1, 2
 
 
+def sentencepiece_special_flags(path: Path) -> tuple[bool, bool]:
+    """(add_bos_token, add_eos_token) for a SentencePiece model, from the tokenizer_config.json beside it; without
+    one, LlamaTokenizer's defaults (BOS yes, EOS no), which the official MiniCPM tokenizer keeps."""
+    config_file = path.parent / "tokenizer_config.json"
+    config = read_json_object(config_file) if config_file.is_file() else {}
+    return bool(config.get("add_bos_token", True)), bool(config.get("add_eos_token", False))
+
+
 def _from_sentencepiece(path: Path) -> Tokenizer:
-    """Rebuild a SentencePiece model (the official MiniCPM tokenizer is a SentencePiece BPE) as a `tokenizers` one."""
+    """Rebuild a SentencePiece model (the official MiniCPM tokenizer is a SentencePiece BPE) as a `tokenizers` one
+    that encodes as sentencepiece does, and starts a text with <s> where tokenizer_config.json says add_bos_token."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
     except ImportError:
@@ -202,6 +213,7 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     if not proto.pieces:
         raise MiniCPMError(f"{path}: not a SentencePiece model (no pieces)")
     pieces = [(p.piece, p.score, p.type) for p in proto.pieces]
+    add_bos, add_eos = sentencepiece_special_flags(path)
     spec, norm = proto.trainer_spec, proto.normalizer_spec
     unk_id = next((i for i, (_, _, kind) in enumerate(pieces) if kind == _SP_UNKNOWN), spec.unk_id)
 
@@ -220,9 +232,13 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     if norm.remove_extra_whitespaces:
         steps += [normalizers.Strip(left=True, right=True), normalizers.Replace(Regex(" {2,}"), " ")]
-    if norm.add_dummy_prefix:
-        steps.append(normalizers.Prepend("▁"))
     steps.append(normalizers.Replace(" ", "▁"))
+    user_pieces = [piece for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
+    if norm.add_dummy_prefix:
+        # one "▁" before a non-empty text; not before a user-defined piece's own text, which tokenizers also
+        # normalises to find it in the normalised text
+        alone = "|".join(re.escape(piece) for piece in user_pieces)
+        steps.append(normalizers.Replace(Regex(r"\A(?=[\s\S])" + (rf"(?!(?:{alone})\z)" if alone else "")), "▁"))
     tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = None
     decode_steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
@@ -231,10 +247,25 @@ def _from_sentencepiece(path: Path) -> Tokenizer:
     tok.decoder = decoders.Sequence(decode_steps)
     special = [AddedToken(piece, special=True, normalized=False)
                for piece, _, kind in pieces if kind in (_SP_CONTROL, _SP_UNKNOWN)]
-    user = [AddedToken(piece, special=False, normalized=False) for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
+    # SentencePiece normalises the whole text (one dummy "▁" before it, spaces to "▁"), then matches user-defined
+    # pieces ("<AI>", "<|im_start|>") whole: tokens matched in the normalised text (normalized=True) do the same,
+    # where tokens cut from the raw text would give each stretch between them its own dummy prefix
+    user = [AddedToken(piece, special=False, normalized=True) for piece, _, kind in pieces if kind == _SP_USER_DEFINED]
     tok.add_special_tokens(special)
     if user:
         tok.add_tokens(user)
+    # SentencePiece reads "<s>" or "</s>" inside a text as text, never as a control id; only user-defined pieces
+    # are matched whole
+    tok.encode_special_tokens = True
+    bos = pieces[spec.bos_id][0] if 0 <= spec.bos_id < len(pieces) else None
+    eos = pieces[spec.eos_id][0] if 0 <= spec.eos_id < len(pieces) else None
+    ends = [(bos, spec.bos_id)] if add_bos and bos else []
+    tail = [(eos, spec.eos_id)] if add_eos and eos else []
+    if ends or tail:
+        # as the official LlamaTokenizer: encode(text) (add_special_tokens) = [<s>] + pieces (+ [</s>])
+        single = " ".join([*(t for t, _ in ends), "$A", *(t for t, _ in tail)])
+        pair = " ".join([single, *(t for t, _ in ends), "$B:1", *(t for t, _ in tail)])
+        tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=ends + tail)
     return tok
 
 

@@ -61,7 +61,12 @@ class Decoder:
         self.gqa = cfg.num_key_value_heads != cfg.num_attention_heads
         with torch.no_grad():
             self.packed = [_Packed(layer) for layer in model.model.layers] if pack else None
-            self.head = model.head_weight.t().contiguous() if pack else None
+            # the head is the largest matrix: for one row its in_features-major copy is fastest; for several rows,
+            # vocab-major W @ h.T (nn.Linear's own layout, no copy) streams W once and writes each logit once,
+            # where h @ W.T rewrites the whole (rows, vocab) output for every input feature (measured on MKL, fp32,
+            # 320 x 32000 head: 1 row 4.0 vs 7.7 ms; 8 rows 13.8 vs 9.4 ms; 16 rows 18.8 vs 23.0 ms)
+            self.head = model.head_weight.t().contiguous() if pack and not 1 < len(pads) <= 8 else None
+            self.head_rows_last = pack and 1 < len(pads) <= 8
         # one compiled step for every cache length (dynamic shapes); the prefill runs eagerly
         self._step = torch.compile(self._forward, dynamic=True) if compile else self._forward
 
@@ -125,7 +130,11 @@ class Decoder:
                                             layer.mlp(x))
         # paper Table 7: logits divided by the width multiplier; only the last position is sampled from
         h = model.model.norm(h[:, -1]) / cfg.width_multiplier
-        return (h @ self.head if self.head is not None else F.linear(h, model.head_weight)).float()
+        if self.head is not None:
+            return (h @ self.head).float()
+        if self.head_rows_last:
+            return (model.head_weight @ h.t()).t().float()
+        return F.linear(h, model.head_weight).float()
 
     def _attention(self, attn, packed, x, cos, sin, cache, start, mask):
         B, T, _ = x.shape

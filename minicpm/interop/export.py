@@ -6,7 +6,8 @@ from pathlib import Path
 
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import EXPORT_FORMATS
-from minicpm.interop.hf import PathLike, import_checkpoint, parse_size, save_model
+from minicpm.interop.hf import PathLike, _model_dtype, import_checkpoint, parse_size, save_state
+from minicpm.interop.official import official_rope
 from minicpm.interop.llama import export_llama
 from minicpm.interop.mixtral import export_mixtral
 
@@ -14,10 +15,12 @@ from minicpm.interop.mixtral import export_mixtral
 
 def export_checkpoint(checkpoint: PathLike, out: PathLike, *, to: str, dtype: str | None = None,
                       max_shard_size: str | None = None, gguf_arch: str = "minicpm", gguf_type: str = "f16",
-                      tokenizer: PathLike | None = None) -> Path:
+                      tokenizer: PathLike | None = None, official: bool = True) -> Path:
     """Write `checkpoint` to `out` in the format `to` (one of EXPORT_FORMATS); max_shard_size like '2GB'.
     For gguf: gguf_arch (minicpm | llama), gguf_type (f32 | f16 | bf16 | q8_0) and the tokenizer to embed
-    (default: the one beside the checkpoint)."""
+    (default: the one beside the checkpoint). official (to minicpm): write only a RoPE scaling the official MiniCPM
+    config accepts, or fail in one line saying why; `minicpm import` turns it off (our layout computes every
+    scaling)."""
     from minicpm.rundir import is_sharded
     from minicpm.train.checkpoint import consolidated_model
 
@@ -34,9 +37,10 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, to: str, dtype: st
             return export_llama(model, out, dtype, max_shard_bytes=shard)
         if to == "mixtral":
             return export_mixtral(model, out, dtype, max_shard_bytes=shard)
-        return save_model(model, out, dtype=dtype, max_shard_bytes=shard)
+        config = official_rope(model.config) if official else model.config
+        return save_state(config, model.state_dict(), out, dtype=dtype or _model_dtype(model), max_shard_bytes=shard)
     if to == "llama":
         return export_llama(checkpoint, out, dtype, max_shard_bytes=shard)
     if to == "mixtral":
         return export_mixtral(checkpoint, out, dtype, max_shard_bytes=shard)
-    return import_checkpoint(checkpoint, out, dtype=dtype, max_shard_bytes=shard)
+    return import_checkpoint(checkpoint, out, dtype=dtype, max_shard_bytes=shard, official_rope=official)

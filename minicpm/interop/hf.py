@@ -30,7 +30,8 @@ from minicpm.model.transformer import MiniCPM
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
 
 _SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 _DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
@@ -340,10 +341,13 @@ def write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor], 
 
 def save_state(config: ModelConfig, state: Mapping[str, torch.Tensor], out_dir: PathLike, *,
                dtype: str | torch.dtype | None = None, max_shard_bytes: int | None = None,
-               extra_files: Mapping[str, bytes | str | Path] | None = None) -> Path:
-    """Write a full state dict (official keys) and its config in the official layout; see save_model."""
+               extra_files: Mapping[str, bytes | str | Path] | None = None,
+               extra_config: Mapping[str, object] | None = None) -> Path:
+    """Write a full state dict (official keys) and its config in the official layout; see save_model.
+    extra_config: config.json fields beyond the ModelConfig's (an official auto_map)."""
     dtype = parse_dtype(dtype) or next(iter(state.values())).dtype
     hf = dataclasses.replace(config, torch_dtype=dtype_name(dtype)).to_hf_dict()
+    hf.update(extra_config or {})
     return write_dir(Path(out_dir), hf, state, dtype, max_shard_bytes, extra_files)
 
 
@@ -393,12 +397,21 @@ def tokenizer_files(root: PathLike) -> dict[str, Path]:
 
 
 def import_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
-                      max_shard_bytes: int | None = None) -> Path:
+                      max_shard_bytes: int | None = None, official_rope: bool = False) -> Path:
     """An official HF MiniCPM directory (or a plain Llama one, as MiniCPM with neutral multipliers) → our layout,
-    validated, optionally converted to `dtype`, with its tokenizer files."""
+    validated, optionally converted to `dtype`, with its tokenizer files (chat template included), and the
+    official modeling files with config.json's auto_map where the source has them (so that the copy loads with
+    trust_remote_code). official_rope: write only a RoPE the official config accepts (see interop/official.py)."""
+    from minicpm.interop.official import carried_config_fields, official_files, official_rope as to_official_rope
+
     config, tensors = read_checkpoint(src)
+    root = _checkpoint_dir(src)
+    _, raw = _read_config(root)
+    if official_rope:
+        config = to_official_rope(config)
     return save_state(config, tensors, out_dir, dtype=dtype, max_shard_bytes=max_shard_bytes,
-                      extra_files=tokenizer_files(src))
+                      extra_files={**tokenizer_files(src), **official_files(root)},
+                      extra_config=carried_config_fields(raw, root))
 
 
 def checkpoint_summary(path: PathLike) -> dict:

@@ -122,7 +122,7 @@ class Trainer:
         self._start(resume)
         cfg, total = self.cfg, self.schedule.total_steps
         main = self.dist.is_main
-        writer = MetricsWriter(self.run, tensorboard=cfg.run.tensorboard) if main else None
+        writer = MetricsWriter(self.run, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb) if main else None
         progress = Progress(start=self.step, total=total, enabled=cfg.run.progress and main)
         peak = device_peak_flops(self.dist.device, torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32)
         throughput = Throughput(self.model_config.flops_per_token(cfg.batch.seq_len), peak * self.dist.world_size)

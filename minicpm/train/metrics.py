@@ -24,11 +24,12 @@ from minicpm.rundir import RunDir
 class MetricsWriter:
     """Appends one JSON object per line to RUN/metrics.jsonl and mirrors scalars to TensorBoard if asked."""
 
-    def __init__(self, run: RunDir, *, tensorboard: bool = False):
+    def __init__(self, run: RunDir, *, tensorboard: bool = False, wandb: bool = False):
         self.path = run.metrics_file
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a")
         self._tb = None
+        self._wandb = open_wandb(run) if wandb else None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,11 +45,32 @@ class MetricsWriter:
             for key, value in record.items():
                 if key not in ("step", "tokens") and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self._tb.add_scalar(key, value, global_step=record["step"])
+        if self._wandb is not None:
+            self._wandb.log({key: value for key, value in record.items() if key != "step"
+                             and isinstance(value, (int, float)) and not isinstance(value, bool)}, step=record["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def open_wandb(run: RunDir):
+    """A W&B run logging into RUN/wandb: offline unless WANDB_MODE says otherwise (`wandb sync RUN/wandb/offline-*`
+    uploads it later), its id fixed by the run directory so that a resumed run continues the same W&B run."""
+    try:
+        import wandb
+    except ImportError:
+        raise MiniCPMError("run.wandb needs the wandb package: pip install 'minicpm[wandb]'") from None
+    import hashlib
+
+    path = run.path.resolve()
+    (path / "wandb").mkdir(parents=True, exist_ok=True)
+    run_id = f"{path.name[:40]}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    return wandb.init(dir=str(path), project=os.environ.get("WANDB_PROJECT", "minicpm"), name=path.name, id=run_id,
+                      resume="allow", mode=os.environ.get("WANDB_MODE", "offline"))
 
 
 @dataclass
@@ -59,27 +81,40 @@ class IntervalStats:
     sums: dict[str, float] = field(default_factory=dict)
     steps: int = 0
     skipped: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    """Steps that gave each metric, where some step did not (a metric that needs the previous step)."""
 
     def add(self, values: dict[str, float]) -> None:
+        for key in self.sums.keys() - values.keys():  # every earlier step had it, this one does not
+            self.counts.setdefault(key, self.steps)
         for key, value in values.items():
+            if key not in self.sums and self.steps:  # earlier steps did not have it
+                self.counts.setdefault(key, 0)
             self.sums[key] = self.sums.get(key, 0.0) + value
+            if key in self.counts:
+                self.counts[key] += 1
         self.steps += 1
 
     def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = {key: total / self.steps for key, total in self.sums.items()} if self.steps else {}
+        out: dict[str, Any] = {key: total / max(self.counts.get(key, self.steps), 1)
+                               for key, total in self.sums.items()} if self.steps else {}
         if self.skipped:
             out["skipped_steps"] = self.skipped
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sums": dict(self.sums), "steps": self.steps, "skipped": self.skipped}
+        state = {"sums": dict(self.sums), "steps": self.steps, "skipped": self.skipped}
+        if self.counts:
+            state["counts"] = dict(self.counts)
+        return state
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "IntervalStats":
         if "sums" not in state:  # checkpoints written before named metrics: loss_sum and grad_norm_sum
             sums = {"loss": state["loss_sum"], "grad_norm": state["grad_norm_sum"]} if state["steps"] else {}
             return cls(sums, int(state["steps"]), int(state["skipped"]))
-        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]), int(state["skipped"]))
+        return cls({k: float(v) for k, v in state["sums"].items()}, int(state["steps"]), int(state["skipped"]),
+                   {k: int(v) for k, v in state.get("counts", {}).items()})
 
 
 @dataclass

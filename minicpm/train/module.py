@@ -44,6 +44,12 @@ class TrainModule:
         self.reference = reference
         self.config = config
         self._eval_objectives: dict[str, Objective] = {}
+        self.dynamics = None
+        if getattr(config.run, "dynamics", False):  # paper §4.4 diagnostics (train/dynamics.py)
+            from minicpm.train.dynamics import DecayDynamics
+
+            params = list(model.parameters())
+            self.dynamics = DecayDynamics(params, sharded=any(hasattr(p, "to_local") for p in params))
 
     # --- building ----------------------------------------------------------------------------------------------
 
@@ -125,10 +131,15 @@ class TrainModule:
         loss_value, named = self._reduce(loss_total, sums)
         loss_value /= count
         max_norm = self.config.optim.grad_clip if self.config.optim.grad_clip > 0 else math.inf
+        dynamics = self.dynamics.gradient() if self.dynamics is not None else {}  # the raw gradient, unclipped
         grad_norm = clip_grad_norm(self.model.parameters(), max_norm)
         applied = math.isfinite(loss_value) and math.isfinite(grad_norm)
         if applied:
             self.optimizer.step()
+            if self.dynamics is not None:
+                named.update(dynamics, **self.dynamics.updated())
+        elif self.dynamics is not None:
+            self.dynamics.skipped()
         self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss_value, "grad_norm": grad_norm, "applied": applied, **named}
 

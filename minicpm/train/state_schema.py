@@ -69,12 +69,13 @@ def _integer(value: object, field: str, minimum: int, fail, maximum: int | None 
 
 
 def _check_interval(interval: object, fail) -> None:
-    """IntervalStats.state_dict(): {"sums": {name: finite number}, "steps": int, "skipped": int} (checkpoints written
-    before named metrics hold loss_sum and grad_norm_sum instead of sums)."""
+    """IntervalStats.state_dict(): {"sums": {name: finite number}, "steps": int, "skipped": int} and, for metrics
+    some steps lack, "counts": {name: int} (checkpoints written before named metrics hold loss_sum and grad_norm_sum
+    instead of sums)."""
     if not isinstance(interval, Mapping):
         fail("interval", f"must be an object, got {_kind(interval)}")
     legacy = "sums" not in interval
-    allowed = ("loss_sum", "grad_norm_sum", "steps", "skipped") if legacy else ("sums", "steps", "skipped")
+    allowed = ("loss_sum", "grad_norm_sum", "steps", "skipped") if legacy else ("sums", "steps", "skipped", "counts")
     for key in ("steps", "skipped", *(("loss_sum", "grad_norm_sum") if legacy else ())):
         if key not in interval:
             fail("interval", f"has no '{key}'")
@@ -83,6 +84,11 @@ def _check_interval(interval: object, fail) -> None:
             fail(f"interval.{key}", f"is not one of {', '.join(allowed)}")
         if key in ("steps", "skipped"):
             _integer(value, f"interval.{key}", 0, fail)
+        elif key == "counts":
+            if not isinstance(value, Mapping):
+                fail("interval.counts", f"must be an object of step counts, got {_kind(value)}")
+            for name, count in value.items():
+                _integer(count, f"interval.counts.{name}", 0, fail)
         elif key == "sums":
             if not isinstance(value, Mapping):
                 fail("interval.sums", f"must be an object of metric sums, got {_kind(value)}")
