@@ -24,6 +24,7 @@ Every error is one line naming the spec file and key; nothing is trained before 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -58,7 +59,6 @@ class Size:
     def non_embedding_params(self) -> int:
         from minicpm.model.config import ModelConfig, preset
 
-        import dataclasses
         base = preset(self.preset) if self.preset else ModelConfig()
         return dataclasses.replace(base, **self.shape).non_embedding_params()
 
