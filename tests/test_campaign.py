@@ -98,10 +98,9 @@ def test_a_bad_table_exits_2_with_one_line(tmp_path, minicpm):
 
 # ---------------------------------------------------------------- specs
 
-@pytest.fixture
-def recipe(tmp_path, datasets):
+def write_recipe(directory: Path, datasets) -> Path:
     tokenizer, code, prose = datasets
-    path = tmp_path / "recipe.yaml"
+    path = directory / "recipe.yaml"
     path.write_text(yaml.safe_dump({
         "model": {"preset": "tiny"},
         "data": {"stable": {str(code): 0.5, str(prose): 0.5}, "decay": {str(code): 0.2, str(prose): 0.8},
@@ -112,12 +111,17 @@ def recipe(tmp_path, datasets):
     return path
 
 
-def write_spec(directory: Path, **fields) -> Path:
+@pytest.fixture
+def recipe(tmp_path, datasets):
+    return write_recipe(tmp_path, datasets)
+
+
+def write_spec(directory: Path, name: str = "spec.yaml", **fields) -> Path:
     spec = {"base": {"config": "recipe.yaml"}, "shape": {"head_dim": 16},
             "sizes": [{"name": "w16", "width": 16, "depth": 1}, {"name": "w32", "width": 32, "depth": 1}],
             "decay_points": [2, 4], "decay_fraction": 0.2, "workers": 0, **fields}
     spec = {k: v for k, v in spec.items() if v is not None}
-    path = directory / "spec.yaml"
+    path = directory / name
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -170,11 +174,20 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-@pytest.fixture
-def campaign(tmp_path, recipe, one_thread):
-    spec = write_spec(tmp_path)
-    result = run_campaign(spec, tmp_path / "full", fit=False, echo=lambda line: None)
-    return spec, result
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, datasets):
+    """One tiny campaign (2 sizes x 2 points) trained in this process, shared by the tests that read it."""
+    import torch
+
+    directory = tmp_path_factory.mktemp("campaign")
+    write_recipe(directory, datasets)
+    spec = write_spec(directory)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield spec, run_campaign(spec, directory / "full", fit=False, echo=lambda line: None)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_the_campaign_table_has_one_row_per_branch_with_the_fitters_N(campaign):
@@ -193,10 +206,11 @@ def test_the_campaign_table_has_one_row_per_branch_with_the_fitters_N(campaign):
     assert list(table.params) == [float(r["N"]) for r in rows]
 
 
-def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campaign, tmp_path):
+def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campaign, tmp_path, one_thread):
     spec, full = campaign
     plan = plan_campaign(load_campaign_spec(spec), tmp_path / "cut")
-    stable, first_branch = plan.jobs[0], plan.jobs[1]
+    jobs = {j.name: j for j in plan.jobs}
+    stable, first_branch = jobs["w32/stable"], jobs["w32/decay-2N"]
     # killed after the first stable stage and the first branch: the rest is left to the resumed campaign
     run_job("stable", str(stable.run_dir), {**stable.args, "stages": stable.args["stages"][:1]})
     run_job("branch", str(first_branch.run_dir), first_branch.args)
@@ -206,9 +220,9 @@ def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campa
     assert read_csv(again.csv) == read_csv(full.csv)
 
 
-def test_a_different_spec_in_the_same_directory_is_refused(campaign, tmp_path):
+def test_a_different_spec_in_the_same_directory_is_refused(campaign):
     spec, full = campaign
-    changed = write_spec(tmp_path, decay_points=[2, 5])
+    changed = write_spec(spec.parent, "changed.yaml", decay_points=[2, 5])
     with pytest.raises(MiniCPMError, match="different spec"):
         run_campaign(changed, full.plan.out, fit=False, echo=lambda line: None)
 

@@ -173,6 +173,8 @@ def plan_campaign(spec: CampaignSpec, out: str | Path) -> CampaignPlan:
             branch = Branch(size, n, p, step, decay_steps, out / "runs" / name, name)
             branches.append(branch)
             jobs.append(branch_job(name, branch.run_dir, stable, step, decay_steps, spec))
+    # the stable runs are the critical path: the largest first, and every stable run before any branch
+    jobs.sort(key=lambda j: (j.kind != "stable", -stable_steps[j.name.split("/")[0]] if j.kind == "stable" else 0))
     return CampaignPlan(spec, out, recipe, stable_steps, branches, jobs)
 
 
