@@ -166,8 +166,12 @@ def plot_comparison(entries: list[Entry], rows: list[dict], path: Path) -> Path:
                          if isinstance(r.get("loss"), (int, float)) and "tokens" in r]
                 if curve:
                     ax.plot(*zip(*curve), color=colors[e.schedule], lw=1, alpha=0.8)
-        for r in (r for r in rows if r["size"] == size):
+        finals = [r for r in rows if r["size"] == size]
+        for r in finals:
             ax.scatter([r["D"]], [r["loss"]], color=colors[r["schedule"]], s=30, zorder=3, edgecolor="k")
+        if finals:  # the end of training, where the schedules differ, not the first steps' drop
+            low, high = min(r["loss"] for r in finals), max(r["loss"] for r in finals)
+            ax.set_ylim(low - 0.1 * (high - low) - 0.02, high + 0.6 * (high - low) + 0.2)
         ax.set(xlabel="tokens", ylabel="loss (lines: training; dots: held-out at D)", title=size)
     for s in schedules:
         axes[0][0].plot([], [], color=colors[s], label=s)
