@@ -417,6 +417,9 @@ def register_experiment_commands(sub) -> None:
     p.add_argument("--predict", type=pair, nargs="+", default=[], metavar="N:D", help="predict the loss at (N, D)")
     p.add_argument("--at-loss", type=float, nargs="+", default=[], metavar="L",
                    help="(--form batch) print the optimal batch at these losses")
+    p.add_argument("--method", choices=("huber", "lsq"), default="huber",
+                   help="huber: Chinchilla approach 3, Huber on log loss (default); lsq: least squares on the raw "
+                   "loss, as the paper's curve_fit")
     p.add_argument("--delta", type=float, default=1e-3, help="Huber delta on log loss (default %(default)s)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples of runs (default %(default)s)")
     p.add_argument("--confidence", type=float, default=0.9, help="interval level (default %(default)s)")
@@ -433,7 +436,8 @@ def register_experiment_commands(sub) -> None:
         output = fit_scaling(args.inputs, form=args.form, loss_key=args.loss_key, delta=args.delta,
                              bootstrap=args.bootstrap, confidence=args.confidence, seed=args.seed,
                              budgets=args.budget, predictions=args.predict, at_loss=args.at_loss,
-                             isoflop_tol=args.isoflop_tol, out=args.out, plot=args.plot, progress=sys.stderr.isatty())
+                             isoflop_tol=args.isoflop_tol, out=args.out, plot=args.plot, progress=sys.stderr.isatty(),
+                             method=args.method)
         print(output.json if args.json else output.text, flush=True)
         for path in output.written:
             print(f"wrote {path}", file=sys.stderr)
@@ -491,6 +495,49 @@ def register_experiment_commands(sub) -> None:
         return 0
 
     p.set_defaults(handler=scaling_predict_curve)
+    register_campaign_commands(ssub)
+
+
+def register_campaign_commands(ssub) -> None:
+    """scaling campaign and compare-schedules (WSD campaign issue)."""
+    p = ssub.add_parser("campaign", help="WSD scaling campaign: one stable run per size, decays branched at k*N "
+                                         "tokens, the (N, D, loss) table and its fit",
+                        description="Train the campaign of SPEC.yaml (see minicpm/experiments/campaign_spec.py): per "
+                        "size a stable run with a checkpoint at each decay point and one decay branch from each, in "
+                        "parallel processes; write DIR/campaign.csv (size,N,D,flops,loss,bpb,run) and DIR/fit.txt, "
+                        "and print the tokens trained against one cosine run per (size, point). Re-running resumes.")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--workers", type=int, metavar="N", help="runs at once (default: the spec's; 0: in this process)")
+    p.add_argument("--no-fit", action="store_true", help="write the table only")
+
+    def campaign(args) -> int:
+        from minicpm.experiments.campaign import run_campaign
+
+        result = run_campaign(args.spec, args.out, workers=args.workers, fit=not args.no_fit,
+                              echo=lambda line: print(line, flush=True))
+        print(result.summary())
+        return 0
+
+    p.set_defaults(handler=campaign)
+
+    p = ssub.add_parser("compare-schedules", help="cosine vs WSD (10%%, 2.5%% decay) vs constant LR at equal tokens",
+                        description="For each size and run length D of SPEC.yaml: a cosine run (T = D, to 10%% of "
+                        "the LR), WSD branches decaying over each of decay_fractions of D from one stable run, and "
+                        "the stable run itself (constant LR) at D. Writes DIR/schedules.csv and DIR/schedules.png "
+                        "(paper Fig. 5/6). Re-running resumes.")
+    p.add_argument("spec", metavar="SPEC.yaml")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--workers", type=int, metavar="N", help="runs at once (default: the spec's; 0: in this process)")
+
+    def compare_schedules(args) -> int:
+        from minicpm.experiments.schedules import compare_schedules as run
+
+        result = run(args.spec, args.out, workers=args.workers, echo=lambda line: print(line, flush=True))
+        print(result.summary())
+        return 0
+
+    p.set_defaults(handler=compare_schedules)
 
 
 # ---------------------------------------------------------------- evaluation: eval tasks

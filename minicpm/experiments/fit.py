@@ -71,6 +71,9 @@ class ChinchillaFit:
     theta: np.ndarray = field(repr=False)
     """The optimum in the internal coordinates (a', alpha, b', beta, e), a warm start for bootstrap refits."""
     centre: tuple[float, float] = (0.0, 0.0)
+    method: str = "huber"
+    """huber: approach 3 on log loss (objective: mean Huber / delta); lsq: least squares on the raw loss, as the
+    paper's curve_fit (objective: RMSE of the loss)."""
 
 
 # ------------------------------------------------------------------------------------------- BLAS threads
@@ -205,6 +208,78 @@ def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int =
     return ChinchillaFit(law, float(best.fun), delta, len(loss), len(starts), best.x.copy(), centre)
 
 
+def _raw_model(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """E + A·N^-alpha + B·D^-beta for one or many theta in the internal coordinates of _log_model."""
+    return np.exp(_log_model(theta, x, y))
+
+
+@single_threaded_blas
+def fit_lsq(params, tokens, loss, *, n_starts: int = 8, warm_start: Optional[ChinchillaFit] = None,
+            source: str = "table", **_ignored) -> ChinchillaFit:
+    """Fit L = L0 + C_N·N^-alpha + C_D·D^-beta by least squares on the raw loss, as the paper does with scipy's
+    curve_fit (§4.5): scipy's trust-region reflective least squares (what curve_fit runs under bounds) in the
+    coordinates of fit_chinchilla, from the grid points with the smallest squared error (and `warm_start`)."""
+    from scipy.optimize import least_squares
+
+    n, d, loss = (np.asarray(v, dtype=float) for v in (params, tokens, loss))
+    _check_design(n, d, source)
+    centre = warm_start.centre if warm_start else (float(np.log(n).mean()), float(np.log(d).mean()))
+    x, y = np.log(n) - centre[0], np.log(d) - centre[1]
+    starts = [warm_start.theta] if warm_start is not None else []
+    if n_starts:
+        grid = _grid(loss)
+        sse = ((_raw_model(grid, x, y) - loss) ** 2).sum(axis=-1)
+        starts += list(grid[np.argsort(sse)[:n_starts]])
+    bounds = _bounds(loss)
+    lo, hi = np.array([b[0] for b in bounds]), np.array([b[1] for b in bounds])
+
+    def residuals(theta):
+        return _raw_model(theta, x, y)[0] - loss
+
+    def jacobian(theta):
+        a, alpha, b, beta, e = theta
+        t1, t2 = np.exp(a - alpha * x), np.exp(b - beta * y)
+        return np.stack([t1, -x * t1, t2, -y * t2, np.full_like(x, math.exp(e))], axis=1)
+
+    best = None
+    for theta0 in starts:
+        theta0 = np.clip(theta0, lo + 1e-9, hi - 1e-9)
+        with np.errstate(over="ignore", invalid="ignore"):
+            res = least_squares(residuals, theta0, jac=jacobian, bounds=(lo, hi), method="trf", x_scale="jac",
+                                ftol=1e-12, xtol=1e-12, gtol=1e-12, max_nfev=500)
+        # status 0 (the evaluation limit) is kept: on a table that does not determine L0, E crawls towards 0 along
+        # a flat valley while the loss and the other parameters no longer move
+        if res.status < 0 or not np.all(np.isfinite(res.x)) or not np.isfinite(res.cost):
+            continue
+        if best is None or res.cost < best.cost:
+            best = res
+    if best is None:
+        raise MiniCPMError(f"{source}: the least-squares L(N, D) fit did not converge from any of {len(starts)} "
+                           f"starts")
+    for name, i in (("alpha", 1), ("beta", 3)):
+        if not bounds[i][0] * 1.0001 < best.x[i] < bounds[i][1] * 0.9999:
+            raise MiniCPMError(f"{source}: the fit did not converge: {name} ran to its bound ({best.x[i]:.4g}); "
+                               f"the data do not determine it")
+    a, alpha, b, beta, e = best.x
+    law = ScalingLaw(E=math.exp(e), A=math.exp(a + alpha * centre[0]), B=math.exp(b + beta * centre[1]),
+                     alpha=float(alpha), beta=float(beta))
+    if not all(math.isfinite(v) and v > 0 for v in law.as_dict().values()):
+        raise MiniCPMError(f"{source}: the fit did not converge to finite parameters ({law})")
+    rmse = float(np.sqrt(2.0 * best.cost / len(loss)))
+    return ChinchillaFit(law, rmse, 0.0, len(loss), len(starts), best.x.copy(), centre, method="lsq")
+
+
+METHODS = {"huber": fit_chinchilla, "lsq": fit_lsq}
+"""`minicpm scaling fit --method`: Huber on log loss (Chinchilla approach 3, the default) or least squares on the
+raw loss (the paper's curve_fit)."""
+
+
+def fit_law(method: str, params, tokens, loss, **kwargs) -> ChinchillaFit:
+    if method not in METHODS:
+        raise MiniCPMError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    return METHODS[method](params, tokens, loss, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------- bootstrap
 
 @dataclass
@@ -256,8 +331,8 @@ def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 2
     for _ in tqdm(range(n_boot), desc="bootstrap", disable=not progress, leave=False):
         idx = resample_groups(groups, rng)
         try:
-            refit = fit_chinchilla(table.params[idx], table.tokens[idx], table.loss[idx], delta=fit.delta,
-                                   n_starts=n_starts, warm_start=fit)
+            refit = fit_law(fit.method, table.params[idx], table.tokens[idx], table.loss[idx],
+                            delta=fit.delta, n_starts=n_starts, warm_start=fit)
         except MiniCPMError:
             failed += 1
             continue
@@ -282,11 +357,11 @@ class HeldOut:
     skipped: Optional[str] = None
 
 
-def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float) -> HeldOut:
+def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float, method: str = "huber") -> HeldOut:
     keep = ~held
     try:
-        fit = fit_chinchilla(table.params[keep], table.tokens[keep], table.loss[keep], delta=delta,
-                             source=f"{label} held out")
+        fit = fit_law(method, table.params[keep], table.tokens[keep], table.loss[keep], delta=delta,
+                      source=f"{label} held out")
     except MiniCPMError as e:
         return HeldOut(label, int(keep.sum()), int(held.sum()), skipped=str(e).split(": ", 1)[-1])
     rel = fit.law.loss(table.params[held], table.tokens[held]) / table.loss[held] - 1.0
@@ -294,15 +369,15 @@ def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float) 
 
 
 @single_threaded_blas
-def held_out_checks(table: RunTable, delta: float) -> list[HeldOut]:
+def held_out_checks(table: RunTable, delta: float, method: str = "huber") -> list[HeldOut]:
     """Refit without (a) every run of the largest size, (b) the longest run of each size; predict what was left out."""
     largest = table.params == table.params.max()
     longest = np.zeros(len(table), dtype=bool)
     for n in np.unique(table.params):
         rows = table.params == n
         longest |= rows & (table.tokens == table.tokens[rows].max())
-    return [held_out_error(table, largest, f"largest size (N={table.params.max():.3g})", delta),
-            held_out_error(table, longest, "longest run of each size", delta)]
+    return [held_out_error(table, largest, f"largest size (N={table.params.max():.3g})", delta, method),
+            held_out_error(table, longest, "longest run of each size", delta, method)]
 
 
 # ------------------------------------------------------------------------------------------- isoFLOP, envelope

@@ -104,9 +104,26 @@ def _read_records(path: Path) -> list[tuple[str, dict]]:
     return records
 
 
+ALIASES = {"N": "params", "D": "tokens"}
+"""The columns of a campaign's table (DIR/campaign.csv: size,N,D,flops,loss,bpb,run) under the fit's names."""
+
+
+def _check_sizes(records: list[tuple[str, dict]], source: str) -> None:
+    """A campaign table trains each size at several token counts: a size with one row lost its other branches."""
+    counts: dict[str, list[str]] = {}
+    for where, rec in records:
+        counts.setdefault(str(rec.get("size")), []).append(where)
+    for size, rows in counts.items():
+        if len(rows) < 2:
+            raise MiniCPMError(f"{rows[0]}: size {size!r} has one point; a campaign's sizes need at least 2 token "
+                               f"counts each (is a branch missing?)")
+
+
 def _table_from_records(records: list[tuple[str, dict]], source: str, required: tuple[str, ...]) -> RunTable:
     if not records:
         raise MiniCPMError(f"{source}: no rows")
+    records = [(where, {ALIASES.get(k, k) if ALIASES.get(k, k) not in rec else k: v for k, v in rec.items()})
+               for where, rec in records]
     present = set().union(*(r.keys() for _, r in records))
     for col in required:
         if col not in present:
@@ -123,6 +140,8 @@ def _table_from_records(records: list[tuple[str, dict]], source: str, required: 
             cols[col].append(x)
         run = rec.get("run")
         runs.append(str(run) if run not in (None, "") else where)
+    if all("size" in rec for _, rec in records):
+        _check_sizes(records, source)
     arr = {c: np.asarray(v, dtype=float) for c, v in cols.items()}
     optional = {c: (arr[c] if np.isfinite(arr[c]).any() else None) for c in ("flops", "batch_tokens")}
     return RunTable(arr["params"], arr["tokens"], arr["loss"], runs, optional["flops"],

@@ -16,7 +16,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
 from minicpm.experiments.curve_laws import FORMULAS, CurveFit, predict_loss, prediction_steps, warmup_end
 from minicpm.experiments.fit import (PAPER_NAMES, PARAMS, BatchSizeFit, Bootstrap, ChinchillaFit, Envelope, HeldOut,
-                                     IsoflopFit, bootstrap_chinchilla, fit_chinchilla, fit_envelope, fit_isoflop,
+                                     IsoflopFit, bootstrap_chinchilla, fit_envelope, fit_isoflop, fit_law,
                                      held_out_checks)
 from minicpm.experiments.fit_data import Curve, RunTable, lr_per_step
 
@@ -45,10 +45,11 @@ def default_budgets(table: RunTable) -> list[float]:
 def analyse_table(table: RunTable, *, delta: float = 1e-3, n_boot: int = 200, confidence: float = 0.9,
                   seed: int = 0, budgets: Optional[Sequence[float]] = None,
                   predictions: Sequence[tuple[float, float]] = (), isoflop_tol: float = 0.05,
-                  progress: bool = False) -> ScalingReport:
+                  progress: bool = False, method: str = "huber") -> ScalingReport:
     """Every fit `minicpm scaling fit` reports: L(N, D) with bootstrap intervals and held-out checks, the
-    compute-optimal plan, isoFLOP profiles and the envelope (these two only where the table allows)."""
-    fit = fit_chinchilla(table.params, table.tokens, table.loss, delta=delta, source=table.source)
+    compute-optimal plan, isoFLOP profiles and the envelope (these two only where the table allows).
+    method: huber (approach 3 on log loss) or lsq (least squares on the raw loss, the paper's curve_fit)."""
+    fit = fit_law(method, table.params, table.tokens, table.loss, delta=delta, source=table.source)
     boot = bootstrap_chinchilla(table, fit, n_boot=n_boot, confidence=confidence, seed=seed, progress=progress)
     try:
         envelope, note = fit_envelope(table, delta), None
@@ -57,7 +58,7 @@ def analyse_table(table: RunTable, *, delta: float = 1e-3, n_boot: int = 200, co
     for value in list(budgets or []) + [v for pair in predictions for v in pair]:
         if not (math.isfinite(value) and value > 0):
             raise MiniCPMError(f"budgets and predictions must be positive numbers, got {value!r}")
-    return ScalingReport(table, fit, boot, held_out_checks(table, delta), list(budgets or default_budgets(table)),
+    return ScalingReport(table, fit, boot, held_out_checks(table, delta, method), list(budgets or default_budgets(table)),
                          list(predictions), fit_isoflop(table, isoflop_tol), envelope, note)
 
 
@@ -111,7 +112,8 @@ def report_json(r: ScalingReport) -> dict:
         "intervals": {k: list(v) for k, v in r.boot.intervals().items()},
         "confidence": r.boot.confidence,
         "paper_names": {PAPER_NAMES[p]: getattr(law, p) for p in ("E", "A", "B")},
-        "fit": {"points": len(t), "runs": len(set(t.run)), "huber_delta": r.fit.delta, "objective": r.fit.objective,
+        "fit": {"method": r.fit.method, "points": len(t), "runs": len(set(t.run)),
+                **({"huber_delta": r.fit.delta} if r.fit.method == "huber" else {}), "objective": r.fit.objective,
                 "starts": r.fit.starts, "rmse_log_loss": float(np.sqrt(np.mean(np.log1p(rel) ** 2))),
                 "max_abs_rel_err": float(np.abs(rel).max())},
         "bootstrap": {"resamples": len(r.boot.laws) + r.boot.failed, "failed": r.boot.failed},
@@ -144,8 +146,9 @@ def _iv(lo_hi: Sequence[float], digits: int = 3) -> str:
 def format_report(r: ScalingReport) -> str:
     t, law, rel = r.table, r.fit.law, _residuals(r)
     pct = f"{r.boot.confidence:.0%}"
-    out = [f"{LAW_TEXT}   (Chinchilla approach 3: Huber delta={_g(r.fit.delta)} on log loss, L-BFGS from "
-           f"{r.fit.starts} grid starts)",
+    how = (f"Chinchilla approach 3: Huber delta={_g(r.fit.delta)} on log loss, L-BFGS" if r.fit.method == "huber"
+           else f"least squares on the raw loss as the paper's curve_fit, RMSE {_g(r.fit.objective, 3)}")
+    out = [f"{LAW_TEXT}   ({how} from {r.fit.starts} grid starts)",
            f"  {len(t)} runs: {len(np.unique(t.params))} sizes N = {_g(t.params.min(), 3)}..{_g(t.params.max(), 3)}, "
            f"tokens D = {_g(t.tokens.min(), 3)}..{_g(t.tokens.max(), 3)}",
            f"  {'param':<12}{'value':>12}   {pct} interval ({len(r.boot.laws)} bootstrap resamples of runs"

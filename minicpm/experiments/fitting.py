@@ -30,7 +30,7 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
                 bootstrap: int = 200, confidence: float = 0.9, seed: int = 0, budgets: Sequence[float] | None = None,
                 predictions: Sequence[tuple[float, float]] = (), at_loss: Sequence[float] = (),
                 isoflop_tol: float = 0.05, out: str | None = None, plot: str | None = None,
-                progress: bool = False) -> FitOutput:
+                progress: bool = False, method: str = "huber") -> FitOutput:
     """Fit L(N, D) (or the batch-size law) to tables or run directories; JSON to `out`, plots into `plot`."""
     from minicpm.experiments import fit, fit_data, fit_report
     if form not in FORMS:
@@ -45,7 +45,7 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
         table = fit_data.load_runs(inputs, loss_key=loss_key)
         report = fit_report.analyse_table(table, delta=delta, n_boot=bootstrap, confidence=confidence, seed=seed,
                                           budgets=budgets, predictions=predictions, isoflop_tol=isoflop_tol,
-                                          progress=progress)
+                                          progress=progress, method=method)
         doc, text = fit_report.report_json(report), fit_report.format_report(report)
     output = FitOutput(text, fit_report.dumps(doc))
     if out:
