@@ -73,6 +73,7 @@ def _builtin() -> None:
     importlib.import_module("minicpm.eval.task_runner")  # registers "lm_eval" (lm-eval itself loads when it runs)
     importlib.import_module("minicpm.eval.passkey")  # registers "passkey"
     importlib.import_module("minicpm.eval.position_loss")  # registers "loss_by_position"
+    importlib.import_module("minicpm.eval.preference")  # registers "preference" (DPO's held-out accuracy)
 
 
 @dataclass(frozen=True)

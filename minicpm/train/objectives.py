@@ -105,3 +105,5 @@ class NextToken:
             loss = add_aux_losses(loss, metrics, aux, self.aux_loss_weights, self.count(batch))
         return loss, metrics
 
+
+import minicpm.train.dpo  # noqa: E402,F401  (registers "dpo"; it imports this module's registry)
