@@ -59,7 +59,7 @@ def setup(tmp_path_factory):
 
 
 def _dpo_config(out, ckpt, data, *overrides, reference="cached", **options):
-    cfg = tiny_config(out, "run.dtype=fp32", "optim.lr=1e-3", "optim.mup_lr_scaling=false", "schedule.total_steps=6",
+    cfg = tiny_config(out, "run.dtype=fp32", "optim.lr=1e-3", "optim.mup_lr_scaling=false", "schedule.total_steps=4",
                       "schedule.decay_start=null", "schedule.kind=cosine", "schedule.warmup_steps=1",
                       f"run.init_weights_from={ckpt}", *overrides)
     cfg.data.stable = {str(data): 1.0}
@@ -218,11 +218,10 @@ def test_resume_in_the_middle_of_dpo_is_bitwise_exact(setup, tmp_path):
     from minicpm.train.loop import train
 
     root, ckpt = setup
-    whole = _dpo_config(tmp_path / "whole", ckpt, root / "pairs", "run.checkpoint_every=3")
+    whole = _dpo_config(tmp_path / "whole", ckpt, root / "pairs", "run.checkpoint_every=2")
     train(whole)
-    first = _dpo_config(tmp_path / "resumed", ckpt, root / "pairs", "run.checkpoint_every=3",
-                        "schedule.total_steps=6")
-    # stop after step 3: the same run, interrupted (its schedule is the whole run's)
+    first = _dpo_config(tmp_path / "resumed", ckpt, root / "pairs", "run.checkpoint_every=2")
+    # stop after step 3 (its checkpoint is step 2's): the same run, interrupted
     from minicpm.train.loop import Trainer
 
     trainer = Trainer(first)
@@ -252,7 +251,7 @@ def test_preference_evaluator_reports_held_out_accuracy(setup, tmp_path):
     from minicpm.train.loop import train
 
     root, ckpt = setup
-    cfg = _dpo_config(tmp_path / "run", ckpt, root / "pairs", "optim.lr=3e-3")
+    cfg = _dpo_config(tmp_path / "run", ckpt, root / "pairs", "optim.lr=3e-3", "schedule.total_steps=6")
     train(cfg)
     final = [r for r in RunDir(tmp_path / "run").read_metrics() if "eval/preference/accuracy" in r][-1]
     # the accuracy computed here, from the trained weights, on the held-out pairs
