@@ -914,11 +914,14 @@ def register_dpo_commands(sub) -> None:
     p.add_argument("--out", default="dpo-demo", help="where the pairs and the run go (default: %(default)s)")
     p.add_argument("--pairs", type=int, default=1200, help="pairs to build (default: %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--template", help="chat template the checkpoint was fine-tuned with (default: plain-text "
+                                      "prompts)")
 
     def demo(args) -> int:
         from minicpm.train.dpo_demo import run_dpo_demo
 
-        run_dpo_demo(args.checkpoint, args.out, tokenizer=args.tokenizer, pairs=args.pairs, device=args.device)
+        run_dpo_demo(args.checkpoint, args.out, tokenizer=args.tokenizer, pairs=args.pairs, device=args.device,
+                     template=args.template)
         return 0
 
     p.set_defaults(handler=demo)

@@ -75,6 +75,10 @@ def stdlib_pairs(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
-def write_stdlib_pairs(path: str | Path, n: int, seed: int = 0) -> Path:
-    """The pairs as JSONL at `path` (written atomically)."""
-    return write_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in stdlib_pairs(n, seed)))
+def write_stdlib_pairs(path: str | Path, n: int, seed: int = 0, *, as_messages: bool = False) -> Path:
+    """The pairs as JSONL at `path` (written atomically); as_messages: each prompt as a user turn (for a chat
+    template) instead of plain text."""
+    pairs = stdlib_pairs(n, seed)
+    if as_messages:
+        pairs = [{"messages": [{"role": "user", "content": p.pop("prompt")}], **p} for p in pairs]
+    return write_atomic(path, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))

@@ -39,9 +39,12 @@ def _say(line: str) -> None:
 
 def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None,
                  pairs: int | None = None, device: str = "auto", sizes: DemoSizes = DemoSizes(),
-                 overrides: tuple[str, ...] = ()) -> dict:
+                 template: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Pairs → prepared directory → cached reference → DPO (one epoch) → held-out accuracy before and after;
-    prints and returns the summary (also OUT/dpo_summary.json). Runs again on the same `out` start afresh."""
+    prints and returns the summary (also OUT/dpo_summary.json). Runs again on the same `out` start afresh.
+
+    template: after SFT on conversations, the chat template the SFT model was trained with (minicpm.data.chat):
+    each prompt becomes a user turn rendered by it, each answer an assistant turn. None: plain-text prompts."""
     import shutil
 
     from minicpm.config import load_config
@@ -56,9 +59,9 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
     started = time.perf_counter()
     tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(checkpoint)
     n = pairs or sizes.pairs
-    source = write_stdlib_pairs(out / "stdlib_pairs.jsonl", n)
+    source = write_stdlib_pairs(out / "stdlib_pairs.jsonl", n, as_messages=template is not None)
     prepared = prepare_pairs(source, out / "pairs", seq_len=sizes.seq_len, tokenizer=tokenizer,
-                             val_fraction=sizes.val_fraction, overwrite=True)
+                             val_fraction=sizes.val_fraction, template=template, overwrite=True)
     _say(f"pairs: {prepared.counts['train']} train, {prepared.counts['val']} held out "
          f"({prepared.skipped} longer than {sizes.seq_len} tokens skipped) -> {prepared.out}")
     dist = init_distributed(device)
