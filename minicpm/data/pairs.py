@@ -261,8 +261,31 @@ def _write_pairs(path: Path, splits: dict[str, list[Pair]]) -> None:
 
 # ---------------------------------------------------------------------------------------------------- loading
 
+class PairSplit(Sequence[Pair]):
+    """One split's pairs, kept as flat token tensors with offsets; a Pair is made only when indexed."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], split: str):
+        self.tokens = {name: tensors[f"{split}/{name}/tokens"] for name in FIELDS}
+        self.offsets = {name: tensors[f"{split}/{name}/offsets"].tolist() for name in FIELDS}
+
+    def __len__(self) -> int:
+        return len(self.offsets["prompt"]) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(index)
+        index %= len(self)
+        return Pair(*(self.tokens[name][self.offsets[name][index]:self.offsets[name][index + 1]].tolist()
+                      for name in FIELDS))
+
+    def max_token(self) -> int:
+        return max((int(t.max()) for t in self.tokens.values() if t.numel()), default=-1)
+
+
 class PreparedPairs:
-    """A prepared pairs directory: its meta and each split's pairs as (prompt, chosen, rejected) token lists."""
+    """A prepared pairs directory: its meta and each split's pairs (PairSplit: index it for Pair objects)."""
 
     def __init__(self, directory: str | Path):
         from safetensors.torch import load_file
@@ -275,17 +298,13 @@ class PreparedPairs:
                                f"expected {FORMAT!r}); DPO reads directories written by `minicpm dpo prepare`")
         tensors = load_file(str(self.dir / PAIRS_FILE))
         self.pad_to, self.pad_id = int(self.meta["pad_to"]), int(self.meta["pad_id"])
-        self.splits: dict[str, list[Pair]] = {}
-        for split in SPLITS:
-            columns = []
-            for name in FIELDS:
-                offsets, tokens = tensors[f"{split}/{name}/offsets"].tolist(), tensors[f"{split}/{name}/tokens"]
-                flat = tokens.tolist()
-                columns.append([flat[a:b] for a, b in zip(offsets, offsets[1:])])
-            self.splits[split] = [Pair(*fields) for fields in zip(*columns)]
+        self.splits: dict[str, PairSplit] = {split: PairSplit(tensors, split) for split in SPLITS}
 
     def __len__(self) -> int:
         return len(self.splits["train"])
+
+    def max_token(self) -> int:
+        return max(split.max_token() for split in self.splits.values())
 
 
 def pair_rows(pairs: Sequence[Pair], pad_to: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -354,11 +373,9 @@ class PairsData:
         return batch
 
     def check_token_ids(self, vocab_size: int) -> None:
-        for split, pairs in self.prepared.splits.items():
-            top = max((max(max(p.prompt), max(p.chosen), max(p.rejected)) for p in pairs), default=-1)
-            if top >= vocab_size:
-                raise MiniCPMError(f"{self.prepared.dir}: {split} split has token id {top}, past the model's "
-                                   f"vocabulary of {vocab_size}")
+        top = self.prepared.max_token()
+        if top >= vocab_size:
+            raise MiniCPMError(f"{self.prepared.dir}: has token id {top}, past the model's vocabulary of {vocab_size}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"pairs": len(self.pairs), "seed": self.seed}

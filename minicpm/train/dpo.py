@@ -209,8 +209,7 @@ def precompute_reference(source: str | Path, data: str | Path, *, batch_size: in
     dtype = resolve_dtype(dtype, device_)
     prepared = PreparedPairs(data)
     model = reference_model(source, device_)
-    top = max((max(max(p.prompt), max(p.chosen), max(p.rejected)) for ps in prepared.splits.values() for p in ps),
-              default=-1)
+    top = prepared.max_token()
     if top >= model.config.vocab_size:
         raise MiniCPMError(f"{data}: token id {top} is past the reference's vocabulary ({model.config.vocab_size})")
     out: dict[str, dict[str, torch.Tensor]] = {}
