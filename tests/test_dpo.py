@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from minicpm.cli import main
 from minicpm.config import ObjectiveConfig
@@ -19,7 +18,7 @@ from minicpm.data.pairs import PairsData, PreparedPairs, pair_rows, prepare_pair
 from minicpm.errors import MiniCPMError
 from minicpm.model.build import build_model
 from minicpm.model.config import preset
-from minicpm.train.dpo import DPO, DPOOptions, answer_logps, precompute_reference, preference_losses
+from minicpm.train.dpo import DPO, DPOOptions, precompute_reference, preference_losses
 
 from train_helpers import metrics_without_timing, tiny_config
 
