@@ -41,34 +41,44 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
                  pairs: int | None = None, device: str = "auto", sizes: DemoSizes = DemoSizes(),
                  template: str | None = None, overrides: tuple[str, ...] = ()) -> dict:
     """Pairs → prepared directory → cached reference → DPO (one epoch) → held-out accuracy before and after;
-    prints and returns the summary (also OUT/dpo_summary.json). Runs again on the same `out` start afresh.
+    prints and returns the summary (also OUT/dpo_summary.json). A rerun on the same `out` reuses its pairs and
+    cached reference when they are the same, and trains afresh.
 
     template: after SFT on conversations, the chat template the SFT model was trained with (minicpm.data.chat):
     each prompt becomes a user turn rendered by it, each answer an assistant turn. None: plain-text prompts."""
     import shutil
 
     from minicpm.config import load_config
-    from minicpm.data.pairs import epoch_steps, prepare_pairs
+    from minicpm.data.pairs import (META_FILE, PreparedPairs, epoch_steps, prepare_pairs, reference_file,
+                                    reference_fingerprint)
     from minicpm.data.stdlib_pairs import write_stdlib_pairs
     from minicpm.infer.tokenizer import find_tokenizer
     from minicpm.train.distributed import init_distributed, resolve_dtype
+    from minicpm.train.checkpoint import resolve_verified_weights
     from minicpm.train.dpo import precompute_reference
     from minicpm.train.loop import Trainer
 
     out = Path(out)
     started = time.perf_counter()
+    checkpoint = resolve_verified_weights(checkpoint)
     tokenizer = Path(tokenizer) if tokenizer else find_tokenizer(checkpoint)
     n = pairs or sizes.pairs
-    source = write_stdlib_pairs(out / "stdlib_pairs.jsonl", n, as_messages=template is not None)
-    prepared = prepare_pairs(source, out / "pairs", seq_len=sizes.seq_len, tokenizer=tokenizer,
-                             val_fraction=sizes.val_fraction, template=template, overwrite=True)
-    _say(f"pairs: {prepared.counts['train']} train, {prepared.counts['val']} held out "
-         f"({prepared.skipped} longer than {sizes.seq_len} tokens skipped) -> {prepared.out}")
+    source = out / "stdlib_pairs.jsonl"
+    previous = source.read_bytes() if source.is_file() else None
+    write_stdlib_pairs(source, n, as_messages=template is not None)
+    pairs_dir = out / "pairs"
+    if previous != source.read_bytes() or not (pairs_dir / META_FILE).is_file():  # else: a rerun, same pairs
+        prepared = prepare_pairs(source, pairs_dir, seq_len=sizes.seq_len, tokenizer=tokenizer,
+                                 val_fraction=sizes.val_fraction, template=template, overwrite=True)
+        _say(f"pairs: {prepared.counts['train']} train, {prepared.counts['val']} held out "
+             f"({prepared.skipped} longer than {sizes.seq_len} tokens skipped) -> {pairs_dir}")
+    counts = PreparedPairs(pairs_dir).meta["pairs"]
     dist = init_distributed(device)
     dtype = resolve_dtype("auto", dist.device)
-    precompute_reference(checkpoint, prepared.out, batch_size=32, device=device, dtype=dtype)
-    _say(f"reference log-probs cached in {prepared.out / 'reference'}")
-    steps = epoch_steps(prepared.out, sizes.pairs_per_step)
+    if not reference_file(pairs_dir, reference_fingerprint(checkpoint, dtype)).is_file():
+        precompute_reference(checkpoint, pairs_dir, batch_size=32, device=device, dtype=dtype)
+    _say(f"reference log-probs cached in {pairs_dir / 'reference'}")
+    steps = epoch_steps(pairs_dir, sizes.pairs_per_step)
     run_dir = out / "run"
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = load_config(RECIPE, [
@@ -77,7 +87,7 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
         f"batch.micro_batch_size={sizes.pairs_per_step}", f"optim.lr={sizes.lr}", f"objective.options.beta={sizes.beta}",
         f"schedule.total_steps={steps}", f"schedule.warmup_steps={max(1, steps // 10)}", "run.eval_every=0",
         f"run.log_every={max(1, steps // 8)}", "run.checkpoint_every=0", "run.progress=false", *overrides])
-    cfg.data.stable = {str(prepared.out): 1.0}
+    cfg.data.stable = {str(pairs_dir): 1.0}
     cfg.run.init_weights_from = str(checkpoint)
     cfg.evaluators = [{"kind": "preference", "batch_size": 32}]
     trainer = Trainer(cfg)
@@ -89,7 +99,7 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
     result = trainer.fit()
     after = {k.removeprefix("eval/preference/"): v for k, v in result.last_eval.items()
              if k.startswith("eval/preference/")}
-    summary = {"checkpoint": str(checkpoint), "pairs": prepared.counts, "steps": steps,
+    summary = {"checkpoint": str(checkpoint), "pairs": counts, "steps": steps,
                "before": before, "after": after, "run": str(run_dir), "final_checkpoint": str(result.checkpoint),
                "seconds": round(time.perf_counter() - started, 1)}
     write_atomic(out / "dpo_summary.json", json.dumps(summary, indent=2) + "\n")
