@@ -78,6 +78,9 @@ class OptimConfig:
     embedding_in_2d_group: bool = False
     """muP: false (classic muP) keeps the vocabulary matrices at the base lr and init std; true gives them the 2-D
     lr/m and init/sqrt(m) (the literal reading of paper Table 7, not width-stable in the coordinate check)."""
+    mup_lr_scaling: bool = True
+    """muP learning rates: true gives 2-D hidden weights lr/m; false gives every parameter the plain optim.lr
+    (fine-tuning without muP groups: the paper's DPO, lr 1e-5)."""
 
 
 @dataclass

@@ -74,6 +74,7 @@ def _builtin() -> None:
     importlib.import_module("minicpm.eval.passkey")  # registers "passkey"
     importlib.import_module("minicpm.eval.position_loss")  # registers "loss_by_position"
     importlib.import_module("minicpm.eval.answer_loss")  # registers "answer_loss" (SFT)
+    importlib.import_module("minicpm.eval.preference")  # registers "preference" (DPO's held-out accuracy)
 
 
 @dataclass(frozen=True)

@@ -26,10 +26,12 @@ from minicpm.model.transformer import MiniCPM
 
 
 def param_groups(model: MiniCPM, *, lr: float, weight_decay: float,
-                 embedding_in_2d_group: bool = False) -> list[dict]:
+                 embedding_in_2d_group: bool = False, mup_lr_scaling: bool = True) -> list[dict]:
     """AdamW parameter groups by the μP role each module declares (model/param_roles.py). Each carries `lr_scale`
-    (its lr over the base lr) and a `name`, so that a schedule sets `group["lr"] = base_lr * factor * group["lr_scale"]`."""
-    m = model.config.width_multiplier
+    (its lr over the base lr) and a `name`, so that a schedule sets `group["lr"] = base_lr * factor * group["lr_scale"]`.
+    mup_lr_scaling=False gives every group the base lr (plain fine-tuning, the paper's DPO); the groups and their
+    weight decay stay as they are."""
+    m = model.config.width_multiplier if mup_lr_scaling else 1.0
     members: dict[str, list] = {HIDDEN: [], VOCABULARY: [], GAIN: [], ROUTER: []}
     for _, p, role in parameter_roles(model):
         if p.requires_grad:

@@ -81,9 +81,14 @@ class Trainer:
         self.tokenizer_hash, vocab_size = tokenizer_facts(cfg.data.tokenizer)
         self.model_config = model_config(cfg, vocab_size, base=self._weights_source_config())
         self.module = TrainModule.build(cfg, self.model_config, self.dist)
-        self.data = data if data is not None else PretrainData(
-            cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len, seed=cfg.run.seed,
-            tokenizer_hash=self.tokenizer_hash, packing=cfg.data.packing)
+        own_data = getattr(self.module.objective, "data_source", None)  # an objective with its own data (DPO pairs)
+        if data is not None:
+            self.data = data
+        elif own_data is not None:
+            self.data = own_data(cfg, tokenizer_hash=self.tokenizer_hash)
+        else:
+            self.data = PretrainData(cfg.data.stable, cfg.data.decay, self.schedule, seq_len=cfg.batch.seq_len,
+                                     seed=cfg.run.seed, tokenizer_hash=self.tokenizer_hash, packing=cfg.data.packing)
         if hasattr(self.data, "check_token_ids"):  # ids past the embedding would fail mid-run (or read garbage)
             self.data.check_token_ids(self.model_config.vocab_size)
         self.chat_template = training_template([*cfg.data.stable, *(cfg.data.decay or {})]) if data is None else None

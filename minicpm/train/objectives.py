@@ -115,3 +115,6 @@ class SupervisedFineTuning(NextToken):
     Which tokens are answers comes with the data: chat shards (`minicpm prepare --format chat`) carry a loss mask,
     and the batch's labels are IGNORE_INDEX everywhere else. Run it with data.packing: document, so that packed
     conversations do not see each other (configs/sft.yaml)."""
+
+
+import minicpm.train.dpo  # noqa: E402,F401  (registers "dpo"; it imports this module's registry)
