@@ -6,7 +6,8 @@
              checkpoint, μP base lr 1e-3 decaying towards 1e-4, loss on the answers only, packed conversations
              kept apart)
 3. measure   held-out answer loss before and after SFT, and one held-out question answered by each model
-4. later     the stages of AFTER_SFT, given the SFT model (the DPO half of the demo plugs in here)
+4. DPO       the stages of AFTER_SFT, given the SFT model: DPO on stdlib preference pairs (chosen: the function's
+             own docstring, rejected: another's), held-out preference accuracy before and after
 
 Run it again with the same --out and it picks up what is there.
 """
@@ -41,6 +42,8 @@ class AlignRecipe:
     """Read every n-th stdlib file (a small set for tests)."""
     overrides: tuple[str, ...] = ()
     """Dotted overrides of configs/sft.yaml (tests shrink the run with them)."""
+    dpo: bool = True
+    """Run the stages of AFTER_SFT (DPO on stdlib preference pairs) after SFT."""
 
 
 @dataclass
@@ -57,10 +60,23 @@ class AlignContext:
     say: Callable[[str], None] = print
 
 
-AFTER_SFT: list[Callable[[AlignContext], dict[str, Any]]] = []
-"""Stages run after SFT, in order: each takes the AlignContext and returns numbers for the summary (and prints
-its own lines through ctx.say). The DPO half of the demo appends its stage here from a module listed in
-STAGE_MODULES, which the demo imports before it runs them."""
+def dpo_stage(ctx: AlignContext) -> dict[str, Any]:
+    """DPO on the SFT model (paper section 6, MiniCPM-DPO): stdlib preference pairs (a signature's own docstring
+    chosen, another function's rejected) as user/assistant turns of the SFT template; held-out preference accuracy
+    before and after (minicpm.train.dpo_demo)."""
+    from minicpm.train.dpo_demo import run_dpo_demo
+
+    s = run_dpo_demo(ctx.sft_checkpoint, ctx.out / "dpo", tokenizer=ctx.tokenizer, device=ctx.device,
+                     template=ctx.template)
+    return {"preference_accuracy_before_dpo": s["before"]["accuracy"],
+            "preference_accuracy_after_dpo": s["after"].get("accuracy", float("nan")),
+            "dpo_steps": s["steps"], "dpo_checkpoint": s["final_checkpoint"]}
+
+
+AFTER_SFT: list[Callable[[AlignContext], dict[str, Any]]] = [dpo_stage]
+"""Stages run after SFT, in order (when AlignRecipe.dpo): each takes the AlignContext and returns numbers for the
+summary (and prints its own lines through ctx.say). A module listed in STAGE_MODULES, imported before they run,
+may append its own."""
 STAGE_MODULES: list[str] = []
 
 
@@ -155,7 +171,7 @@ def run_align_demo(out: str | Path = "quickstart", *, device: str = "auto", reci
         importlib.import_module(module)
     ctx = AlignContext(out=root, tokenizer=tokenizer, template=TEMPLATE, base_checkpoint=checkpoint,
                        sft_checkpoint=sft_checkpoint, device=device, summary=summary, say=_say)
-    for stage in AFTER_SFT:
+    for stage in AFTER_SFT if recipe.dpo else []:
         summary.update(timer.run(getattr(stage, "__name__", "stage"), stage, ctx) or {})
 
     summary["seconds"] = {k: round(v, 1) for k, v in timer.seconds.items()}
@@ -173,9 +189,13 @@ def _print_summary(s: dict[str, Any], root: Path, base: Path) -> None:
     print(f"held-out answer loss: {before:.3f} nats/token before SFT, {after:.3f} after {s['sft_steps']} SFT steps "
           f"({before - after:.3f} lower)" if after < before else
           f"held-out answer loss: {before:.3f} before SFT, {after:.3f} after (no improvement)")
+    if "preference_accuracy_after_dpo" in s:
+        print(f"held-out preference accuracy: {s['preference_accuracy_before_dpo']:.3f} before DPO, "
+              f"{s['preference_accuracy_after_dpo']:.3f} after {s['dpo_steps']} DPO steps")
     sample = s["sample"]
     print(f"\nheld-out question: {sample['question']}\n  before SFT: {sample['before_sft'][:200]!r}\n"
           f"  after SFT:  {sample['after_sft'][:200]!r}")
-    print(f"\nnext:\n  minicpm chat {s['sft_checkpoint']}\n"
-          f"  minicpm generate {s['sft_checkpoint']} --chat --prompt 'What does json.dumps(obj) do?'\n"
+    final = s.get("dpo_checkpoint", s["sft_checkpoint"])
+    print(f"\nnext:\n  minicpm chat {final}\n"
+          f"  minicpm generate {final} --chat --prompt 'What does json.dumps(obj) do?'\n"
           f"summary: {root / 'summary.json'}")

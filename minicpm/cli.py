@@ -1057,16 +1057,19 @@ def register_chat_commands(sub) -> None:
 
     def align_demo(args):
         from minicpm.align_demo import AlignRecipe, run_align_demo
-        run_align_demo(args.out, device=args.device, recipe=AlignRecipe(sft_steps=args.sft_steps))
+        run_align_demo(args.out, device=args.device, recipe=AlignRecipe(sft_steps=args.sft_steps, dpo=not args.no_dpo))
 
-    p = sub.add_parser("align-demo", help="the step after the quickstart: SFT on stdlib docstrings",
+    p = sub.add_parser("align-demo", help="the step after the quickstart: SFT, then DPO, on stdlib docstrings",
                        description="Fine-tune the quickstart's decayed model (under --out) on questions about "
                                    "documented stdlib functions answered by their docstrings (configs/sft.yaml: "
                                    "loss on the answers, packed conversations kept apart, μP lr 1e-3 decaying) and "
-                                   "print the held-out answer loss before and after SFT. No download.")
+                                   "print the held-out answer loss before and after SFT; then DPO on preference "
+                                   "pairs (chosen: the function's own docstring, rejected: another's) and the "
+                                   "held-out preference accuracy before and after. No download.")
     p.add_argument("--out", default="quickstart", help="the quickstart's directory (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
     p.add_argument("--sft-steps", type=int, default=60, help="SFT steps of 8192 tokens (default %(default)s)")
+    p.add_argument("--no-dpo", action="store_true", help="stop after SFT (by default DPO follows on preference pairs)")
     p.set_defaults(handler=align_demo)
 
 

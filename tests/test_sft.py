@@ -314,7 +314,7 @@ def align_demo(datasets, tmp_path_factory):
                            "schedule.total_steps=4", "schedule.warmup_steps=1", "schedule.decay_start=2",
                            "data.eval_sequences=0", "model.max_position_embeddings=512")
         checkpoint = Trainer(base).fit().checkpoint
-        recipe = AlignRecipe(sft_steps=6, examples=200, eval_conversations=8, file_stride=10, overrides=(
+        recipe = AlignRecipe(sft_steps=6, examples=200, eval_conversations=8, file_stride=10, dpo=False, overrides=(
             "batch.seq_len=192", "batch.tokens_per_step=768", "batch.micro_batch_size=4", "run.progress=false",
             "optim.lr=0.01"))
         summary = run_align_demo(root / "qs", device="cpu", recipe=recipe, checkpoint=checkpoint, tokenizer=tokenizer)
