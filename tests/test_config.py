@@ -84,12 +84,32 @@ def test_every_field_has_help_text():
 
 
 def test_shipped_recipes_load():
+    """Every file in configs/ loads: training configs as TrainConfigs, sweep, campaign and schedule-comparison
+    specs (a `base:` training config plus their own keys) through their own loaders."""
+    import yaml
+
+    from minicpm.experiments.campaign_spec import load_campaign_spec
+    from minicpm.experiments.sweep_spec import load_spec
+
     recipes = sorted(CONFIGS.glob("*.yaml"))
     assert recipes
+    kinds = {}
     for path in recipes:
-        cfg = load_config(path)
-        model_config(cfg)
-        batch_plan(cfg.batch, 1)
+        top = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if "base" not in top:
+            cfg = load_config(path)
+            model_config(cfg)
+            batch_plan(cfg.batch, 1)
+            kinds[path.name] = "train"
+        elif "space" in top:
+            load_spec(path)
+            kinds[path.name] = "sweep"
+        else:
+            kind = "schedules" if path.name.startswith("schedules") else "campaign"
+            load_campaign_spec(path, kind)
+            kinds[path.name] = kind
+    assert kinds["quickstart.yaml"] == "train" and kinds["campaign-demo.yaml"] == "campaign"
+    assert kinds["windtunnel-batch-size-sweep.yaml"] == "sweep" and kinds["schedules-demo.yaml"] == "schedules"
 
 
 def test_the_quickstart_runs_its_recipe_file_with_the_paths_moved_under_its_out(tmp_path):

@@ -399,10 +399,16 @@ def test_bad_objective_options_are_one_line_errors():
 def test_stdlib_pairs_prefer_the_true_docstring_and_are_reproducible():
     from minicpm.data.stdlib_pairs import stdlib_pairs
 
-    pairs = stdlib_pairs(30, seed=1)
-    assert pairs == stdlib_pairs(30, seed=1) and pairs != stdlib_pairs(30, seed=2)
-    assert all(p["chosen"] != p["rejected"] and p["prompt"].startswith(("def ", "async def ")) for p in pairs)
-    assert len({p["chosen"] for p in pairs}) == 30
+    for kind in ("truncated", "mismatched"):
+        pairs = stdlib_pairs(30, seed=1, kind=kind)
+        assert pairs == stdlib_pairs(30, seed=1, kind=kind) and pairs != stdlib_pairs(30, seed=2, kind=kind)
+        assert all(p["chosen"] != p["rejected"] and p["prompt"].startswith(("def ", "async def ")) for p in pairs)
+        assert len({p["chosen"] for p in pairs}) == 30
+    for p in stdlib_pairs(30, seed=1, kind="truncated"):  # the rejected answer is the chosen one cut short
+        chosen, rejected = p["chosen"].removesuffix('"""').split(), p["rejected"].removesuffix('"""').split()
+        assert rejected == chosen[:len(chosen) // 2] and len(rejected) >= 2
+    with pytest.raises(MiniCPMError, match="kind 'shuffled'"):
+        stdlib_pairs(3, kind="shuffled")
 
 
 def test_dpo_demo_runs_on_a_checkpoint_and_reports_accuracy_before_and_after(tmp_path):

@@ -239,6 +239,10 @@ def prepare_pairs(source: str | Path, out: str | Path, *, seq_len: int, tokenize
     meta = {"format": FORMAT, "version": VERSION, "source": str(Path(source).resolve()), "seq_len": seq_len,
             "pad_to": pad_to, "pad_id": pad_id, "tokenizer_hash": tok_hash,
             "pairs": {name: len(items) for name, items in splits.items()}, "skipped": read.skipped}
+    if template is not None:  # what a DPO run's checkpoints carry, as an SFT run's do (data.prepare_chat)
+        from minicpm.data.chat import get_template
+
+        meta["chat"] = get_template(template, tokenizer_dir=tokenizer_dir).describe()
     with atomic_directory(out) as tmp:
         _write_pairs(tmp / PAIRS_FILE, splits)
         write_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")

@@ -114,11 +114,18 @@ def prepare_chat(sources: Sequence[str], tokenizer: str | Path, out: str | Path,
 
 
 def dataset_template(path: str | Path):
-    """The chat template a prepared chat dataset was rendered with, or None for plain text."""
+    """The chat template a prepared chat dataset (or DPO pairs directory) was rendered with, or None for plain
+    text."""
     from minicpm.data.chat import ChatTemplate
+    from minicpm.data.pairs import FORMAT as PAIRS_FORMAT
     from minicpm.data.shards import read_meta
 
-    meta = read_meta(path)
+    try:
+        meta = json.loads((Path(path) / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = None
+    if not (isinstance(meta, dict) and meta.get("format") == PAIRS_FORMAT):  # pairs: DPO checks them itself
+        meta = read_meta(path)
     return ChatTemplate.from_description(meta["chat"]) if isinstance(meta.get("chat"), dict) else None
 
 

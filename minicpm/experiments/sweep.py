@@ -85,13 +85,14 @@ def open_storage(out: Path, url: str | None):
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     if url:
-        # workers starting together race to create the schema's tables: the losers see a unique violation, and
-        # find the tables made when they try again
+        # workers starting together race to create the schema's tables: the losers see a unique violation (on
+        # PostgreSQL's catalog) or a duplicate table, and find the tables made when they try again
         for attempt in range(5):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
             except Exception as e:  # sqlalchemy's errors: a bad URL, a missing driver, a refused connection
-                if attempt == 4 or "unique" not in str(e).lower():
+                message = str(e).lower()
+                if attempt == 4 or not any(w in message for w in ("unique", "duplicate", "already exists")):
                     raise MiniCPMError(f"--storage {_hide_password(url)}: {str(e).splitlines()[0]}") from None
                 time.sleep(0.5 + random.random())
     path = out / STUDY_FILE

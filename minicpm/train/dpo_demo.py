@@ -31,6 +31,9 @@ class DemoSizes:
     pairs_per_step: int = 16
     lr: float = 1e-4
     beta: float = 0.1
+    kind: str = "truncated"
+    """Which preference (minicpm.data.stdlib_pairs): truncated (a complete summary over one cut mid-sentence) or
+    mismatched (a function's own summary over another function's)."""
 
 
 def _say(line: str) -> None:
@@ -65,7 +68,7 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
     n = pairs or sizes.pairs
     source = out / "stdlib_pairs.jsonl"
     previous = source.read_bytes() if source.is_file() else None
-    write_stdlib_pairs(source, n, as_messages=template is not None)
+    write_stdlib_pairs(source, n, as_messages=template is not None, kind=sizes.kind)
     pairs_dir = out / "pairs"
     if previous != source.read_bytes() or not (pairs_dir / META_FILE).is_file():  # else: a rerun, same pairs
         prepared = prepare_pairs(source, pairs_dir, seq_len=sizes.seq_len, tokenizer=tokenizer,
