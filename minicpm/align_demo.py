@@ -7,7 +7,7 @@
              kept apart)
 3. measure   held-out answer loss before and after SFT, and one held-out question answered by each model
 4. DPO       the stages of AFTER_SFT, given the SFT model: DPO on stdlib preference pairs (chosen: the function's
-             own docstring, rejected: another's), held-out preference accuracy before and after
+             own summary line, rejected: the same cut mid-sentence), held-out preference accuracy before and after
 
 Run it again with the same --out and it picks up what is there.
 """
@@ -61,15 +61,16 @@ class AlignContext:
 
 
 def dpo_stage(ctx: AlignContext) -> dict[str, Any]:
-    """DPO on the SFT model (paper section 6, MiniCPM-DPO): stdlib preference pairs (a signature's own docstring
-    chosen, another function's rejected) as user/assistant turns of the SFT template; held-out preference accuracy
-    before and after (minicpm.train.dpo_demo)."""
+    """DPO on the SFT model (paper section 6, MiniCPM-DPO): stdlib preference pairs (a function's summary line
+    chosen, the same cut mid-sentence rejected: minicpm.data.stdlib_pairs) as user/assistant turns of the SFT
+    template; held-out preference accuracy per answer token before and after (minicpm.train.dpo_demo)."""
     from minicpm.train.dpo_demo import run_dpo_demo
 
     s = run_dpo_demo(ctx.sft_checkpoint, ctx.out / "dpo", tokenizer=ctx.tokenizer, device=ctx.device,
                      template=ctx.template)
-    return {"preference_accuracy_before_dpo": s["before"]["accuracy"],
-            "preference_accuracy_after_dpo": s["after"].get("accuracy", float("nan")),
+    return {"preference_accuracy_before_dpo": s["before"]["accuracy_per_token"],
+            "preference_accuracy_after_dpo": s["after"].get("accuracy_per_token", float("nan")),
+            "reward_accuracy_after_dpo": s["after"].get("reward_accuracy", float("nan")),
             "dpo_steps": s["steps"], "dpo_checkpoint": s["final_checkpoint"]}
 
 
@@ -190,8 +191,9 @@ def _print_summary(s: dict[str, Any], root: Path, base: Path) -> None:
           f"({before - after:.3f} lower)" if after < before else
           f"held-out answer loss: {before:.3f} before SFT, {after:.3f} after (no improvement)")
     if "preference_accuracy_after_dpo" in s:
-        print(f"held-out preference accuracy: {s['preference_accuracy_before_dpo']:.3f} before DPO, "
-              f"{s['preference_accuracy_after_dpo']:.3f} after {s['dpo_steps']} DPO steps")
+        print(f"held-out preference accuracy (per answer token): {s['preference_accuracy_before_dpo']:.3f} before "
+              f"DPO, {s['preference_accuracy_after_dpo']:.3f} after {s['dpo_steps']} DPO steps (reward accuracy "
+              f"{s['reward_accuracy_after_dpo']:.3f})")
     sample = s["sample"]
     print(f"\nheld-out question: {sample['question']}\n  before SFT: {sample['before_sft'][:200]!r}\n"
           f"  after SFT:  {sample['after_sft'][:200]!r}")

@@ -1064,7 +1064,7 @@ def register_chat_commands(sub) -> None:
                                    "documented stdlib functions answered by their docstrings (configs/sft.yaml: "
                                    "loss on the answers, packed conversations kept apart, μP lr 1e-3 decaying) and "
                                    "print the held-out answer loss before and after SFT; then DPO on preference "
-                                   "pairs (chosen: the function's own docstring, rejected: another's) and the "
+                                   "pairs (chosen: a function's summary line, rejected: the same cut mid-sentence) and the "
                                    "held-out preference accuracy before and after. No download.")
     p.add_argument("--out", default="quickstart", help="the quickstart's directory (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default %(default)s)")
@@ -1140,7 +1140,8 @@ def register_dpo_commands(sub) -> None:
     p = dsub.add_parser(
         "demo", help="DPO on a checkpoint with stdlib docstring pairs: held-out preference accuracy before/after",
         description="Build preference pairs from the Python standard library (prompt: a function's signature; "
-                    "chosen: its docstring; rejected: another function's), cache the reference, train one epoch of "
+                    "chosen: its docstring's summary line; rejected: the same cut mid-sentence), cache the reference, "
+                    "train one epoch of "
                     "DPO from CKPT and print the held-out preference accuracy before and after. No downloads.")
     p.add_argument("checkpoint", metavar="CKPT", help="the model to align (e.g. the quickstart's, after SFT)")
     p.add_argument("--tokenizer", help="its tokenizer.json (default: the one saved with the checkpoint)")

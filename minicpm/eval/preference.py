@@ -3,6 +3,8 @@
 On a prepared pairs directory's held-out split it reports, as eval/<name>/<metric>:
   accuracy         share of pairs whose chosen answer the model finds likelier than the rejected one (summed
                    answer log-probs): needs no reference, so it means the same before and after DPO
+  accuracy_per_token   the same with mean log-probs per answer token (a longer answer is not disfavoured for its
+                   length alone)
   logps/chosen, logps/rejected   mean summed answer log-probs
 and, when the run has a reference (a DPO run, frozen or cached), the implicit reward's
   reward_accuracy  share of pairs with β·r_c > β·r_r (TRL's rewards/accuracies)
@@ -19,7 +21,7 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, EvalTarget, register_evaluator
 
-RENAMED = {"rewards/accuracy": "reward_accuracy", "rewards/margins": "margin"}
+RENAMED = {"rewards/accuracy": "reward_accuracy", "rewards/margins": "margin", "accuracy/per_token": "accuracy_per_token"}
 REPORTED = ("accuracy", "logps/chosen", "logps/rejected", *RENAMED)
 
 

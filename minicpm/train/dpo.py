@@ -10,7 +10,8 @@ The objective sums these over a micro-batch and counts pairs, so the train modul
 global batch's pairs whatever the accumulation. Metrics, each a mean over pairs: rewards/chosen = β·r_c,
 rewards/rejected = β·r_r, rewards/margins, rewards/accuracy (share with β·r_c > β·r_r, TRL's), logps/chosen,
 logps/rejected, and accuracy: the share of pairs whose chosen answer the policy itself finds likelier (no reference
-needed: what the preference evaluator reports before and after DPO).
+needed: what the preference evaluator reports before and after DPO), also per answer token (accuracy/per_token:
+mean token log-probs compared, so that a longer answer is not disfavoured for its length alone).
 
 The reference is either the frozen model the train module holds beside the policy (options.reference: frozen) or
 its log-probs computed once by `precompute_reference` and stored next to the data (options.reference: cached), so
@@ -125,7 +126,8 @@ class DPO:
         pairs = torch.tensor(float(n), device=logps.device)
         metrics: dict[str, Metric] = {
             "logps/chosen": (chosen.detach().sum(), pairs), "logps/rejected": (rejected.detach().sum(), pairs),
-            "accuracy": ((chosen > rejected).float().sum(), pairs)}
+            "accuracy": ((chosen > rejected).float().sum(), pairs),
+            "accuracy/per_token": ((chosen / tokens[:n] > rejected / tokens[n:]).float().sum(), pairs)}
         ref = self._reference(batch, reference)
         if ref is None:
             if model.training:

@@ -96,7 +96,8 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
     trainer = Trainer(cfg)
     trainer.module.load_weights(checkpoint)
     before = trainer.evaluators[0](trainer.module)
-    _say(f"before DPO: held-out preference accuracy {before['accuracy']:.3f}")
+    _say(f"before DPO: held-out preference accuracy {before['accuracy_per_token']:.3f} per answer token "
+         f"({before['accuracy']:.3f} summed)")
     _say(f"DPO: {steps} steps (one epoch) of {sizes.pairs_per_step} pairs, lr {sizes.lr:g} cosine, beta "
          f"{sizes.beta:g} -> {run_dir}")
     result = trainer.fit()
@@ -106,7 +107,8 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
                "before": before, "after": after, "run": str(run_dir), "final_checkpoint": str(result.checkpoint),
                "seconds": round(time.perf_counter() - started, 1)}
     write_atomic(out / "dpo_summary.json", json.dumps(summary, indent=2) + "\n")
-    _say(f"after DPO: held-out preference accuracy {after.get('accuracy', float('nan')):.3f} "
+    _say(f"after DPO: held-out preference accuracy {after.get('accuracy_per_token', float('nan')):.3f} per answer "
+         f"token ({after.get('accuracy', float('nan')):.3f} summed) "
          f"(reward accuracy {after.get('reward_accuracy', float('nan')):.3f}, margin "
          f"{after.get('margin', float('nan')):.3f}); {summary['seconds']:.0f} s")
     return summary
