@@ -69,9 +69,26 @@ def main(argv: list[str]) -> int:
 
         torchrun(["--standalone", "--nproc_per_node", rest[0], "-m", MODULE, "rank", *rest[1:]])
         return 0
-    from minicpm.cli import main as minicpm
+    return train_rank(rest)
 
-    return minicpm(["train", *rest])
+
+def train_rank(args: list[str]) -> int:
+    """One rank of a torchrun trial: CONFIG OVERRIDES... --out RUN --resume, trained through the library as a forked
+    trial is (sweep.run_trial), a bad value its one `error:` line and exit 2."""
+    from minicpm.errors import MiniCPMError
+    from minicpm.train.launch import launch_config, split_config_and_overrides
+    from minicpm.train.loop import train
+
+    out = args.index("--out")
+    run_dir, (config, overrides) = args[out + 1], split_config_and_overrides(args[:out])
+    try:
+        result = train(launch_config(config, overrides, out=run_dir, resume=True), resume=True)
+    except MiniCPMError as e:
+        print(f"minicpm train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if result.is_main:
+        print(result.summary(), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

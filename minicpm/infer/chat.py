@@ -89,24 +89,13 @@ class ChatSession:
 def stream_answer(model, tokenizer, template: ChatTemplate, prompt_ids: list[int], *, max_new_tokens: int,
                   stop_id: int | None = None, **sampling) -> Iterator[str]:
     """The answer's text piece by piece, up to the end of the assistant's turn (its token, or its text)."""
-    from minicpm.infer.generate import generate
+    from minicpm.infer.generate import generate, stream_pieces
     from minicpm.infer.text import TextStream
 
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
     stream = TextStream(decode, [template.end_of_turn])
     tokens = generate(model, prompt_ids, max_new_tokens=max_new_tokens, eos_id=stop_id, **sampling)
-    for token in tokens:
-        if token == stop_id:
-            break
-        piece = stream.push(token)
-        if piece:
-            yield piece
-        if stream.stopped:
-            tokens.close()
-            return
-    tail = stream.flush()
-    if tail:
-        yield tail
+    yield from stream_pieces(tokens, stream, stop_id)
 
 
 def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write=sys.stdout) -> None:

@@ -203,9 +203,14 @@ def stream_text(model: MiniCPM, codec, prompt: str, *, stop: Sequence[str] = (),
     _checked_codec(model, codec)
     kwargs.setdefault("eos_id", codec.eos_id)
     stream = TextStream(codec.decode, [stop] if isinstance(stop, str) else stop)
-    tokens = generate(model, codec.encode(prompt), **kwargs)
+    yield from stream_pieces(generate(model, codec.encode(prompt), **kwargs), stream, kwargs["eos_id"])
+
+
+def stream_pieces(tokens, stream: TextStream, stop_id: int | None) -> Iterator[str]:
+    """The text of a token generator, piece by piece through `stream`, until `stop_id` or a stop string (then the
+    generator is closed, so that no further token is computed)."""
     for token in tokens:
-        if token == kwargs["eos_id"]:
+        if token == stop_id:
             break
         piece = stream.push(token)
         if piece:
