@@ -14,6 +14,17 @@ from typing import Any, Iterator
 from minicpm.errors import MiniCPMError
 
 
+def plain_permissions(path: str | Path) -> Path:
+    """Give a file or directory the permissions a plain open() or mkdir() would (0o666 or 0o777 less the umask):
+    mkstemp and mkdtemp make them private to their owner, which would hide a run's files from the other users
+    and machines of a shared file system. Returns `path`."""
+    umask = os.umask(0)  # the umask can only be read by setting it; set it back at once
+    os.umask(umask)
+    path = Path(path)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    return path
+
+
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
     """Write `data` (text as UTF-8) to a temporary file beside `path`, then rename it into place."""
     path = Path(path)
@@ -22,7 +33,7 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
+        os.replace(plain_permissions(tmp), path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -69,7 +80,7 @@ def temporary_directory_for(final: str | Path, *, name: str | None = None) -> Pa
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if name is None:
-        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+        return plain_permissions(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp = final.parent / name
     if tmp.exists():
         shutil.rmtree(tmp)

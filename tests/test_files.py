@@ -1,9 +1,12 @@
 """Atomic writes and JSON reading with one-line errors (minicpm.files)."""
 
+import os
+import stat
+
 import pytest
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import json_object_line, read_json_object, write_atomic
+from minicpm.files import atomic_directory, json_object_line, read_json_object, write_atomic
 
 
 def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_on_failure(tmp_path):
@@ -42,3 +45,22 @@ def test_json_object_line_names_file_and_line():
         json_object_line('{"text":', "d.jsonl:3")
     with pytest.raises(MiniCPMError, match=r"^d\.jsonl:3: expected a JSON object, got list$"):
         json_object_line("[1]", "d.jsonl:3")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_atomic_outputs_get_the_permissions_of_a_plain_open_and_mkdir(tmp_path, umask):
+    """mkstemp/mkdtemp make private files; a run's outputs must stay readable to the other users and machines of
+    a shared file system, as files written with open() are."""
+    old = os.umask(umask)
+    try:
+        written = write_atomic(tmp_path / "result.json", "{}")
+        with atomic_directory(tmp_path / "model") as tmp:
+            (tmp / "weights.bin").write_bytes(b"0")
+        plain = tmp_path / "plain"
+        plain.mkdir()
+        (plain / "f").write_text("x")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    assert mode(written) == mode(plain / "f") == 0o666 & ~umask
+    assert mode(tmp_path / "model") == mode(plain) == 0o777 & ~umask

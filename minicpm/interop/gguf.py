@@ -29,7 +29,7 @@ import torch
 
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import GGUF_ARCHES, GGUF_TYPES
-from minicpm.files import read_json_object
+from minicpm.files import plain_permissions, read_json_object
 from minicpm.interop.hf import PathLike, tokenizer_files
 from minicpm.interop.llama import fold_mup
 from minicpm.interop.mixtral import fold_mup_moe
@@ -101,10 +101,7 @@ def _write_file_atomically(out_file: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it a plain open()'s permissions
-        os.replace(tmp, out_file)
+        os.replace(plain_permissions(tmp), out_file)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

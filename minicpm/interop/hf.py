@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import WEIGHT_DTYPES
-from minicpm.files import publish_directory, read_json_object, temporary_directory_for
+from minicpm.files import plain_permissions, publish_directory, read_json_object, temporary_directory_for
 from minicpm.model.config import ModelConfig
 from minicpm.model.transformer import MiniCPM
 
@@ -321,12 +321,8 @@ def write_dir(out_dir: Path, config: dict, tensors: Mapping[str, torch.Tensor], 
     tmp = temporary_directory_for(out_dir)
     try:
         names = write_files(tmp, config, tensors, dtype, max_shard_bytes, extra_files)
-        # mkdtemp makes a private directory; give it and the files the permissions a plain mkdir/open would
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
         for name in names:
-            (tmp / name).chmod(0o666 & ~umask)
+            plain_permissions(tmp / name)
         if not out_dir.exists():
             return publish_directory(tmp, out_dir)
         for name in names:
