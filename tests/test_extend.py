@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from minicpm.cli import main
+from minicpm.errors import MiniCPMError
 from minicpm.experiments.extend import (curriculum_stages, extend_checkpoint, run_curriculum, stage_config,
                                         training_memory, untie_head)
 from minicpm.interop.hf import load_model, save_model
@@ -63,16 +64,16 @@ def test_dynamic_extension_keeps_step0_logits_up_to_the_trained_length(source, d
 
 @pytest.mark.parametrize("method,expected", [
     ("abf", {"rope_theta": 50000.0, "rope_scaling": None}),
-    ("ntk", {"rope_scaling": {"rope_type": "ntk", "factor": 4.0}}),
-    ("yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}}),
+    ("ntk", {"rope_scaling": {"rope_type": "ntk", "factor": 16.0}}),
+    ("yarn", {"rope_scaling": {"rope_type": "yarn", "factor": 16.0, "original_max_position_embeddings": 32}}),
 ])
 def test_extend_writes_the_rope_and_a_training_plan(source, data, tmp_path, method, expected):
     _, code, prose = data
-    result = extend_checkpoint(source, tmp_path / "ext", to_length=128, method=method,
-                               base=50000.0 if method == "abf" else None, steps_per_stage=3, tokens_per_step=256,
+    result = extend_checkpoint(source, tmp_path / "ext", to_length=512, method=method,
+                               base=50000.0 if method == "abf" else None, steps_per_stage=3, tokens_per_step=512,
                                short_data={str(code): 1.0, str(prose): 1.0}, synthetic_documents=24)
     written = json.loads((result.model / "config.json").read_text())
-    assert written["max_position_embeddings"] == 128 and written["tie_word_embeddings"] is False
+    assert written["max_position_embeddings"] == 512 and written["tie_word_embeddings"] is False
     for key, value in expected.items():
         assert written.get(key) == value
     train_cfg = yaml.safe_load(result.train_config.read_text())
@@ -81,9 +82,17 @@ def test_extend_writes_the_rope_and_a_training_plan(source, data, tmp_path, meth
     assert mix[synthetic] == pytest.approx(0.44) and sum(mix.values()) == pytest.approx(1.0)
     assert train_cfg["run"]["init_weights_from"] == str(result.model) and "model" not in train_cfg
     _, stages = curriculum_stages(result.curriculum)
-    assert [(s.seq_len, s.steps) for s in stages] == [(64, 3), (128, 3)]
+    assert [(s.seq_len, s.steps) for s in stages] == [(256, 3), (512, 3)]
     meta = json.loads((Path(synthetic) / "meta.json").read_text())
-    assert meta["splits"]["train"]["documents"] > 20
+    assert meta["splits"]["train"]["documents"] > 20 and meta["loss_mask"] is True  # trained as whole examples
+
+
+def test_a_stage_too_short_for_every_synthetic_example_is_refused_before_writing(source, data, tmp_path):
+    _, code, _ = data
+    with pytest.raises(MiniCPMError, match="no synthetic example fits in 64 tokens") as caught:
+        extend_checkpoint(source, tmp_path / "ext", to_length=512, method="yarn", stages=[64, 512],
+                          tokens_per_step=512, short_data={str(code): 1.0}, synthetic_documents=12)
+    assert "\n" not in str(caught.value) and not (tmp_path / "ext").exists()
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -121,8 +130,8 @@ def test_curriculum_runs_stages_in_order_and_resumes_bitwise_across_a_boundary(s
                  "parallel.activation_checkpointing=none"]
     finals = []
     for name, interrupted in (("whole", False), ("interrupted", True)):
-        result = extend_checkpoint(source, tmp_path / name, to_length=128, method="yarn", steps_per_stage=3,
-                                   tokens_per_step=256, short_data={str(code): 1.0, str(prose): 1.0},
+        result = extend_checkpoint(source, tmp_path / name, to_length=512, method="yarn", steps_per_stage=3,
+                                   tokens_per_step=512, short_data={str(code): 1.0, str(prose): 1.0},
                                    synthetic_documents=24)
         if interrupted:  # stage 1 alone, as if the curriculum stopped at the boundary
             data_file, stages = curriculum_stages(result.curriculum)
@@ -131,9 +140,9 @@ def test_curriculum_runs_stages_in_order_and_resumes_bitwise_across_a_boundary(s
         results = run_curriculum(result.curriculum, overrides)
         assert len(results) == (1 if interrupted else 2)
         runs = sorted((tmp_path / name / "runs").iterdir())
-        assert [r.name for r in runs] == ["stage1-seq64", "stage2-seq128"]
+        assert [r.name for r in runs] == ["stage1-seq256", "stage2-seq512"]
         stage2 = yaml.safe_load((runs[1] / "config.yaml").read_text())
-        assert stage2["batch"]["seq_len"] == 128 and stage2["run"]["init_weights_from"].startswith(str(runs[0]))
+        assert stage2["batch"]["seq_len"] == 512 and stage2["run"]["init_weights_from"].startswith(str(runs[0]))
         finals.append(_final_weights(runs[1]))
         assert run_curriculum(result.curriculum, overrides) == []  # finished: nothing left to train
     assert finals[0].keys() == finals[1].keys()

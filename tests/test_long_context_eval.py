@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from minicpm.cli import main
 from minicpm.config import load_config
+from minicpm.data.mixture import Mixture
 from minicpm.data.synthetic_long import PASSKEY_QUESTION, PASSKEY_TASK, SyntheticTasks, write_synthetic_dataset
 from minicpm.data.tokenizer import byte_level_tokenizer, save_tokenizer
 from minicpm.eval.evaluators import EvalSetup, build_evaluators
@@ -61,6 +62,14 @@ def test_synthetic_dataset_is_a_prepared_shard_set(tmp_path):
     assert meta["splits"]["train"]["documents"] + meta["splits"].get("val", {}).get("documents", 0) == 12
     records = [json.loads(line) for line in (tmp_path / "synthetic.jsonl").read_text().splitlines()]
     assert [r["task"] for r in records[:3]] == ["passkey", "kv", "file_qa"]
+    # trained as whole examples: a row of a mixture starts at an example's first token and holds only whole ones
+    assert meta["loss_mask"] is True
+    mixture = Mixture({str(out): 1.0}, seq_len=512, seed=0)
+    rows = mixture.next_rows(4)
+    texts = {r["text"] for r in records}
+    for tokens, docs in zip(rows["tokens"].tolist(), rows["doc_ids"].tolist()):
+        pieces = [[t for t, d in zip(tokens, docs) if d == k] for k in sorted(set(docs))[:-1]]  # last: filler
+        assert pieces and all(decode(piece[:-1]) in texts for piece in pieces)  # each ends with eos
 
 
 def test_passkey_prompts_fill_their_length_with_the_needle_at_its_depth():

@@ -17,7 +17,7 @@ import shutil
 import time
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -35,29 +35,16 @@ def prepare_chat(sources: Sequence[str], tokenizer: str | Path, out: str | Path,
                  overwrite: bool = False) -> PrepareResult:
     """Render and tokenize the conversations of chat JSONL `sources` into a shard set at `out`; the result's
     `skipped_too_long` counts the conversations longer than seq_len + 1 tokens."""
-    started = time.perf_counter()
-    out = Path(out)
     if not sources:
         raise MiniCPMError("no chat sources given (JSONL files with 'messages' or 'prompt'/'response' per line)")
     if seq_len < 1:
         raise MiniCPMError(f"--seq-len {seq_len}: must be at least 1")
-    if not 0 <= val_fraction < 1:
-        raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if out.exists() and not overwrite:
-        raise MiniCPMError(f"{out}: already exists (choose another --out, or pass --overwrite)")
     tok = load_tokenizer(tokenizer)
     chat = get_template(template, Path(tokenizer))
-    vocab, eos = vocab_size(tok), eos_id(tok)
-    dtype = token_dtype(vocab)
-    fraction = Fraction(val_fraction).limit_denominator(1_000_000)
+    eos = eos_id(tok)
     files = [p for spec in sources for p in expand_paths(spec)]
 
-    tmp = temporary_directory_for(out, name=f".{out.name}.tmp-{os.getpid()}")
-    writers = {split: ShardWriter(tmp / split, dtype, shard_tokens, loss_mask=True) for split in ("train", "val")}
-    stats = {split: SplitStats() for split in writers}
-    per_source = {str(f): SplitStats() for f in files}
-    too_long = index = 0
-    try:
+    def documents():
         for file in files:
             for where, messages in read_chat_jsonl(file):
                 ids, mask = render_conversation(messages, chat, tok)
@@ -67,29 +54,63 @@ def prepare_chat(sources: Sequence[str], tokenizer: str | Path, out: str | Path,
                 if first_target > seq_len:
                     raise MiniCPMError(f"{where}: the prompt is {first_target} tokens, longer than --seq-len "
                                        f"{seq_len}: no answer token fits in a training sequence")
-                if len(ids) > seq_len + 1:
-                    too_long += 1
-                    continue
-                split = "val" if fraction and is_held_out(index, fraction) else "train"
-                index += 1
-                writers[split].add(np.asarray(ids), np.asarray([len(ids)]), np.asarray(mask))
-                nbytes = sum(len(m["content"].encode("utf-8")) for m in messages)
-                for s in (stats[split], per_source[str(file)]):
-                    s.documents += 1
-                    s.tokens += len(ids)
-                    s.bytes += nbytes
+                yield str(file), ids, mask, sum(len(m["content"].encode("utf-8")) for m in messages)
+
+    return write_masked_shards(
+        documents(), tok, tokenizer, out, seq_len=seq_len, val_fraction=val_fraction, shard_tokens=shard_tokens,
+        overwrite=overwrite, sources=[str(f) for f in files], label=" ".join(sources), empty_hint="conversation",
+        meta={"document_format": "chat: rendered conversation + eos, loss mask per token", "chat": chat.describe()})
+
+
+def write_masked_shards(documents: Iterable[tuple[str, list[int], list[bool], int]], tok, tokenizer: str | Path,
+                        out: str | Path, *, meta: dict, seq_len: int | None = None, val_fraction: float = 0.01,
+                        shard_tokens: int = DEFAULT_SHARD_TOKENS, overwrite: bool = False,
+                        sources: Sequence[str] = (), label: str | None = None,
+                        empty_hint: str = "document") -> PrepareResult:
+    """Write (source, ids, loss mask, UTF-8 bytes) documents, each ending with the end-of-document id, as a shard set
+    with a loss-mask channel at `out` (atomically: a failure, also one raised by `documents`, leaves nothing). Such
+    data trains in rows of whole documents (`minicpm.data.chat_rows`). With seq_len, documents longer than
+    seq_len + 1 tokens are skipped and counted. `meta` adds fields to meta.json (document_format, chat, ...);
+    `sources` orders its per-source counts; `label` names the input in errors."""
+    started = time.perf_counter()
+    out = Path(out)
+    if not 0 <= val_fraction < 1:
+        raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
+    if out.exists() and not overwrite:
+        raise MiniCPMError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    vocab, eos = vocab_size(tok), eos_id(tok)
+    dtype = token_dtype(vocab)
+    fraction = Fraction(val_fraction).limit_denominator(1_000_000)
+
+    tmp = temporary_directory_for(out, name=f".{out.name}.tmp-{os.getpid()}")
+    writers = {split: ShardWriter(tmp / split, dtype, shard_tokens, loss_mask=True) for split in ("train", "val")}
+    stats = {split: SplitStats() for split in writers}
+    per_source = {source: SplitStats() for source in sources}
+    too_long = index = 0
+    try:
+        for source, ids, mask, nbytes in documents:
+            if seq_len is not None and len(ids) > seq_len + 1:
+                too_long += 1
+                continue
+            split = "val" if fraction and is_held_out(index, fraction) else "train"
+            index += 1
+            writers[split].add(np.asarray(ids), np.asarray([len(ids)]), np.asarray(mask))
+            for s in (stats[split], per_source.setdefault(source, SplitStats())):
+                s.documents += 1
+                s.tokens += len(ids)
+                s.bytes += nbytes
         train, val = stats["train"], stats["val"]
         if train.documents == 0:
-            raise MiniCPMError(f"{' '.join(sources)}: no conversation left to train on ({val.documents} held out, "
-                               f"{too_long} longer than --seq-len {seq_len})")
+            longer = f", {too_long} longer than --seq-len {seq_len}" if seq_len is not None else ""
+            raise MiniCPMError(f"{label or out}: no {empty_hint} left to train on ({val.documents} held "
+                               f"out{longer})")
         shards = {split: w.close() for split, w in writers.items()}
         meta = {
             "format": FORMAT, "version": VERSION, "dtype": dtype.name,
             "tokenizer": {"hash": tokenizer_hash(tok), "vocab_size": vocab, "eos_id": eos, "source": str(tokenizer)},
-            "document_format": "chat: rendered conversation + eos, loss mask per token",
             "loss_mask": True,
-            "chat": chat.describe(),
-            "seq_len": seq_len,
+            **meta,
+            **({"seq_len": seq_len} if seq_len is not None else {}),
             "sources": [{"spec": spec, "documents": s.documents, "bytes": s.bytes} for spec, s in per_source.items()],
             "val_fraction": val_fraction,
             "skipped_empty_documents": 0,

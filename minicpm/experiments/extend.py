@@ -298,11 +298,14 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
         save_state(new_config, untie_head(state, config), tmp / "model", extra_files=extra)
         result = ExtendResult(out, out / "model", new_config, from_length, stages, None, None, estimate)
         if train:
-            # examples of every stage length, and some a little longer than N: held-out long documents for the
-            # loss_by_position evaluator (training cuts them into windows like any long document)
-            lengths = sorted({from_length, *stages, to_length + 16})
-            write_synthetic_dataset(tokenizer_file, tmp / "data" / "synthetic", documents=synthetic_documents,
-                            lengths=lengths, tasks=tasks, seed=seed)
+            # examples trained whole (a row holds whole examples): the full length of every stage and a half and a
+            # quarter of it, so that the rows of each stage fill up and the needle sits at every distance; and some
+            # a little longer than N, held-out long documents for the loss_by_position evaluator
+            lengths = sorted({max(n // k - 1, 32) for n in (from_length, *stages) for k in (1, 2, 4)}
+                             | {to_length + 16})
+            synthetic = write_synthetic_dataset(tokenizer_file, tmp / "data" / "synthetic",
+                                                documents=synthetic_documents, lengths=lengths, tasks=tasks, seed=seed)
+            _check_examples_fit(synthetic, stages)
             long_sets = [*map(str, long_data), str(out / "data" / "synthetic")]
             train_cfg = _train_config(out, tokenizer_file.name, _mix(long_sets, short_data, long_share), lr=lr,
                                       seq_len=to_length, steps=steps_per_stage, tokens_per_step=tokens_per_step,
@@ -315,6 +318,19 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
             write_atomic(tmp / CURRICULUM_FILE, _CURRICULUM_HEADER + _yaml(curriculum))
             result.train_config, result.curriculum = out / TRAIN_FILE, out / CURRICULUM_FILE
     return result
+
+
+
+def _check_examples_fit(synthetic: Path, stages: Sequence[int]) -> None:
+    """Every stage trains on whole synthetic examples: it needs some that fit its rows of seq_len + 1 tokens."""
+    from minicpm.data.shards import open_dataset
+
+    lengths = open_dataset(synthetic, "train").document_lengths()
+    for n in stages:
+        if not (lengths <= n + 1).any():
+            raise MiniCPMError(f"--stages: no synthetic example fits in {n} tokens (the shortest is "
+                               f"{int(lengths.min()) - 1} tokens with this tokenizer); start the curriculum at a "
+                               f"longer length")
 
 
 _TRAIN_HEADER = """\
