@@ -153,18 +153,22 @@ def plot_batch_size(points, fit, loss_key: str, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from minicpm.experiments.sweep_report import log_axis
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for p in points:
         line, = left.plot(p["batches"], p["tokens"], marker="o", label=f"L = {p['target']:.3f}")
         left.axvline(p["optimal_batch"], color=line.get_color(), linestyle=":", alpha=0.7)
-    left.set(xscale="log", yscale="log", xlabel="batch size (tokens)", ylabel="tokens to reach the target",
-             title="tokens to reach each target loss")
+    log_axis(left, "x", ticks={b for p in points for b in p["batches"]})
+    log_axis(left, "y")
+    left.set(xlabel="batch size (tokens)", ylabel="tokens to reach the target", title="tokens to reach each target loss")
     left.legend(fontsize=7)
     losses = np.array([p["target"] for p in points])
     right.scatter(losses, [p["optimal_batch"] for p in points], label="optimal batch per target")
     grid = np.linspace(losses.min(), losses.max(), 50)
     right.plot(grid, fit.law.batch_tokens(grid), label=f"bs = {fit.law.a:.3g} / L^{fit.law.b:.3g}")
-    right.set(yscale="log", xlabel=loss_key, ylabel="batch size (tokens)", title="optimal batch size law")
+    log_axis(right, "y")
+    right.set(xlabel=loss_key, ylabel="batch size (tokens)", title="optimal batch size law")
     right.legend(fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()

@@ -120,7 +120,7 @@ def sweep_plot(table: SweepTable) -> bytes:
             ax.scatter([x(r) for r in failed], [top] * len(failed), marker="x", color="black", label="failed")
         values = [value_of(r) for r in table.rows]
         if numeric and values and min(values) > 0 and max(values) / min(values) >= 10:
-            log_x_axis(ax)
+            log_axis(ax)
         ax.set_xlabel(key)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(table.metric)
@@ -182,12 +182,15 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
     return written
 
 
-def log_x_axis(ax) -> None:
-    """A log x axis labelled at 1, 2 and 5 times each power of ten, as plain numbers: matplotlib's default labels
-    some minor ticks in scientific notation, which run into each other on a narrow panel."""
+def log_axis(ax, which: str = "x", ticks=None) -> None:
+    """A log axis labelled as plain numbers, at `ticks` when given (the values a sweep tried), else at 1, 2 and 5
+    times each power of ten: matplotlib's default labels some minor ticks in scientific notation, which run into
+    each other on a narrow panel."""
     from matplotlib import ticker
 
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
+    axis.set_major_locator(ticker.FixedLocator(sorted(ticks)) if ticks is not None else
+                           ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())

@@ -159,7 +159,7 @@ def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from minicpm.experiments.sweep_report import log_x_axis
+    from minicpm.experiments.sweep_report import log_axis
 
     fig, axes = plt.subplots(1, len(space), figsize=(3.6 * len(space), 3.4), squeeze=False, sharey=True)
     values = [r["value"] for r in rows]
@@ -168,7 +168,7 @@ def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: st
         if best:
             ax.scatter([best["params"][key]], [best["value"]], marker="*", s=160, color="red", zorder=3)
         ax.axvline(PAPER_OPTIMUM[names[key]], color="gray", ls=":", lw=1)
-        log_x_axis(ax)
+        log_axis(ax)
         ax.set_xlabel(f"{names[key]} ({key})")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(metric)
