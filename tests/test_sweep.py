@@ -3,6 +3,7 @@ on one study in a real PostgreSQL server (started here, in a temporary directory
 Slurm launcher (its job script, and its jobs run here by submitit's local executor)."""
 
 import glob
+import json
 import math
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from train_helpers import make_datasets
 
 from minicpm.cli import main
@@ -160,6 +162,13 @@ pruner: {kind: median, n_startup_trials: 1}
     ("space: {optim.lr: {low: 0.001, high: 0.01}}\nsampler: grid\n", "space.optim.lr: the grid sampler needs"),
     ("space: {optim.lrr: [0.01]}\n", "space.optim.lrr: override 'optim.lrr=0.01'"),
     ("space: {optim.lr: [0.01]}\ntrials: 0\n", "trials: expected a positive integer"),
+    ("space: {batch.tokens_per_step+schedule.total_steps: [[128, 4], [64]]}\n",
+     "space.batch.tokens_per_step+schedule.total_steps: choice [64] is not a list of 2 values"),
+    ("space: {batch.tokens_per_step+schedule.total_steps: [128, 4]}\n",
+     "space.batch.tokens_per_step+schedule.total_steps: choice 128 is not a list of 2 values"),
+    ("space: {optim.lr+optim.lr: [[0.1, 0.2]]}\n", "space.optim.lr+optim.lr: a key is named twice"),
+    ("space: {batch.tokens_per_step+schedule.total_stepz: [[128, 4]]}\n",
+     "space.batch.tokens_per_step+schedule.total_stepz: override 'schedule.total_stepz=4'"),
 ])
 def test_bad_specs_are_one_line_and_write_nothing(recipe, tmp_path, capsys, text, message):
     spec = write_spec(tmp_path, recipe, text)
@@ -256,3 +265,18 @@ def test_slurm_launcher_runs_its_workers_through_submitit(recipe, tmp_path):
     output, _ = summary.communicate(timeout=300)
     rows = read_trials_csv(tmp_path / "sw/trials.csv")
     assert sorted(r["state"] for r in rows) == ["complete", "complete"], output
+
+
+@pytest.mark.slow
+def test_tied_keys_take_their_values_together(recipe, tmp_path):
+    """Equal tokens at every batch size (the batch-size recipe): the batch and the number of steps are one choice."""
+    spec = write_spec(tmp_path, recipe, "space: {batch.tokens_per_step+schedule.total_steps: [[128, 4], [256, 2]]}\n"
+                                        "sampler: grid\nworkers: 2\nthreads: 1\n")
+    assert main(["sweep", str(spec), "--out", str(tmp_path / "out")]) == 0
+    rows = read_trials_csv(tmp_path / "out" / "trials.csv")
+    assert [(r["state"], r["batch.tokens_per_step+schedule.total_steps"]) for r in rows] == [
+        ("complete", "[128, 4]"), ("complete", "[256, 2]")]
+    for row in rows:
+        config = yaml.safe_load((Path(row["run_dir"]) / "config.yaml").read_text())
+        tokens, steps = json.loads(row["batch.tokens_per_step+schedule.total_steps"])
+        assert (config["batch"]["tokens_per_step"], config["schedule"]["total_steps"]) == (tokens, steps)

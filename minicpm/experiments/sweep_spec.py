@@ -5,6 +5,7 @@
       optim.lr: {low: 1.0e-3, high: 1.0e-1, log: true}
       model.scale_emb: [6, 12, 24]
       model.num_hidden_layers: {low: 2, high: 8}    # int bounds: an int range
+      batch.tokens_per_step+schedule.total_steps: [[2048, 400], [4096, 200]]   # keys joined by +: values together
     sampler: tpe                             # grid | random | tpe (Optuna)
     trials: 20                               # finished trials wanted (grid: default and at most the grid's size)
     metric: eval_loss                        # a metrics.jsonl key; its last value is the trial's result
@@ -38,6 +39,8 @@ SPEC_KEYS = ("base", "space", "sampler", "trials", "metric", "direction", "worke
              "name", "trial_launcher", "nproc_per_node")
 TRIAL_LAUNCHERS = ("process", "torchrun")
 BASE_KEYS = ("config", "overrides")
+TIE = "+"
+"""Joins space keys whose values are chosen together."""
 RANGE_KEYS = ("low", "high", "log")
 
 
@@ -183,9 +186,11 @@ def _space(space: Any, fail) -> dict[str, Param]:
     out = {}
     for key, value in space.items():
         where = f"space.{key}"
-        if not isinstance(key, str) or "." not in key:
+        if not isinstance(key, str) or not all("." in k for k in key.split(TIE)):
             raise fail(where, "expected a dotted config key such as optim.lr")
-        if isinstance(value, list):
+        if TIE in key:
+            out[key] = Param(key, choices=_tied_choices(key.split(TIE), value, where, fail))
+        elif isinstance(value, list):
             if not value:
                 raise fail(where, "empty list of choices")
             for choice in value:
@@ -210,6 +215,22 @@ def _space(space: Any, fail) -> dict[str, Param]:
         else:
             raise fail(where, "expected a list of choices or {low, high, log}")
     return out
+
+
+def _tied_choices(keys: list[str], value: Any, where: str, fail) -> tuple[str, ...]:
+    """Keys joined by TIE take their values together, one list per choice (e.g. a batch size with the number of
+    steps that keeps the tokens fixed); each choice is kept as its JSON text, a value Optuna can store."""
+    if len(set(keys)) != len(keys):
+        raise fail(where, "a key is named twice")
+    if not isinstance(value, list) or not value:
+        raise fail(where, f"expected a non-empty list of choices, each a list of {len(keys)} values")
+    for choice in value:
+        if not isinstance(choice, list) or len(choice) != len(keys):
+            raise fail(where, f"choice {choice!r} is not a list of {len(keys)} values (one per key)")
+        for item in choice:
+            if not isinstance(item, (int, float, str, bool)) and item is not None:
+                raise fail(where, f"choice {choice!r}: {item!r} is not a number, string, boolean or null")
+    return tuple(json.dumps(choice) for choice in value)
 
 
 def _pruner(pruner: Any, fail) -> dict[str, Any] | None:
@@ -265,5 +286,11 @@ def _override_value(value: Any) -> str:
 
 
 def overrides_for(params: dict[str, Any]) -> list[str]:
-    """A trial's parameters as training overrides."""
-    return [f"{key}={_override_value(value)}" for key, value in params.items()]
+    """A trial's parameters as training overrides (a tied key's value, its JSON list, gives one per key)."""
+    out = []
+    for key, value in params.items():
+        if TIE in key:
+            out += [f"{k}={_override_value(v)}" for k, v in zip(key.split(TIE), json.loads(value))]
+        else:
+            out.append(f"{key}={_override_value(value)}")
+    return out
