@@ -87,7 +87,7 @@ def make_campaign(root: Path, data: dict | None = None, *, noise: float = 1e-3, 
                           eval_every=10**9)
             d = (at + decay) * BATCH
             loss = float(TRUTH.loss(n, d)) * (1 + rng.normal(0, noise))
-            rows.append(f"{size},{n},{d},{6 * n * d},{loss:.6f},{loss / 3:.6f},runs/{size}/decay{at}")
+            rows.append(f"{size},{n},{d},{6 * n * d},{loss:.6f},{loss / 3:.6f},{size}/decay{at}")  # as written by a campaign
     (root / "campaign.csv").write_text("\n".join(rows) + "\n")
     return root
 

@@ -33,6 +33,8 @@ from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object, write_atomic
 
 CAMPAIGN_FILE = "campaign.csv"
+RUNS_DIR = "runs"
+"""Where `minicpm scaling campaign` puts its runs; campaign.csv names each relative to it."""
 CAMPAIGN_COLUMNS = ("size", "N", "D", "loss", "run")
 PAPER_BATCH_LAW = (1.21e9, 6.24)
 """bs_tokens = a / L^b (paper App. A.2, L the C4 loss): 3.98M tokens at L = 2.5."""
@@ -93,11 +95,15 @@ def read_campaign(directory: str | Path) -> list[CampaignRow]:
 
 
 def _resolve_run(directory: Path, run: str) -> Path:
-    """A run path as written: absolute, relative to the campaign directory, or relative to where we are."""
+    """A run path as written: absolute, relative to the campaign's runs directory (what `minicpm scaling campaign`
+    writes), relative to the campaign directory, or relative to where we are."""
     p = Path(run)
     if p.is_absolute():
         return p
-    return directory / p if (directory / p).exists() or not p.exists() else p
+    for candidate in (directory / RUNS_DIR / p, directory / p, p):
+        if candidate.exists():
+            return candidate
+    return directory / RUNS_DIR / p
 
 
 def _table(rows: list[CampaignRow], source: str):
