@@ -194,7 +194,7 @@ def _space(space: Any, fail) -> dict[str, Param]:
             if not value:
                 raise fail(where, "empty list of choices")
             for choice in value:
-                if not isinstance(choice, (int, float, str, bool)) and choice is not None:
+                if not _is_scalar(choice):
                     raise fail(where, f"choice {choice!r} is not a number, string, boolean or null")
             out[key] = Param(key, choices=tuple(value))
         elif isinstance(value, dict):
@@ -217,6 +217,11 @@ def _space(space: Any, fail) -> dict[str, Param]:
     return out
 
 
+def _is_scalar(value: Any) -> bool:
+    """A value one override can carry (and Optuna can store)."""
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
 def _tied_choices(keys: list[str], value: Any, where: str, fail) -> tuple[str, ...]:
     """Keys joined by TIE take their values together, one list per choice (e.g. a batch size with the number of
     steps that keeps the tokens fixed); each choice is kept as its JSON text, a value Optuna can store."""
@@ -228,7 +233,7 @@ def _tied_choices(keys: list[str], value: Any, where: str, fail) -> tuple[str, .
         if not isinstance(choice, list) or len(choice) != len(keys):
             raise fail(where, f"choice {choice!r} is not a list of {len(keys)} values (one per key)")
         for item in choice:
-            if not isinstance(item, (int, float, str, bool)) and item is not None:
+            if not _is_scalar(item):
                 raise fail(where, f"choice {choice!r}: {item!r} is not a number, string, boolean or null")
     return tuple(json.dumps(choice) for choice in value)
 
