@@ -587,7 +587,7 @@ def register_eval_commands(sub) -> None:
 # ---------------------------------------------------------------- long context: eval loss, eval passkey, extend
 
 def add_long_context_eval_commands(esub) -> None:
-    """eval loss, eval passkey (long-context issue), under the `eval` group."""
+    """eval loss, eval passkey, eval positions (long-context issue), under the `eval` group."""
     from minicpm.interop.formats import WEIGHT_DTYPES
 
     p = esub.add_parser("loss", help="total and per-token NLL of a text file (compare with other runtimes)",
@@ -647,6 +647,39 @@ def add_long_context_eval_commands(esub) -> None:
         return 0
 
     p.set_defaults(handler=passkey)
+
+    p = esub.add_parser("positions", help="loss by token position of checkpoints on long held-out documents: "
+                                          "PNG + JSON",
+                        description="The mean next-token loss at each position (in --buckets equal ranges) of each "
+                                    "CHECKPOINT on the same held-out documents: the first --seq-len + 1 tokens of "
+                                    "held-out documents of the --data datasets at least that long. The curve that "
+                                    "shows whether a model uses, or breaks on, context beyond the length it was "
+                                    "trained at. Writes OUT/positions.json and OUT/positions.png.")
+    p.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoints or run directories to compare")
+    p.add_argument("--data", nargs="+", required=True, metavar="DIR", help="prepared datasets (their val split)")
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="positions per document")
+    p.add_argument("--documents", type=int, default=16, help="held-out documents (default %(default)s)")
+    p.add_argument("--buckets", type=int, default=8, help="equal position ranges (default %(default)s)")
+    p.add_argument("--labels", nargs="+", default=None, help="one legend label per checkpoint (default: the paths)")
+    p.add_argument("--mark", type=int, default=None, metavar="N",
+                   help="draw a dashed line at position N (e.g. the length trained at)")
+    p.add_argument("--out", default="positions", help="directory for positions.json/.png (default %(default)s)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file or directory (default: beside each CHECKPOINT)")
+    p.add_argument("--device", default="cpu", help="torch device (default %(default)s)")
+    p.add_argument("--dtype", choices=WEIGHT_DTYPES, default="fp32", help="weights dtype (default %(default)s)")
+
+    def positions(args) -> int:
+        from minicpm.eval.position_loss import evaluate_position_checkpoints, write_position_report
+
+        report = evaluate_position_checkpoints(args.checkpoints, args.data, seq_len=args.seq_len,
+                                               documents=args.documents, buckets=args.buckets, labels=args.labels,
+                                               tokenizer=args.tokenizer, device=args.device, dtype=args.dtype)
+        print(report.table())
+        for path in write_position_report(report, args.out, mark=args.mark):
+            print(f"wrote {path}", file=sys.stderr)
+        return 0
+
+    p.set_defaults(handler=positions)
 
 
 def register_long_context_commands(sub) -> None:

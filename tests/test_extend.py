@@ -81,6 +81,7 @@ def test_extend_writes_the_rope_and_a_training_plan(source, data, tmp_path, meth
     synthetic = str(tmp_path / "ext" / "data" / "synthetic")
     assert mix[synthetic] == pytest.approx(0.44) and sum(mix.values()) == pytest.approx(1.0)
     assert train_cfg["run"]["init_weights_from"] == str(result.model) and "model" not in train_cfg
+    assert train_cfg["data"]["packing"] == "document"  # packed examples never see each other's needles
     _, stages = curriculum_stages(result.curriculum)
     assert [(s.seq_len, s.steps) for s in stages] == [(256, 3), (512, 3)]
     meta = json.loads((Path(synthetic) / "meta.json").read_text())

@@ -153,3 +153,38 @@ def test_passkey_and_loss_by_position_run_as_training_evaluators(tmp_path):
     direct = direct.view(len(rows), 128).double()
     assert by_position["loss"] == pytest.approx(float(direct.mean()), rel=1e-5)
     assert by_position["97-128/loss"] == pytest.approx(float(direct[:, 96:].mean()), rel=1e-5)
+
+
+def test_eval_positions_cli_compares_checkpoints_on_the_same_documents(tmp_path, capsys):
+    tok = save_tokenizer(byte_level_tokenizer(), tmp_path / "tok")
+    synthetic = write_synthetic_dataset(tok, tmp_path / "syn", documents=40, lengths=[160], seed=0,
+                                        val_fraction=0.25)
+    config = ModelConfig(vocab_size=263, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    models = [build_model(config, seed=s) for s in (0, 1)]
+    ckpts = [save_model(m, tmp_path / f"ckpt{i}", extra_files={"tokenizer.json": tok}) for i, m in enumerate(models)]
+    out = tmp_path / "pos"
+    assert main(["eval", "positions", *map(str, ckpts), "--data", str(synthetic), "--seq-len", "128",
+                 "--documents", "4", "--buckets", "4", "--labels", "a", "b", "--mark", "64", "--out", str(out)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:5] == ["positions", "1-32", "33-64", "65-96", "97-128"]
+    written = json.loads((out / "positions.json").read_text())
+    assert [c["label"] for c in written["curves"]] == ["a", "b"] and written["seq_len"] == 128
+    assert (out / "positions.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # each curve is its checkpoint's own loss on the same held-out rows
+    rows = long_documents([str(synthetic)], seq_len=128, documents=4)
+    for model, curve in zip(models, written["curves"]):
+        with torch.no_grad():
+            direct = F.cross_entropy(model(rows[:, :-1]).flatten(0, 1), rows[:, 1:].flatten(), reduction="none")
+        direct = direct.view(len(rows), 128).double()
+        assert curve["loss_by_position"]["loss"] == pytest.approx(float(direct.mean()), rel=1e-5)
+        assert curve["loss_by_position"]["33-64/loss"] == pytest.approx(float(direct[:, 32:64].mean()), rel=1e-5)
+    assert written["curves"][0]["loss_by_position"] != written["curves"][1]["loss_by_position"]
+    # bad input: one line, exit 2, nothing written
+    assert main(["eval", "positions", str(ckpts[0]), "--data", str(synthetic), "--seq-len", "4000",
+                 "--out", str(tmp_path / "none")]) == 2
+    assert "no held-out document has 4001 tokens" in capsys.readouterr().err
+    assert main(["eval", "positions", *map(str, ckpts), "--data", str(synthetic), "--seq-len", "128",
+                 "--labels", "only-one", "--out", str(tmp_path / "none")]) == 2
+    assert "--labels: 1 labels for 2 checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()

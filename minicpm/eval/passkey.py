@@ -8,6 +8,7 @@ the key. The grid of accuracies is written as JSON and as a heatmap PNG (length 
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import re
@@ -156,11 +157,9 @@ def write_passkey_report(result: PasskeyResult, out: str | Path, *, title: str =
     ax.set_title(f"{title}: mean {result.mean:.0%} ({result.trials} trials/cell)")
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    png = out / "passkey.png"
-    tmp = out / ".passkey.png.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
-    tmp.replace(png)
-    return [json_path, png]
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    return [json_path, write_atomic(out / "passkey.png", buffer.getvalue())]
 
 
 def evaluate_passkey_checkpoint(checkpoint: str | Path, *, lengths: Sequence[int], depths: Sequence[float],

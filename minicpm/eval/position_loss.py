@@ -9,6 +9,7 @@ the p-th token of a document (packed windows would restart documents mid-window)
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -111,3 +112,104 @@ class PositionLoss:
             return {}
         sums = position_losses(target.model, self.rows, autocast=getattr(target, "autocast", None))
         return bucket_means(sums.cpu(), len(self.rows), self.options.buckets)
+
+
+# ------------------------------------------------------------------ `minicpm eval positions`: checkpoints compared
+
+@dataclass
+class PositionCurve:
+    label: str
+    checkpoint: str
+    buckets: dict[str, float]
+    """{"<first>-<last>/loss": mean loss, ..., "loss": over all positions} (bucket_means)."""
+
+
+@dataclass
+class PositionReport:
+    seq_len: int
+    documents: int
+    datasets: list[str]
+    curves: list[PositionCurve]
+
+    def as_dict(self) -> dict:
+        return {"seq_len": self.seq_len, "documents": self.documents, "datasets": self.datasets,
+                "curves": [{"label": c.label, "checkpoint": c.checkpoint, "loss_by_position": c.buckets}
+                           for c in self.curves]}
+
+    def table(self) -> str:
+        ranges = [k[:-len("/loss")] for k in self.curves[0].buckets if k != "loss"]
+        width = max(len(c.label) for c in self.curves)
+        lines = [f"{'positions':<{width}}  " + "  ".join(f"{r:>9}" for r in ranges) + f"  {'all':>6}"]
+        for c in self.curves:
+            lines.append(f"{c.label:<{width}}  " + "  ".join(f"{c.buckets[r + '/loss']:>9.3f}" for r in ranges)
+                         + f"  {c.buckets['loss']:>6.3f}")
+        return "\n".join(lines)
+
+
+def evaluate_position_checkpoints(checkpoints: list[str], datasets: list[str], *, seq_len: int, documents: int = 16,
+                                  buckets: int = 8, labels: list[str] | None = None, tokenizer: str | None = None,
+                                  device: str = "cpu", dtype: str | None = "fp32") -> PositionReport:
+    """Loss by position of each checkpoint on the same held-out documents: the first seq_len + 1 tokens of
+    `documents` held-out documents of `datasets` at least that long. The datasets must be tokenized with each
+    checkpoint's tokenizer."""
+    from minicpm.data.tokenizer import tokenizer_hash
+    from minicpm.eval.token_loss import load_eval_model
+    from minicpm.infer.tokenizer import find_tokenizer
+    from minicpm.rundir import resolve_weights
+
+    if not checkpoints or not datasets:
+        raise MiniCPMError("eval positions: need at least one checkpoint and one --data directory")
+    if labels is not None and len(labels) != len(checkpoints):
+        raise MiniCPMError(f"--labels: {len(labels)} labels for {len(checkpoints)} checkpoints")
+    if seq_len < 2 or buckets < 1 or documents < 1 or buckets > seq_len:
+        raise MiniCPMError(f"eval positions: need seq_len >= 2, 1 <= buckets <= seq_len and documents >= 1, got "
+                           f"{seq_len}, {buckets}, {documents}")
+    for path in datasets:
+        if not (Path(path) / "meta.json").is_file():
+            raise MiniCPMError(f"--data {path}: not a prepared dataset (no meta.json)")
+    curves, rows, rows_hash = [], None, None
+    for i, checkpoint in enumerate(checkpoints):
+        source = resolve_weights(checkpoint)
+        hash_ = tokenizer_hash(find_tokenizer(source, tokenizer))
+        if rows is None or hash_ != rows_hash:
+            rows, rows_hash = long_documents(list(datasets), seq_len=seq_len, documents=documents,
+                                             tokenizer_hash=hash_), hash_
+        if not len(rows):
+            raise MiniCPMError(f"--data {' '.join(datasets)}: no held-out document has {seq_len + 1} tokens "
+                               f"(lower --seq-len)")
+        model = load_eval_model(checkpoint, device=device, dtype=dtype)
+        sums = position_losses(model, rows).cpu()
+        curves.append(PositionCurve(labels[i] if labels else str(checkpoint), str(checkpoint),
+                                    bucket_means(sums, len(rows), buckets)))
+    return PositionReport(seq_len, len(rows), [str(d) for d in datasets], curves)
+
+
+def write_position_report(report: PositionReport, out: str | Path, *, mark: int | None = None) -> list[Path]:
+    """OUT/positions.json and OUT/positions.png (mean loss of each position bucket, one line per checkpoint; a
+    dashed line at position `mark`, e.g. the length the model was trained at)."""
+    import json
+
+    from matplotlib.figure import Figure
+
+    from minicpm.files import write_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = write_atomic(out / "positions.json", json.dumps(report.as_dict(), indent=2) + "\n")
+    fig = Figure(figsize=(6.4, 4.0))
+    ax = fig.subplots()
+    for curve in report.curves:
+        spans = [tuple(int(v) for v in k[:-len("/loss")].split("-")) for k in curve.buckets if k != "loss"]
+        ax.plot([(a + b) / 2 for a, b in spans], [curve.buckets[f"{a}-{b}/loss"] for a, b in spans], marker="o",
+                label=curve.label)
+    if mark:
+        ax.axvline(mark, color="gray", linestyle="--", linewidth=1, label=f"position {mark}")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("mean next-token loss (nats)")
+    ax.set_title(f"loss by position: {report.documents} held-out documents of {report.seq_len + 1} tokens")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=120, format="png")
+    return [json_path, write_atomic(out / "positions.png", buffer.getvalue())]

@@ -351,7 +351,10 @@ _CURRICULUM_HEADER = """\
 def _train_config(out: Path, tokenizer_name: str, mix: dict[str, float], *, lr: float, seq_len: int, steps: int,
                   tokens_per_step: int, micro_batch_size: int, activation_checkpointing: str, seed: int) -> dict:
     return {
-        "data": {"stable": mix, "tokenizer": str(out / "model" / tokenizer_name), "eval_sequences": 16},
+        # each document attends only to itself: a row packs several synthetic examples, and a question must not
+        # find the needle of the example before it (packed rows kept apart as in SFT, family.md 3.3)
+        "data": {"stable": mix, "tokenizer": str(out / "model" / tokenizer_name), "eval_sequences": 16,
+                 "packing": "document"},
         "optim": {"lr": lr},
         "schedule": {"kind": "wsd", "total_steps": steps, "warmup_steps": max(1, steps // 10),
                      "decay_steps": max(1, steps // 10)},
