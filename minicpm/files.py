@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import io
 import os
 import shutil
 import tempfile
@@ -38,6 +39,13 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """A matplotlib figure as a PNG at `path`, written atomically (savefig_kwargs: dpi, bbox_inches, ...)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig_kwargs)
+    return write_atomic(path, buffer.getvalue())
 
 
 def json_object_line(line: str, where: str) -> dict[str, Any]:

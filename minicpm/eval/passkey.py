@@ -8,7 +8,6 @@ the key. The grid of accuracies is written as JSON and as a heatmap PNG (length 
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -138,7 +137,7 @@ def write_passkey_report(result: PasskeyResult, out: str | Path, *, title: str =
     """OUT/passkey.json and OUT/passkey.png (accuracy heatmap, context length against needle depth)."""
     from matplotlib.figure import Figure
 
-    from minicpm.files import write_atomic
+    from minicpm.files import write_atomic, write_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,9 +156,7 @@ def write_passkey_report(result: PasskeyResult, out: str | Path, *, title: str =
     ax.set_title(f"{title}: mean {result.mean:.0%} ({result.trials} trials/cell)")
     fig.colorbar(image, ax=ax, label="accuracy")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=120, format="png")
-    return [json_path, write_atomic(out / "passkey.png", buffer.getvalue())]
+    return [json_path, write_figure(fig, out / "passkey.png", dpi=120)]
 
 
 def evaluate_passkey_checkpoint(checkpoint: str | Path, *, lengths: Sequence[int], depths: Sequence[float],

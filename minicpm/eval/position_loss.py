@@ -9,7 +9,6 @@ the p-th token of a document (packed windows would restart documents mid-window)
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -137,13 +136,18 @@ class PositionReport:
                            for c in self.curves]}
 
     def table(self) -> str:
-        ranges = [k[:-len("/loss")] for k in self.curves[0].buckets if k != "loss"]
+        ranges = position_ranges(self.curves[0].buckets)
         width = max(len(c.label) for c in self.curves)
-        lines = [f"{'positions':<{width}}  " + "  ".join(f"{r:>9}" for r in ranges) + f"  {'all':>6}"]
+        lines = [f"{'positions':<{width}}  " + "  ".join(f"{f'{a}-{b}':>9}" for _, a, b in ranges) + f"  {'all':>6}"]
         for c in self.curves:
-            lines.append(f"{c.label:<{width}}  " + "  ".join(f"{c.buckets[r + '/loss']:>9.3f}" for r in ranges)
+            lines.append(f"{c.label:<{width}}  " + "  ".join(f"{c.buckets[key]:>9.3f}" for key, _, _ in ranges)
                          + f"  {c.buckets['loss']:>6.3f}")
         return "\n".join(lines)
+
+
+def position_ranges(buckets: dict[str, float]) -> list[tuple[str, int, int]]:
+    """(key, first, last) of each position bucket of bucket_means' output, in order."""
+    return [(key, *map(int, key[:-len("/loss")].split("-"))) for key in buckets if key != "loss"]
 
 
 def evaluate_position_checkpoints(checkpoints: list[str], datasets: list[str], *, seq_len: int, documents: int = 16,
@@ -191,7 +195,7 @@ def write_position_report(report: PositionReport, out: str | Path, *, mark: int 
 
     from matplotlib.figure import Figure
 
-    from minicpm.files import write_atomic
+    from minicpm.files import write_atomic, write_figure
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -199,8 +203,8 @@ def write_position_report(report: PositionReport, out: str | Path, *, mark: int 
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
     for curve in report.curves:
-        spans = [tuple(int(v) for v in k[:-len("/loss")].split("-")) for k in curve.buckets if k != "loss"]
-        ax.plot([(a + b) / 2 for a, b in spans], [curve.buckets[f"{a}-{b}/loss"] for a, b in spans], marker="o",
+        ranges = position_ranges(curve.buckets)
+        ax.plot([(a + b) / 2 for _, a, b in ranges], [curve.buckets[key] for key, _, _ in ranges], marker="o",
                 label=curve.label)
     if mark:
         ax.axvline(mark, color="gray", linestyle="--", linewidth=1, label=f"position {mark}")
@@ -210,6 +214,4 @@ def write_position_report(report: PositionReport, out: str | Path, *, mark: int 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, dpi=120, format="png")
-    return [json_path, write_atomic(out / "positions.png", buffer.getvalue())]
+    return [json_path, write_figure(fig, out / "positions.png", dpi=120)]

@@ -18,7 +18,7 @@ from typing import Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
+from minicpm.files import write_atomic, write_figure
 from minicpm.rundir import RunDir
 
 
@@ -146,7 +146,6 @@ def batch_size_law(paths: Sequence[str | Path], *, targets: Sequence[float] | No
 
 
 def plot_batch_size(points, fit, loss_key: str, path: Path) -> Path:
-    import io
 
     import matplotlib
 
@@ -171,7 +170,6 @@ def plot_batch_size(points, fit, loss_key: str, path: Path) -> Path:
     right.set(xlabel=loss_key, ylabel="batch size (tokens)", title="optimal batch size law")
     right.legend(fontsize=8)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    written = write_figure(fig, path, dpi=90)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return written

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
+from minicpm.files import write_atomic, write_figure
 
 KINDS = ("embedding", "attn", "mlp", "residual", "logits")
 PARAMETRISATIONS = {"mup": "μP", "sp": "SP"}
@@ -113,7 +113,6 @@ def run_coordcheck(widths: Sequence[int], *, steps: int = 4, lr: float = 0.01, l
 def plot_coordcheck(kinds, widths, steps, verdicts, path: Path) -> Path:
     """One row per parametrisation, one column per step shown (init, after one step, the last): mean |x| against
     width, log-log, a line per layer kind. Flat lines are what μP promises."""
-    import io
 
     import matplotlib
 
@@ -139,7 +138,6 @@ def plot_coordcheck(kinds, widths, steps, verdicts, path: Path) -> Path:
         axes[row][0].legend(fontsize=7)
     fig.suptitle("coordinate check: " + "; ".join(v.line() for v in verdicts.values()), fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    written = write_figure(fig, path, dpi=90)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return written

@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic
+from minicpm.files import write_figure
 from minicpm.experiments.curve_laws import FORMULAS, CurveFit, predict_loss, prediction_steps, warmup_end
 from minicpm.experiments.fit import (PAPER_NAMES, PARAMS, BatchSizeFit, Bootstrap, ChinchillaFit, Envelope, HeldOut,
                                      IsoflopFit, bootstrap_chinchilla, fit_envelope, fit_isoflop, fit_law,
@@ -245,9 +245,7 @@ def prediction_csv(steps: np.ndarray, lr: np.ndarray, loss: np.ndarray) -> str:
 # ------------------------------------------------------------------------------------------- files
 
 def _save(fig, path: Path) -> Path:
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=120, bbox_inches="tight")
-    return write_atomic(path, png.getvalue())
+    return write_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _pyplot():

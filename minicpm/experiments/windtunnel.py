@@ -24,7 +24,7 @@ from typing import Sequence
 
 from minicpm.errors import MiniCPMError
 from minicpm.experiments.sweep_spec import Param, SweepSpec
-from minicpm.files import write_atomic
+from minicpm.files import write_atomic, write_figure
 
 LABELS = {"mup": "μP", "sp": "SP"}
 
@@ -144,7 +144,6 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
 
 
 def plot_lr_transfer(losses, optima, metric: str, path: Path) -> Path:
-    import io
 
     import matplotlib
 
@@ -167,7 +166,6 @@ def plot_lr_transfer(losses, optima, metric: str, path: Path) -> Path:
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(metric)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    written = write_figure(fig, path, dpi=90)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return written

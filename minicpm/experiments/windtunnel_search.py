@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from minicpm.errors import MiniCPMError
 from minicpm.experiments.sweep_spec import Param, SweepSpec
-from minicpm.files import write_atomic
+from minicpm.files import write_atomic, write_figure
 
 # name shown -> (config key, low, high); all searched on a log scale around the paper's optimum
 DEFAULT_SPACE: dict[str, tuple[str, float, float]] = {
@@ -152,7 +152,6 @@ def param_importances(study, space: dict[str, Param]) -> dict[str, float]:
 
 
 def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: str, best, path: Path) -> Path:
-    import io
 
     import matplotlib
 
@@ -174,14 +173,12 @@ def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: st
     axes[0][0].set_ylabel(metric)
     fig.suptitle("TPE search on the proxy (colour: trial order; star: best; dotted: the paper's value)", fontsize=9)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    written = write_figure(fig, path, dpi=90)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return written
 
 
 def plot_importances(importances: dict[str, float], path: Path) -> Path:
-    import io
 
     import matplotlib
 
@@ -194,7 +191,6 @@ def plot_importances(importances: dict[str, float], path: Path) -> Path:
     ax.set_xlabel("importance (fANOVA, share of the metric's variance)")
     ax.set_xlim(0, 1)
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
+    written = write_figure(fig, path, dpi=90)
     plt.close(fig)
-    return write_atomic(path, buffer.getvalue())
+    return written
