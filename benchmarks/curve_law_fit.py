@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from minicpm.experiments.curve_laws import fit_curve_law, fit_objective, predict_loss
-from minicpm.experiments.fit_data import Curve
+from minicpm.laws.curves import fit_curve_law, fit_objective, predict_loss
+from minicpm.laws.tables import Curve
 from minicpm.optim.schedule import constant_schedule, cosine_schedule, wsd_schedule
 
 PEAK, WARMUP, TOTAL = 3e-4, 2160, 24000

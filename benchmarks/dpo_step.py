@@ -39,7 +39,7 @@ def make_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
 
 
 def ours(args, tmp: Path, pairs: list[dict]):
-    from minicpm.config import ObjectiveConfig, load_config, model_config
+    from minicpm.train.config import ObjectiveConfig, load_config, model_config
     from minicpm.data.pairs import PairsData, prepare_pairs
     from minicpm.interop.hf import save_model
     from minicpm.model.build import build_model

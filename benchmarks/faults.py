@@ -195,7 +195,7 @@ def write_sweep_spec(work: Path, recipe: Path, grid: list[float] = SWEEP_GRID) -
 
 def sweep_outcome(out: Path) -> dict | None:
     """Per trial (by its optim.lr): its trials.csv state, its metric, and its run directory's fingerprint."""
-    from minicpm.experiments.sweep import read_trials_csv
+    from minicpm.sweep.sweep import read_trials_csv
 
     try:
         rows = read_trials_csv(out / "trials.csv")

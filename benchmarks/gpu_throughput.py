@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from minicpm.config import load_config, model_config as trainer_model_config
+from minicpm.train.config import load_config, model_config as trainer_model_config
 from minicpm.model.config import ModelConfig, preset
 from minicpm.train.distributed import init_distributed, resolve_dtype
 from minicpm.train.metrics import device_peak_flops

@@ -35,8 +35,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from minicpm.data.stdlib_corpus import write_corpus
-    from minicpm.interop.upcycle import upcycle
-    from minicpm.quickstart import Recipe, _datasets, _tokenizer, quickstart_config
+    from minicpm.stages.upcycle import upcycle
+    from minicpm.demos.quickstart import Recipe, _datasets, _tokenizer, quickstart_config
     from minicpm.train.loop import train
 
     out = Path(args.out)

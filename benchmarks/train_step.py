@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 
 
-from minicpm.config import config_to_yaml, load_config, model_config
-from minicpm.quickstart import quickstart_config
+from minicpm.train.config import config_to_yaml, load_config, model_config
+from minicpm.demos.quickstart import quickstart_config
 from minicpm.data.pretrain import rows_to_batch
 from minicpm.train.distributed import init_distributed
 from minicpm.train.metrics import device_peak_flops

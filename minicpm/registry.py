@@ -41,7 +41,7 @@ class Registry:
 
     def options(self, kind: str, values: dict[str, Any] | None, where: str) -> Any:
         """The kind's options dataclass filled from `values` (None for a kind without options, which takes none)."""
-        from minicpm.config import typed_options
+        from minicpm.train.config import typed_options
 
         entry = self.get(kind)
         if entry.options is None:

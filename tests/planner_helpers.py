@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minicpm.config import load_config, save_config
-from minicpm.experiments.curve_laws import predict_loss
-from minicpm.experiments.fit import ScalingLaw
+from minicpm.train.config import load_config, save_config
+from minicpm.laws.curves import predict_loss
+from minicpm.laws.chinchilla import ScalingLaw
 from minicpm.optim.schedule import wsd_schedule
 
 TRUTH = ScalingLaw(E=2.5, A=30.0, B=20.0, alpha=0.4, beta=0.3)
@@ -56,7 +56,7 @@ def write_metrics(run: Path, lr: np.ndarray, steps: np.ndarray, loss: np.ndarray
 
 def make_campaign(root: Path, data: dict | None = None, *, noise: float = 1e-3, seed: int = 0,
                   widths: dict = WIDTHS) -> Path:
-    from minicpm.config import model_config
+    from minicpm.train.config import model_config
 
     data = data or {}
     rng = np.random.default_rng(seed)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from minicpm.config import load_config
+from minicpm.train.config import load_config
 from minicpm.data.pretrain import rows_to_batch
 
 TIMING_KEYS = ("tokens_per_s", "mfu")

@@ -396,7 +396,7 @@ def reference_fingerprint(source: str | Path, dtype: str) -> str:
     import hashlib
 
     from minicpm.train.checkpoint import resolve_verified_weights
-    from minicpm.train.integrity import sha256_file
+    from minicpm.checkpoints.integrity import sha256_file
 
     root = resolve_verified_weights(source)
     digest = hashlib.sha256(f"dtype={dtype}\n".encode())

@@ -113,7 +113,7 @@ def _check_header_entry(file: Path, key: str, info: object) -> None:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    from minicpm.train.integrity import safe_relative
+    from minicpm.checkpoints.integrity import safe_relative
 
     index = root / INDEX
     if index.exists():

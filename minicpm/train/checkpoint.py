@@ -41,9 +41,9 @@ from minicpm.model.transformer import MiniCPM
 from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, WEIGHTS_FILE, RunDir,
                             checkpoint_step, is_complete, is_sharded)
 from minicpm.train.distributed import fsdp_applied
-from minicpm.train.integrity import file_digests, verify_digests
-from minicpm.train.safe_dcp import load_dcp, read_dcp_metadata
-from minicpm.train.state_schema import check_trainer_state
+from minicpm.checkpoints.integrity import file_digests, verify_digests
+from minicpm.checkpoints.safe_dcp import load_dcp, read_dcp_metadata
+from minicpm.checkpoints.state_schema import check_trainer_state
 
 
 def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from minicpm.config import TrainConfig, load_config, validate
+from minicpm.train.config import TrainConfig, load_config, validate
 from minicpm.errors import MiniCPMError
 from minicpm.rundir import RunDir, run_of
 from minicpm.train.checkpoint import resolve_verified

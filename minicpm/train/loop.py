@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minicpm.config import TrainConfig, batch_plan, import_plugins, model_config, save_config, with_model
+from minicpm.train.config import TrainConfig, batch_plan, import_plugins, model_config, save_config, with_model
 from minicpm.data.pretrain import DataSource, PretrainData, tokenizer_facts
 from minicpm.data.prepare_chat import training_template
 from minicpm.errors import MiniCPMError

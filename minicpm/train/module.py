@@ -204,7 +204,7 @@ class TrainModule:
         if kind == self.config.objective.kind:
             return self.objective
         if kind not in self._eval_objectives:
-            from minicpm.config import ObjectiveConfig
+            from minicpm.train.config import ObjectiveConfig
 
             self._eval_objectives[kind] = build_objective(
                 ObjectiveConfig(kind=kind, aux_loss_weights=dict(self.config.objective.aux_loss_weights)))

@@ -1,0 +1,5 @@
+"""The `minicpm` command."""
+
+from minicpm.cli.commands import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,1 @@
+"""Scaling and loss-curve laws: fits, tables of runs they read, predictions, their reports and commands."""

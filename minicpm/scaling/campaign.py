@@ -1,0 +1,275 @@
+"""`minicpm scaling campaign`: the WSD scaling campaign of paper §4.5. Per model size, one stable run (constant LR
+after warmup) with a checkpoint at every decay point (k·N tokens), and one decay branch from each (the decay
+fraction of that point's tokens); every finished branch is evaluated in loss per token and bits per byte. m sizes
+x m points cost O(m) runs where one cosine run per (size, tokens) costs O(m²) (paper §4.3).
+
+    DIR/recipe.yaml          the training recipe every run uses (the spec's base config, overrides and data)
+    DIR/spec.json            what the runs were made from (a different spec in the same DIR is an error)
+    DIR/runs/SIZE/stable/    the stable run; DIR/runs/SIZE/decay-10N/ ... its branches
+    DIR/campaign.csv         size,N,D,flops,loss,bpb,run: one row per finished branch (N non-embedding params,
+                             D tokens trained, flops = 6·N·D)
+    DIR/fit.json, fit.txt    the fit of L(N, D) to the table
+
+Re-running continues: finished runs are read, interrupted ones resume from their last checkpoint, so a campaign
+killed mid-way and resumed writes the table an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minicpm.errors import MiniCPMError
+from minicpm.scaling.spec import CampaignSpec, Size, load_campaign_spec
+from minicpm.jobs.pool import Job, run_jobs
+from minicpm.files import read_json_lines, write_atomic
+from minicpm.rundir import RunDir, is_complete
+
+CSV_COLUMNS = ("size", "N", "D", "flops", "loss", "bpb", "run")
+STABLE_OVERRIDES = ("schedule.kind=constant", "run.checkpoint_every=0", "run.eval_every=0", "run.keep_last=0",
+                    "run.progress=false")
+"""The stable phase: a constant LR after warmup, checkpoints and evals only where a stage ends."""
+FINAL_ONLY = ("run.checkpoint_every=0", "run.eval_every=0", "run.keep_last=1", "run.progress=false")
+"""Branches and single runs: one checkpoint and one eval, at the end."""
+
+
+# ---------------------------------------------------------------- the recipe and the steps
+
+@dataclass
+class Recipe:
+    path: Path
+    tokens_per_step: int
+    warmup_steps: int
+
+
+def prepare_recipe(spec: CampaignSpec, out: Path) -> Recipe:
+    """Write DIR/recipe.yaml (base config + overrides + the spec's data) and DIR/spec.json; a DIR made from a
+    different spec is an error (its runs would not belong to one campaign)."""
+    from minicpm.train.config import config_to_yaml, load_config
+
+    fingerprint = spec.fingerprint()
+    recorded = out / "spec.json"
+    if recorded.is_file() and recorded.read_text(encoding="utf-8").strip() != fingerprint:
+        raise MiniCPMError(f"{out} holds a campaign made from a different spec ({recorded}); use another --out")
+    cfg = load_config(spec.config, spec.overrides)
+    if spec.data:
+        for key, value in spec.data.items():
+            setattr(cfg.data, key, dict(value) if isinstance(value, dict) else value)
+    if not cfg.data.stable:
+        raise MiniCPMError(f"{spec.path}: no data: set data.stable in the spec or in base.config")
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(recorded, fingerprint + "\n")
+    path = write_atomic(out / "recipe.yaml", config_to_yaml(cfg))
+    return Recipe(path, cfg.batch.tokens_per_step, cfg.schedule.warmup_steps)
+
+
+def steps_for(multiple: float, n: int, recipe: Recipe, size: Size, spec_path: Path, key: str) -> int:
+    """The step at which `multiple`·N tokens have been trained (rounded), checked to lie past the warmup."""
+    step = round(multiple * n / recipe.tokens_per_step)
+    if step <= recipe.warmup_steps:
+        raise MiniCPMError(f"{spec_path}: {key}: {multiple:g}N = {multiple * n:,.0f} tokens is {step} step(s) of "
+                           f"{recipe.tokens_per_step} tokens for size {size.name} (N={n:,}), not past the "
+                           f"{recipe.warmup_steps} warmup steps: raise it or lower batch.tokens_per_step")
+    return step
+
+
+def label(multiple: float) -> str:
+    return f"{multiple:g}N"
+
+
+def final_eval(run_dir: Path, step: int) -> dict | None:
+    """The end-of-run evaluation of a run at `step` (eval_loss, eval_bpb, tokens), or None if it has not got there."""
+    for record in reversed(read_json_lines(RunDir(run_dir).metrics_file)):
+        if record.get("step") == step and isinstance(record.get("eval_loss"), (int, float)):
+            return record
+    return None
+
+
+def stable_job(name: str, run_dir: Path, recipe: Recipe, size: Size, stages: list[int]) -> Job:
+    return Job(name, "stable", run_dir, {"config": str(recipe.path), "stages": sorted(set(stages)),
+                                         "overrides": [*size.overrides(), *STABLE_OVERRIDES]})
+
+
+def stages_done(job: Job) -> bool:
+    """Whether a stable job has its checkpoint at every stage (its branches can all start)."""
+    return all(is_complete(RunDir(job.run_dir).checkpoint_dir(step)) for step in job.args["stages"])
+
+
+def branch_job(name: str, run_dir: Path, stable: Job, step: int, decay_steps: int, spec: CampaignSpec) -> Job:
+    source = RunDir(stable.run_dir).checkpoint_dir(step)
+    return Job(name, "branch", run_dir, {"source": str(source), "decay_steps": decay_steps,
+                                         "overrides": list(FINAL_ONLY), "decay": spec.decay,
+                                         "half_life": spec.half_life * decay_steps},
+               ready=lambda: is_complete(source), blocked_by=stable.name)
+
+
+# ---------------------------------------------------------------- the campaign
+
+@dataclass
+class Branch:
+    size: Size
+    n: int
+    multiple: float
+    step: int
+    """The stable checkpoint it branches from."""
+    decay_steps: int
+    run_dir: Path
+    run: str
+    """Its name in the table: SIZE/decay-10N."""
+
+
+@dataclass
+class CampaignPlan:
+    spec: CampaignSpec
+    out: Path
+    recipe: Recipe
+    stable_steps: dict[str, int]
+    branches: list[Branch]
+    jobs: list[Job]
+
+    def cost(self) -> "Cost":
+        tps = self.recipe.tokens_per_step
+        trained = sum(self.stable_steps.values()) * tps + sum(b.decay_steps for b in self.branches) * tps
+        cosine = sum((b.step + b.decay_steps) * tps for b in self.branches)
+        return Cost(trained, cosine)
+
+
+@dataclass
+class Cost:
+    trained: int
+    """Tokens the campaign trains: every stable run plus every decay."""
+    cosine: int
+    """Tokens one cosine run from scratch per (size, point) would train."""
+
+    def line(self) -> str:
+        return (f"cost: {self.trained:,} tokens trained (stable runs + decays) against {self.cosine:,} for one "
+                f"cosine run per (size, point): {self.cosine / self.trained:.2f}x fewer, "
+                f"{1 - self.trained / self.cosine:.0%} saved")
+
+
+def plan_campaign(spec: CampaignSpec, out: str | Path) -> CampaignPlan:
+    out = Path(out)
+    recipe = prepare_recipe(spec, out)
+    stable_steps: dict[str, int] = {}
+    branches: list[Branch] = []
+    jobs: list[Job] = []
+    for size in spec.sizes:
+        n = size.non_embedding_params()
+        points = {p: steps_for(p, n, recipe, size, spec.path, "decay_points") for p in spec.decay_points}
+        if len(set(points.values())) < len(points):
+            raise MiniCPMError(f"{spec.path}: decay_points: two points round to the same step for size {size.name} "
+                               f"(N={n:,}, {recipe.tokens_per_step} tokens/step): space them further apart")
+        end = steps_for(spec.stable_until, n, recipe, size, spec.path, "stable_until")
+        stable_steps[size.name] = max(end, *points.values())
+        stable = stable_job(f"{size.name}/stable", out / "runs" / size.name / "stable", recipe, size,
+                            [*points.values(), end])
+        jobs.append(stable)
+        for p, step in points.items():
+            name = f"{size.name}/decay-{label(p)}"
+            decay_steps = max(1, round(spec.decay_fraction * step))
+            branch = Branch(size, n, p, step, decay_steps, out / "runs" / name, name)
+            branches.append(branch)
+            jobs.append(branch_job(name, branch.run_dir, stable, step, decay_steps, spec))
+    # the stable runs are the critical path: the largest first, and every stable run before any branch
+    jobs.sort(key=lambda j: (j.kind != "stable", -stable_steps[j.name.split("/")[0]] if j.kind == "stable" else 0))
+    return CampaignPlan(spec, out, recipe, stable_steps, branches, jobs)
+
+
+@dataclass
+class CampaignResult:
+    plan: CampaignPlan
+    rows: list[dict]
+    csv: Path
+    errors: dict[str, str] = field(default_factory=dict)
+    fit_text: str | None = None
+    fit_note: str | None = None
+
+    def summary(self) -> str:
+        lines = [format_table(self.rows), self.plan.cost().line(), f"table: {self.csv}"]
+        for name, error in self.errors.items():
+            lines.append(f"failed: {name}: {error}")
+        if self.fit_text:
+            lines += ["", self.fit_text]
+        elif self.fit_note:
+            lines.append(f"fit: skipped ({self.fit_note})")
+        return "\n".join(lines)
+
+
+def table_rows(plan: CampaignPlan) -> list[dict]:
+    """One row per finished branch, in the order of the spec's sizes and points."""
+    rows = []
+    for b in plan.branches:
+        record = final_eval(b.run_dir, b.step + b.decay_steps)
+        if record is None:
+            continue
+        d = int(record.get("tokens") or (b.step + b.decay_steps) * plan.recipe.tokens_per_step)
+        rows.append({"size": b.size.name, "N": b.n, "D": d, "flops": 6.0 * b.n * d, "loss": record["eval_loss"],
+                     "bpb": record.get("eval_bpb", math.nan), "run": b.run})
+    return rows
+
+
+def campaign_csv(rows: list[dict]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([r["size"], r["N"], r["D"], f"{r['flops']:.6g}", repr(float(r["loss"])),
+                         repr(float(r["bpb"])), r["run"]])
+    return buffer.getvalue()
+
+
+def format_table(rows: list[dict]) -> str:
+    out = [f"{'size':<12}{'N':>10}{'D':>12}{'D/N':>7}{'loss':>9}{'bpb':>9}  run"]
+    for r in rows:
+        out.append(f"{r['size']:<12}{r['N']:>10,}{r['D']:>12,}{r['D'] / r['N']:>7.1f}{r['loss']:>9.4f}"
+                   f"{r['bpb']:>9.4f}  {r['run']}")
+    return "\n".join(out)
+
+
+def run_campaign(spec_path: str | Path, out: str | Path, *, workers: int | None = None, fit: bool = True,
+                 echo=print) -> CampaignResult:
+    """Train (or resume) every stable run and branch of the spec, write DIR/campaign.csv, then fit it."""
+    spec = load_campaign_spec(spec_path, "campaign")
+    plan = plan_campaign(spec, out)
+    finished = {r["run"] for r in table_rows(plan)}
+    todo = [j for j in plan.jobs if j.name not in finished]
+    # a stable run trains on while a stage it has not reached is still wanted by an unfinished branch
+    todo = [j for j in todo if j.kind != "stable" or (not stages_done(j) and any(b.blocked_by == j.name
+                                                                                 for b in todo))]
+    echo(f"campaign {plan.out}: {len(spec.sizes)} sizes x {len(spec.decay_points)} decay points; "
+         f"{len(finished)} of {len(plan.branches)} branches already finished")
+    echo(plan.cost().line())
+    errors = run_jobs(todo, workers=spec.workers if workers is None else workers, threads=spec.threads, echo=echo)
+    rows = table_rows(plan)
+    result = CampaignResult(plan, rows, write_atomic(plan.out / "campaign.csv", campaign_csv(rows)), errors)
+    if errors:
+        first = next(iter(errors.items()))
+        raise MiniCPMError(f"{len(errors)} run(s) failed, first {first[0]}: {first[1]} (the finished ones are in "
+                           f"{result.csv}; fix the cause and re-run to continue)")
+    if fit:
+        try:
+            result.fit_text = fit_campaign(plan, rows)
+        except MiniCPMError as e:
+            result.fit_note = str(e)
+    return result
+
+
+def fit_campaign(plan: CampaignPlan, rows: list[dict]) -> str:
+    """Fit L(N, D) to the table (the spec's loss column and method); writes DIR/fit.json and DIR/fit.txt."""
+    import numpy as np
+
+    from minicpm.laws import report as fit_report
+    from minicpm.laws.tables import RunTable
+
+    spec = plan.spec
+    table = RunTable(np.array([r["N"] for r in rows], dtype=float), np.array([r["D"] for r in rows], dtype=float),
+                     np.array([r[spec.fit_loss] for r in rows], dtype=float), [r["run"] for r in rows],
+                     np.array([r["flops"] for r in rows], dtype=float), source=str(plan.out / "campaign.csv"))
+    report = fit_report.analyse_table(table, n_boot=spec.fit_bootstrap, method=spec.fit_method)
+    text = fit_report.format_report(report)
+    write_atomic(plan.out / "fit.json", fit_report.dumps(fit_report.report_json(report)) + "\n")
+    write_atomic(plan.out / "fit.txt", text + "\n")
+    return text

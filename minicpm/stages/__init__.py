@@ -1,0 +1,1 @@
+"""From one checkpoint to the next stage: context extension, sparse upcycling to MoE."""
