@@ -9,7 +9,6 @@ from minicpm.cli import main
 from minicpm.data.tokenizer import SPECIAL_TOKENS
 from minicpm.interop.hf import WEIGHTS, load_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

@@ -3,13 +3,11 @@
 import json
 from fractions import Fraction
 
-import pytest
 
 from minicpm.data.prepare import is_held_out
 from minicpm.data.stdlib_corpus import holdout_order, split_into_pieces
 from minicpm.demos.quickstart import Recipe, run_quickstart
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = Recipe(vocab_size=400, decay_steps=2, file_stride=40, overrides=(
     "model.hidden_size=64", "model.intermediate_size=160", "model.num_hidden_layers=2", "model.num_attention_heads=1",

@@ -21,7 +21,6 @@ from minicpm.interop.hf import save_model  # noqa: E402
 from minicpm.model.config import ModelConfig  # noqa: E402
 from minicpm.model.build import build_model  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CORPUS = ("def add(a, b):\n    \"\"\"Return the sum of a and b.\"\"\"\n    return a + b\n\n\n"
           "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"

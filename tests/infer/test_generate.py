@@ -10,7 +10,6 @@ from minicpm.infer.tokenizer import TextCodec, load_codec
 from minicpm.model.config import ModelConfig
 from minicpm.model.build import build_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

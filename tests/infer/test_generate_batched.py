@@ -19,7 +19,6 @@ from minicpm.model.build import build_model
 transformers = pytest.importorskip("transformers")
 from transformers.generation import logits_process as hf  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 300
 PROMPTS = [[7, 100, 42, 9, 250, 3, 3, 18, 77], [1, 2], [55, 66, 77, 88, 99]]

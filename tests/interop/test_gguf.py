@@ -18,7 +18,6 @@ from minicpm.model.build import build_model
 gguf = pytest.importorskip("gguf")
 from minicpm.interop.gguf import export_gguf  # noqa: E402  (after the skip: it needs gguf)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n\n\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n",

@@ -15,7 +15,6 @@ from minicpm.interop.gguf import export_gguf  # noqa: E402  (after the skip: it 
 from test_gguf import (GGML_TYPES, assert_close_for_type, read_gguf, small_config, tokenizer_dir,  # noqa: E402,F401
                        values, write_checkpoint)
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 EXPERTS, TOP_K = 4, 2
 
 

@@ -13,7 +13,6 @@ from minicpm.interop.mixtral import export_mixtral
 from minicpm.model.build import build_model
 from minicpm.model.config import ModelConfig, preset
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_moe(**overrides):

@@ -11,7 +11,6 @@ from minicpm.model.rope import inv_frequencies
 from minicpm.model.transformer import MiniCPM
 from minicpm.model.build import build_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_config(**overrides) -> ModelConfig:

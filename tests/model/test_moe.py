@@ -14,7 +14,6 @@ from minicpm.model.moe import pool_router_losses
 from minicpm.optim.mup import param_groups
 from minicpm.train.objectives import add_aux_losses
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def moe_config(**overrides):

@@ -15,7 +15,6 @@ from minicpm.optim.mup import coord_check, param_groups, width_spread
 WIDTHS = [64, 128, 256, 512]
 STEPS = 4
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def config(width: int, **overrides) -> ModelConfig:

@@ -24,7 +24,6 @@ from minicpm.model.config import ModelConfig
 spm = pytest.importorskip("sentencepiece")
 pytest.importorskip("google.protobuf")
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 USER_TOKENS = ["<用户>", "<AI>", "<|im_start|>", "<|im_end|>"]

@@ -18,7 +18,6 @@ transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 HEAD_DIM, THETA, ORIGINAL = 64, 10000.0, 64  # sequences of 32 and 200 tokens sit below and beyond ORIGINAL
 _factors = random.Random(0)

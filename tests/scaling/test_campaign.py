@@ -206,7 +206,7 @@ def test_the_campaign_table_has_one_row_per_branch_with_the_fitters_N(campaign):
     assert list(table.params) == [float(r["N"]) for r in rows]
 
 
-def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campaign, tmp_path, one_thread):
+def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campaign, tmp_path):
     spec, full = campaign
     plan = plan_campaign(load_campaign_spec(spec), tmp_path / "cut")
     jobs = {j.name: j for j in plan.jobs}
@@ -229,7 +229,7 @@ def test_a_different_spec_in_the_same_directory_is_refused(campaign):
 
 # ---------------------------------------------------------------- compare-schedules
 
-def test_compare_schedules_trains_every_schedule_at_equal_tokens(tmp_path, recipe, one_thread):
+def test_compare_schedules_trains_every_schedule_at_equal_tokens(tmp_path, recipe):
     spec = tmp_path / "schedules.yaml"
     spec.write_text(yaml.safe_dump({"base": {"config": "recipe.yaml"}, "shape": {"head_dim": 16},
                                     "sizes": [{"name": "w16", "width": 16, "depth": 1}], "tokens": [8],

@@ -15,7 +15,6 @@ from minicpm.model.build import build_model
 from minicpm.model.config import preset
 from minicpm.train.loop import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

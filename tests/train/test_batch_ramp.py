@@ -11,7 +11,6 @@ from minicpm.train import checkpoint as ckpt
 from minicpm.train.batch_ramp import batch_ramp
 from minicpm.train.loop import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 RAMP = "batch.ramp=[{until_tokens: 640, tokens_per_step: 128}]"  # 5 steps of 128 tokens, then 256 per step
 

@@ -22,7 +22,6 @@ TESTS = Path(__file__).resolve().parents[1]
 
 
 # tiny models on one thread; the killed subprocess runs on one too (OMP_NUM_THREADS=1), so results match bitwise
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 KILLED_RUN = textwrap.dedent("""

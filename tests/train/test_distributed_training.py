@@ -24,7 +24,6 @@ from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # 8 sequences of 32 tokens per step: 2 processes x 2 micro-batches of 2, or 1 process x 4 micro-batches of 2
 SETTINGS = ("run.dtype=fp32", "schedule.total_steps=6", "schedule.decay_start=4", "run.log_every=1", "run.checkpoint_every=3",

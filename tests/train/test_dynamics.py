@@ -14,7 +14,6 @@ from train_helpers import PatternData, tiny_config
 
 from minicpm.train.loop import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_gradient(module, batch) -> list[torch.Tensor]:

@@ -22,7 +22,6 @@ from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 MOE = ("model.num_experts=4", "model.num_experts_per_tok=2", "model.router_z_loss=true", "run.dtype=fp32")
 # 8 sequences of 32 tokens per step: 2 processes x 2 micro-batches of 2, or 1 process x 1 micro-batch of 8

@@ -25,7 +25,7 @@ def tiny_model(vocab=64, kv_heads=2, seed=0):
 
 
 @torch.no_grad()
-def test_changing_one_document_leaves_the_other_documents_logits_unchanged(one_thread):
+def test_changing_one_document_leaves_the_other_documents_logits_unchanged():
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     a, a2, b, c = (torch.randint(0, 64, (1, n), generator=g) for n in (5, 5, 7, 4))
@@ -40,7 +40,7 @@ def test_changing_one_document_leaves_the_other_documents_logits_unchanged(one_t
 
 
 @torch.no_grad()
-def test_without_doc_ids_documents_do_see_each_other(one_thread):
+def test_without_doc_ids_documents_do_see_each_other():
     model = tiny_model()
     g = torch.Generator().manual_seed(1)
     a, a2, b = (torch.randint(0, 64, (1, n), generator=g) for n in (5, 5, 7))
@@ -71,7 +71,7 @@ def test_held_out_rows_split_into_documents_at_each_eos():
     assert eos_doc_ids(torch.tensor([[5, 2, 6, 7, 2, 8]]), 2).tolist() == [[0, 0, 1, 1, 1, 2]]
 
 
-def test_document_packing_switch_for_pretraining(datasets, tmp_path, one_thread):
+def test_document_packing_switch_for_pretraining(datasets, tmp_path):
     from train_helpers import tiny_config
 
     from minicpm.train.loop import Trainer
@@ -243,7 +243,7 @@ def test_realised_decay_mix_of_chat_and_plain_text_from_a_yaml_config_is_within_
     assert 0 < targets < 90 * 64 * 64
 
 
-def test_sft_objective_counts_answer_tokens_only(chat_set, one_thread):
+def test_sft_objective_counts_answer_tokens_only(chat_set):
     from minicpm.data.mixture import Mixture
     from minicpm.train.objectives import OBJECTIVES
 
@@ -260,7 +260,7 @@ def test_sft_objective_counts_answer_tokens_only(chat_set, one_thread):
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-4)
 
 
-def test_sft_run_from_a_checkpoint_lowers_held_out_answer_loss(datasets, chat_set, tmp_path, one_thread):
+def test_sft_run_from_a_checkpoint_lowers_held_out_answer_loss(datasets, chat_set, tmp_path):
     from train_helpers import tiny_config
 
     from minicpm.train.loop import Trainer
@@ -365,8 +365,7 @@ def test_chat_and_generate_chat_use_the_checkpoints_template(align_demo, minicpm
     assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 2
 
 
-def test_checkpoints_carry_the_chat_template_so_chat_works_after_the_data_is_deleted(datasets, tmp_path, minicpm,
-                                                                                     one_thread):
+def test_checkpoints_carry_the_chat_template_so_chat_works_after_the_data_is_deleted(datasets, tmp_path, minicpm):
     import shutil
 
     from train_helpers import tiny_config
@@ -403,7 +402,7 @@ def test_checkpoints_carry_the_chat_template_so_chat_works_after_the_data_is_del
     assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 1
 
 
-def test_plain_text_checkpoints_keep_the_tokenizers_own_config(datasets, tmp_path, one_thread):
+def test_plain_text_checkpoints_keep_the_tokenizers_own_config(datasets, tmp_path):
     from train_helpers import tiny_config
 
     from minicpm.train.loop import Trainer

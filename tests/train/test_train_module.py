@@ -20,7 +20,6 @@ from minicpm.rundir import RunDir
 from minicpm.train.loop import Trainer, train
 from minicpm.train.losses import lm_loss
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 # A plugin as a user would write one: a second objective (next-token + z-loss, logged as its own metrics) and a
 # second evaluator (top-1 accuracy of the next token on held-out rows), registered by importing the file.

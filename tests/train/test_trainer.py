@@ -15,7 +15,6 @@ from minicpm.train.objectives import NextToken
 
 
 # tiny models run on one thread (see conftest)
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(cfg, *, resume=False, data=None):

@@ -12,7 +12,6 @@ from minicpm.train import checkpoint as ckpt
 from minicpm.data.pretrain import PretrainData
 from minicpm.train.loop import Trainer, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def data_config(out_dir, datasets, *overrides):

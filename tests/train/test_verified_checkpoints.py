@@ -17,7 +17,6 @@ from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import train
 
 # one intra-op thread throughout (the module's run too), so that a resumed run matches bitwise
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIX_STEPS = ("run.dtype=fp32", "schedule.total_steps=6", "schedule.decay_start=4", "run.checkpoint_every=3")
 

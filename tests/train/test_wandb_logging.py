@@ -14,7 +14,6 @@ from minicpm.rundir import RunDir
 from minicpm.train.loop import train
 from minicpm.train.metrics import MetricsWriter
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_an_offline_wandb_run_holds_every_logged_value(tmp_path, monkeypatch):

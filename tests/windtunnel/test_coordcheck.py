@@ -7,7 +7,6 @@ import pytest
 from minicpm.cli import main
 from minicpm.optim import mup
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 WIDTHS = ["32", "64", "128", "256"]
 
