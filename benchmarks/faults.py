@@ -46,6 +46,9 @@ class Tally:
     second_writer_refused: bool | None = None
     sweeps_interrupted: int = 0  # sweep kills that left a trial mid-run (the resume said it re-ran one)
     commands: int = 0
+    tampering: dict[str, str] = field(default_factory=dict)  # case -> fallback | one line | warned | silent | ...
+    outputs: dict[str, str] = field(default_factory=dict)  # case -> refused | input destroyed | leftover | ...
+    bad_input: dict[str, str] = field(default_factory=dict)  # case -> one line | internal error | leftover | ...
 
 
 def env() -> dict[str, str]:
@@ -201,13 +204,13 @@ def sweep_outcome(out: Path) -> dict | None:
         rows = read_trials_csv(out / "trials.csv")
     except OSError:
         return None
-    return {row["optim.lr"]: (row["state"], row["loss"], row["error"],
+    return {row["optim.lr"]: (row["number"], row["state"], row["loss"], row["error"],
                               _fingerprint_or_none(out / "runs" / Path(row["run_dir"]).name))
             for row in rows}
 
 
 def _trial_log_tracebacks(out: Path) -> int:
-    return sum(log.read_text(errors="replace").count("Traceback") for log in (out / "runs").glob("*/trial.log"))
+    return sum(log.read_text(errors="replace").count("Traceback") for log in (out / "runs").glob("*/job.log"))
 
 
 def kill_sweep(work: Path, recipe: Path, n: int, rng: random.Random, tally: Tally, reference: dict,
@@ -291,13 +294,178 @@ def corruption(work: Path, recipe: Path, finished: Path, tally: Tally, reference
 
 
 def classify(result: subprocess.CompletedProcess, run: Path, reference: str) -> str:
-    if "Traceback" in result.stderr:
+    if "Traceback" in result.stderr or "internal error" in result.stderr:
         return "traceback"
     if result.returncode != 0:
         return "one line" if result.stderr.strip().count("\n") == 0 else "several lines"
     if "warning:" in result.stderr and _fingerprint_or_none(run) == reference:
         return "fallback"
+    if "warning:" in result.stderr and "no file manifest" in result.stderr:
+        return "warned"  # trusted as a checkpoint from before manifests is, the user told which
     return "silent"
+
+
+# ------------------------------------------------------------------------------------------ what a resume trusts
+
+def edit_state(checkpoint: Path, **changes) -> None:
+    """Rewrite trainer_state.json as a hand edit would (a value of None deletes the key)."""
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state.update(changes)
+    path.write_text(json.dumps({k: v for k, v in state.items() if v is not None}, indent=1))
+
+
+def tampering(work: Path, recipe: Path, finished: Path, tally: Tally, reference: str) -> None:
+    """Edit what a resume trusts but no file digest covered before issue 26 (the trainer state's step, tokens and
+    manifest; the run's config), then resume: an edited state must be caught like a damaged file (the previous
+    checkpoint used), a checkpoint stripped of its manifest trusted only with a warning naming it (refused under
+    --strict), a changed config refused in one line that leaves config.yaml as it was."""
+    newest = finished / "checkpoints" / (finished / "checkpoints/latest").read_text().strip()
+    state = json.loads((newest / "trainer_state.json").read_text())
+    cases = {
+        "step - 1": lambda c: edit_state(c, step=state["step"] - 1),
+        "tokens + 1": lambda c: edit_state(c, tokens=state["tokens"] + 1),
+        "manifest removed": lambda c: edit_state(c, files=None),
+        "manifest and digest removed, weights flipped": lambda c: (edit_state(c, files=None, state_sha256=None),
+                                                                   flip_bytes(c / "model.safetensors")),
+    }
+    copy = work / "tamper"
+    for name, damage in cases.items():
+        for strict in ((), ("--strict",)) if "digest removed" in name else ((),):
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(finished, copy)
+            damage(copy / "checkpoints" / newest.name)
+            result = minicpm_here(tally, "train", recipe, "--out", copy, "--resume", *strict)
+            tally.tampering[f"trainer_state.json: {name}{' (--strict)' if strict else ''}"] = \
+                classify(result, copy, reference)
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(finished, copy)
+    shutil.rmtree(copy / "checkpoints" / newest.name)  # a resume with steps left to train
+    (copy / "checkpoints/latest").unlink()
+    recorded = (copy / "config.yaml").read_bytes()
+    result = minicpm_here(tally, "train", recipe, "optim.lr=0.02", "--out", copy, "--resume")
+    outcome = classify(result, copy, reference)
+    if (copy / "config.yaml").read_bytes() != recorded:
+        outcome = "silent"  # the recorded config was rewritten
+    tally.tampering["config.yaml: optim.lr changed on --resume"] = outcome
+    shutil.rmtree(copy, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------ outputs and inputs
+
+def tree_files(path: Path) -> dict[str, str]:
+    """Every file under `path` (hidden ones included) and the SHA-256 of its bytes."""
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(path).rglob("*")) if p.is_file()} | \
+        {p.relative_to(path).as_posix() + "/": "" for p in Path(path).rglob("*") if p.is_dir()}
+
+
+def judge(result: subprocess.CompletedProcess, before: dict[str, str], after: dict[str, str]) -> str:
+    """A refused command: one line and exit 2, every file as it was, nothing new."""
+    if "Traceback" in result.stderr or "internal error" in result.stderr:
+        return "internal error"
+    if any(before.get(name) != digest for name, digest in after.items() if name in before) or set(before) - set(after):
+        return "input destroyed"
+    if set(after) - set(before):
+        return "leftover: " + sorted(set(after) - set(before))[0]
+    if result.returncode == 0:
+        return "accepted"
+    return "one line" if result.returncode == 2 and result.stderr.strip().count("\n") == 0 else "several lines"
+
+
+def outputs(work: Path, finished: Path, tally: Tally) -> None:
+    """Every command that writes a directory, pointed at its own input (the input itself, a directory inside it, one
+    that contains it) or at a directory that holds something: each must refuse in one line, --overwrite or not, and
+    leave every file as it was."""
+    scene = work / "outputs"
+    shutil.rmtree(scene, ignore_errors=True)
+    scene.mkdir()
+    run = Path(shutil.copytree(finished, scene / "run"))
+    checkpoint = run / "checkpoints" / (run / "checkpoints/latest").read_text().strip()
+    tok = Path(shutil.copytree(work / "tok", scene / "tok"))
+    corpus = Path(shutil.copytree(work / "corpus", scene / "corpus"))
+    (scene / "pairs").mkdir()
+    pairs = scene / "pairs/pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"x = {i}", "chosen": " alpha beta", "rejected": " gamma"}) + "\n"
+                             for i in range(8)))
+    (scene / "notes").mkdir()
+    (scene / "notes/notes.txt").write_text("mine")
+    cases = {
+        "export --to llama CK CK": ("export", checkpoint, checkpoint, "--to", "llama"),
+        "export --to minicpm CK CK/sub": ("export", checkpoint, checkpoint / "sub", "--to", "minicpm"),
+        "export --to llama CK RUN (contains CK)": ("export", checkpoint, run, "--to", "llama"),
+        "export --to gguf CK CK (CK/model.gguf)": ("export", checkpoint, checkpoint, "--to", "gguf"),
+        "export --to llama CK NOTES (not empty)": ("export", checkpoint, scene / "notes", "--to", "llama"),
+        "upcycle CK --out CK": ("upcycle", checkpoint, "--out", checkpoint, "--experts", 2, "--top-k", 1),
+        "upcycle RUN --out RUN/moe": ("upcycle", run, "--out", run / "moe", "--experts", 2, "--top-k", 1),
+        "import CK TOKDIR (not empty)": ("import", checkpoint, tok),
+        "import CK CK": ("import", checkpoint, checkpoint),
+        "init NOTES (not empty)": ("init", scene / "notes", "--preset", "tiny"),
+        "extend CK --out RUN": ("extend", checkpoint, "--to-length", 64, "--method", "yarn", "--out", run),
+        "prepare CORPUS --out CORPUS": ("prepare", corpus, "--tokenizer", tok, "--out", corpus, "--workers", 1),
+        "prepare CORPUS --out CORPUS/data": ("prepare", corpus, "--tokenizer", tok, "--out", corpus / "data"),
+        "prepare CORPUS --out TOKDIR": ("prepare", corpus, "--tokenizer", tok, "--out", tok, "--workers", 1),
+        "dpo prepare PAIRS --out its directory": ("dpo", "prepare", pairs, "--out", pairs.parent, "--tokenizer", tok,
+                                                  "--seq-len", 32),
+    }
+    for name, args in cases.items():
+        # onto an input: refused with --overwrite too; a non-empty directory is what --overwrite replaces
+        for overwrite in ((),) if "not empty" in name else ((), ("--overwrite",)):
+            before = tree_files(scene)
+            result = minicpm_here(tally, *args, *overwrite)
+            tally.outputs[name + (" --overwrite" if overwrite else "")] = judge(result, before, tree_files(scene))
+    shutil.rmtree(scene, ignore_errors=True)
+
+
+def bad_input(work: Path, recipe: Path, finished: Path, tally: Tally) -> None:
+    """Issue 26's last rough edges: each must be one line and exit 2, leaving nothing behind."""
+    scene = work / "bad_input"
+    shutil.rmtree(scene, ignore_errors=True)
+    scene.mkdir()
+    checkpoint = finished / "checkpoints" / (finished / "checkpoints/latest").read_text().strip()
+    model = scene / "model"
+    minicpm_here(tally, "export", checkpoint, model, "--to", "minicpm")
+    nan_model = Path(shutil.copytree(model, scene / "nan_model"))
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(nan_model / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, nan_model / "model.safetensors", metadata={"format": "pt"})
+    (scene / "binary.bin").write_bytes(bytes(range(256)))
+    (scene / "list.yaml").write_text("model: [1, 2]\n")
+    (scene / "inf.yaml").write_text(recipe.read_text() + "optim: {lr: .inf}\n")
+    (scene / "prediction.json").write_text('{"kind": "nonsense"}')
+    resumable = Path(shutil.copytree(finished, scene / "resumable"))
+    (resumable / ".lock").unlink(missing_ok=True)
+    out = scene / "out"
+    cases = {
+        "generate --max-new-tokens 10**11": ("generate", model, "--prompt", "x", "--max-new-tokens", 10**11),
+        "dpo precompute-ref --batch-size 0": ("dpo", "precompute-ref", model, "--data", out, "--batch-size", 0),
+        "dpo precompute-ref --dtype fp7": ("dpo", "precompute-ref", model, "--data", out, "--dtype", "fp7"),
+        "train optim.lr: .inf": ("train", scene / "inf.yaml", "--out", out),
+        "train model: [1, 2]": ("train", scene / "list.yaml", "--out", out),
+        "train schedule.decay_steps > total_steps": ("train", recipe, "schedule.decay_start=null",
+                                                     f"schedule.decay_steps={10 * TOTAL_STEPS}", "--out", out),
+        "import a model with NaN weights": ("import", nan_model, out),
+        "info --seq-len -1": ("info", "tiny", "--seq-len", -1),
+        "prepare --shard-tokens 0": ("prepare", work / "corpus", "--tokenizer", work / "tok", "--out", out,
+                                     "--shard-tokens", 0),
+        "windtunnel lr-transfer --log2-lr -3 -9": ("windtunnel", "lr-transfer", recipe, "--widths", 64, "--log2-lr",
+                                                   -3, -9, "--out", out),
+        "eval loss --text BINARY": ("eval", "loss", model, "--text", scene / "binary.bin"),
+        "chat --temperature -1": ("chat", model, "--temperature", -1),
+        "train --from a finished run (nothing to train)": ("train", "--from", finished, "--out", out),
+        "train --resume with a changed config": ("train", recipe, "optim.lr=0.02", "--out", resumable, "--resume"),
+        "report --prediction BAD": ("report", finished, "--out", out, "--prediction", scene / "prediction.json"),
+    }
+    for name, args in cases.items():
+        before = tree_files(scene)
+        result = minicpm_here(tally, *args)
+        outcome = judge(result, before, tree_files(scene))
+        if outcome == "one line" and name == "eval loss --text BINARY" and "binary.bin" not in result.stderr:
+            outcome = "does not name the file"
+        tally.bad_input[name] = outcome
+    shutil.rmtree(scene, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------ full disk, two writers
@@ -316,7 +484,7 @@ raise SystemExit(cli.main(sys.argv[1:]))
 
 
 def full_disk(work: Path, recipe: Path, tally: Tally, reference: str) -> None:
-    from minicpm.train.checkpoint import verify_checkpoint
+    from minicpm.checkpoints.verify import verify_checkpoint
 
     out = work / "full_disk"
     step = TOTAL_STEPS - 6
@@ -387,7 +555,7 @@ def main() -> None:
         minicpm(tally, "sweep", write_sweep_spec(work, recipe), "--out", "sweep_ref", cwd=work, check=True)
         tally.tracebacks += _trial_log_tracebacks(work / "sweep_ref")
         sweep_ref = sweep_outcome(work / "sweep_ref")
-        if not sweep_ref or {state for state, *_ in sweep_ref.values()} != {"complete"}:
+        if not sweep_ref or {state for _, state, *_ in sweep_ref.values()} != {"complete"}:
             raise SystemExit(f"the reference sweep did not complete every trial: {sweep_ref}")
 
         n_decay, n_sweep, n_prepare = max(1, kills // 4), max(1, kills // 4), max(1, kills // 5)
@@ -396,6 +564,9 @@ def main() -> None:
         kill_prepare(work, n_prepare, rng, tally, prepare_ref, prepare_seconds)
         kill_sweep(work, recipe, n_sweep, rng, tally, sweep_ref)
         corruption(work, recipe, work / "ref", tally, train_ref)
+        tampering(work, recipe, work / "ref", tally, train_ref)
+        outputs(work, work / "ref", tally)
+        bad_input(work, recipe, work / "ref", tally)
         full_disk(work, recipe, tally, train_ref)
         second_writer(work, recipe, tally)
     finally:
@@ -419,8 +590,22 @@ def report(tally: Tally, seed: int, seconds: float) -> None:
     for check, ok in tally.full_disk.items():
         print(f"{'full disk (ENOSPC injected): ' + check:<60} {'yes' if ok else 'NO':>12}")
     print(f"{'second trainer on one run directory refused':<60} {'yes' if tally.second_writer_refused else 'NO':>12}")
-    print(f"{'Python tracebacks':<60} {tally.tracebacks:>12}")
+    tamper = list(tally.tampering.values())
+    print(f"{'trainer state / config tampering caught (fallback or one line)':<60} "
+          f"{sum(o in ('fallback', 'one line') for o in tamper):>5} of {len(tamper):<4}")
+    print(f"{'  of which: no manifest, trusted with a warning naming it':<60} {tamper.count('warned'):>5}")
+    print(f"{'silent corruptions (corruption and tampering)':<60} {(outcomes + tamper).count('silent'):>12}")
+    refused = [*tally.outputs.values(), *tally.bad_input.values()]
+    print(f"{'outputs onto an input or a non-empty directory refused in one line':<60} "
+          f"{list(tally.outputs.values()).count('one line'):>5} of {len(tally.outputs):<4}")
+    print(f"{'bad inputs (issue 26) refused in one line':<60} "
+          f"{list(tally.bad_input.values()).count('one line'):>5} of {len(tally.bad_input):<4}")
+    print(f"{'inputs destroyed':<60} {refused.count('input destroyed'):>12}")
+    print(f"{'leftovers after a refusal':<60} {sum(o.startswith('leftover') for o in refused):>12}")
+    print(f"{'Python tracebacks and internal errors':<60} {tally.tracebacks:>12}")
     bad = {case: o for case, o in tally.corruption.items() if o not in ("fallback", "one line")}
+    bad |= {case: o for case, o in tally.tampering.items() if o not in ("fallback", "one line", "warned")}
+    bad |= {case: o for case, o in (tally.outputs | tally.bad_input).items() if o != "one line"}
     for case, outcome in bad.items():
         print(f"  not caught: {case} -> {outcome}")
 

@@ -8,13 +8,15 @@ batch·new_tokens over the run's wall time, best and median of the repeats, and 
 which a machine shared with other work disturbs less. The table also counts the rows whose tokens agree between
 the two.
 
-Ours runs with the library's defaults (on fp32 CPU weights: packed matrices, see minicpm.infer.decoder);
---no-pack and --compile change that. With --compile the warm-up run, untimed, pays for the compilation.
+Ours runs twice: with the library's defaults (on fp32 CPU weights: packed matrices; compile="auto", which
+decodes eagerly unless the tokens left earn the compile time back, see minicpm.infer.decoder), and with the best
+flags (the decode step compiled: its warm-up run, untimed, pays for the compilation). --no-pack changes both;
+--variants picks which run.
 
     python benchmarks/generate.py                           # proxy-9m shapes, 32K vocabulary, batch 1 and 8
     python benchmarks/generate.py --vocab 0                 # the preset's own vocabulary (122,753 for proxy-9m)
     python benchmarks/generate.py --threads 2 --repeats 7   # more threads, more repeats
-    python benchmarks/generate.py --compile                 # torch.compile our decode step
+    python benchmarks/generate.py --variants default    # only our defaults (no compiled run)
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def prompts_for(batch: int, length: int, vocab: int) -> list[list[int]]:
     return [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
 
 
-def run_ours(model, prompts, new_tokens: int, pack: bool | None, compile: bool) -> list[list[int]]:
+def run_ours(model, prompts, new_tokens: int, pack: bool | None, compile: bool | str) -> list[list[int]]:
     from minicpm.infer.generate import generate_batch
 
     return [c.ids for c in generate_batch(model, prompts, max_new_tokens=new_tokens, temperature=0, pack=pack,
@@ -74,20 +76,26 @@ def run_peer(model, prompts, new_tokens: int) -> list[list[int]]:
     return out[:, longest:].tolist()
 
 
+VARIANTS = {"default": "auto", "compiled": True}
+"""Our runs: the library's defaults, and the decode step compiled."""
+
+
 def measure(ours, peer, batch: int, args) -> dict:
     prompts = prompts_for(batch, args.prompt_len, ours.config.vocab_size)
-    runs = {"ours": lambda: run_ours(ours, prompts, args.new_tokens, False if args.no_pack else None, args.compile),
-            "peer": lambda: run_peer(peer, prompts, args.new_tokens)}
-    outputs = {name: run() for name, run in runs.items()}  # warm-up (and compilation, with --compile)
+    pack = False if args.no_pack else None
+    runs = {f"ours {v}": (lambda v=v: run_ours(ours, prompts, args.new_tokens, pack, VARIANTS[v]))
+            for v in args.variants}
+    runs["peer"] = lambda: run_peer(peer, prompts, args.new_tokens)
+    outputs = {name: run() for name, run in runs.items()}  # warm-up (and the compilation of the compiled variant)
     wall, cpu = {name: [] for name in runs}, {name: [] for name in runs}
     for i in range(args.repeats):
-        for name in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
             start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = runs[name]()
             wall[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     tokens = batch * args.new_tokens
-    agree = sum(a == b for a, b in zip(outputs["ours"], outputs["peer"]))
+    agree = {n: sum(a == b for a, b in zip(outputs[n], outputs["peer"])) for n in runs if n != "peer"}
     return {"tokens/s (best)": {n: tokens / min(t) for n, t in wall.items()},
             "tokens/s (median)": {n: tokens / statistics.median(t) for n, t in wall.items()},
             "tokens per CPU-second (best)": {n: tokens / min(t) for n, t in cpu.items()}, "agree": agree}
@@ -103,7 +111,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each (best and median kept)")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--no-pack", action="store_true", help="our decoder multiplies nn.Linear's own matrices")
-    parser.add_argument("--compile", action="store_true", help="torch.compile our decode step")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="our runs: the defaults (compile auto), the decode step compiled (default: both)")
     parser.add_argument("--threads", type=int, default=1,
                         help="intra-op threads (default 1: steadier numbers on a shared machine)")
     args = parser.parse_args()
@@ -116,22 +125,24 @@ def main() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads; {args.preset} shapes, vocab {ours.config.vocab_size}, "
           f"{params / 1e6:.1f}M parameters, {args.dtype}; greedy, prompts of {args.prompt_len // 2}-"
-          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} alternating runs each; ours "
-          f"{'unpacked' if args.no_pack else 'default'}{', compiled' if args.compile else ''}")
+          f"{args.prompt_len} tokens, {args.new_tokens} new tokens, {args.repeats} alternating runs each"
+          f"{'; ours unpacked' if args.no_pack else ''}")
     rows = []
     for batch in args.batches:
         r = measure(ours, peer, batch, args)
         best = r["tokens/s (best)"]
-        print(f"  batch {batch}: ours {best['ours']:.0f}, transformers {best['peer']:.0f} tokens/s (best)",
+        print(f"  batch {batch}: " + ", ".join(f"{n} {v:.0f}" for n, v in best.items()) + " tokens/s (best)",
               file=sys.stderr, flush=True)
         rows.append((batch, r))
     print("\n| figure | ours | transformers generate | ours/transformers |")
     print("|---|---|---|---|")
     for batch, r in rows:
-        for figure in ("tokens/s (best)", "tokens/s (median)", "tokens per CPU-second (best)"):
-            o, p = r[figure]["ours"], r[figure]["peer"]
-            print(f"| batch {batch} {figure} | {o:.0f} | {p:.0f} | {o / p:.2f}x |")
-        print(f"| batch {batch} rows with identical tokens | {r['agree']}/{batch} | | |")
+        for variant in args.variants:
+            name = f"ours {variant}"
+            for figure in ("tokens/s (best)", "tokens/s (median)", "tokens per CPU-second (best)"):
+                o, p = r[figure][name], r[figure]["peer"]
+                print(f"| batch {batch} {figure}, ours {variant} | {o:.0f} | {p:.0f} | {o / p:.2f}x |")
+            print(f"| batch {batch} rows with the peer's tokens, ours {variant} | {r['agree'][name]}/{batch} | | |")
 
 
 if __name__ == "__main__":

@@ -48,22 +48,43 @@ def build_models(args):
     return ours, peers
 
 
-def step_ours(model, ids, labels):
+def step_ours(model, ids, labels, autocast):
     aux = {}
-    hidden = model.hidden_states(ids, aux_losses=aux)
-    logits = F.linear(hidden, model.head_weight).float()
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + 0.01 * aux["load_balance"]
+    with autocast():
+        hidden = model.hidden_states(ids, aux_losses=aux)
+        logits = F.linear(hidden, model.head_weight).float()
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + 0.01 * aux["load_balance"]
     loss.backward()
     model.zero_grad(set_to_none=True)
 
 
-def step_peer(model, ids, labels):
-    out = model(input_ids=ids, labels=labels)  # CE + router_aux_loss_coef · balance loss
+def step_peer(model, ids, labels, autocast):
+    with autocast():
+        out = model(input_ids=ids, labels=labels)  # CE + router_aux_loss_coef · balance loss
     out.loss.backward()
     model.zero_grad(set_to_none=True)
 
 
+def autocast_for(dtype: str):
+    """The autocast both sides run under: bf16 autocast over fp32 weights (the trainer's mixed precision), or none."""
+    return lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
+
+
+def time_steps(runs, ids, labels, autocast, repeats, clock) -> dict[str, float]:
+    """Median step time of each (name, step, model), the runs alternating round by round; round 0 warms up."""
+    times = {name: [] for name, _, _ in runs}
+    for i in range(repeats + 1):
+        for name, fn, model in runs:
+            start = clock()
+            fn(model, ids, labels, autocast)
+            if i:
+                times[name].append(clock() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
+    from minicpm.train.distributed import resolve_dtype
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--d", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
@@ -74,6 +95,10 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", nargs="+", choices=("auto", "fp32", "bf16"), default=["auto", "fp32"],
+                        help="the precision(s) both sides run in, each its own table: bf16 = bf16 autocast over fp32 "
+                             "weights; auto = the trainer's default here (bf16 where the CPU has native bf16, else "
+                             "fp32) (default: %(default)s)")
     parser.add_argument("--peers", nargs="+", default=["eager", "grouped_mm"],
                         help="the peer's experts_implementation(s) (default: %(default)s)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -92,23 +117,19 @@ def main() -> None:
         error = max((reference - peer.eval()(ids).logits).abs().max().item() for peer in peers.values())
         ours.train(), [peer.train() for peer in peers.values()]
     runs = [("ours", step_ours, ours)] + [(f"peer {impl}", step_peer, peer) for impl, peer in peers.items()]
-    times = {name: [] for name, _, _ in runs}
-    for i in range(args.repeats + 1):  # the first round warms up, untimed
-        for name, fn, model in runs:
-            start = clock()
-            fn(model, ids, labels)
-            if i:
-                times[name].append(clock() - start)
     tokens = args.batch * args.seq
-    median = {name: statistics.median(t) for name, t in times.items()}
     print(f"MoE training step, CPU, {torch.get_num_threads()} threads, {args.clock} clock: d={args.d} L={args.layers} "
           f"E={args.experts} top-{args.top_k} vocab={args.vocab} batch {args.batch}x{args.seq}; "
           f"max |logit difference| {error:.2e}")
-    print(f"{'figure':<34}{'ours':>10}{'peer':>10}{'ratio':>8}")
-    for impl in peers:
-        o, p = median["ours"], median[f"peer {impl}"]
-        print(f"{f'step time (s), peer {impl}':<34}{o:>10.4f}{p:>10.4f}{p / o:>8.2f}")
-        print(f"{f'tokens/s, peer {impl}':<34}{tokens / o:>10.0f}{tokens / p:>10.0f}{p / o:>8.2f}")
+    print(f"{'figure':<44}{'ours':>10}{'peer':>10}{'ratio':>8}")
+    for dtype in dict.fromkeys(args.dtype):
+        precision = resolve_dtype(dtype, torch.device("cpu"))
+        median = time_steps(runs, ids, labels, autocast_for(precision), args.repeats, clock)
+        label = f"{dtype} = {precision}" if dtype == "auto" else dtype
+        for impl in peers:
+            o, p = median["ours"], median[f"peer {impl}"]
+            print(f"{f'step time (s), {label}, peer {impl}':<44}{o:>10.4f}{p:>10.4f}{p / o:>8.2f}")
+            print(f"{f'tokens/s, {label}, peer {impl}':<44}{tokens / o:>10.0f}{tokens / p:>10.0f}{p / o:>8.2f}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,15 @@
-"""Files and directories written so that no reader ever sees half of one, and JSON read with errors that name
-the file."""
+"""Files and directories written so that no reader ever sees half of one, JSON read with errors that name the
+file, and file names read from an index kept inside their directory."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import io
 import os
 import shutil
 import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Iterable, Iterator
 
 from minicpm.errors import MiniCPMError
 
@@ -39,13 +38,6 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
-
-
-def write_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
-    """A matplotlib figure as a PNG at `path`, written atomically (savefig_kwargs: dpi, bbox_inches, ...)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", **savefig_kwargs)
-    return write_atomic(path, buffer.getvalue())
 
 
 def json_object_line(line: str, where: str) -> dict[str, Any]:
@@ -125,6 +117,63 @@ def atomic_directory(final: str | Path, *, name: str | None = None) -> Iterator[
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_output(out: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+                 flag: str = "--out") -> Path:
+    """The one rule for what a command may write (a directory, or a file such as a .gguf): `out` must not exist, or
+    be an empty directory, unless `overwrite`; and it may never be, lie inside, or contain one of `inputs` (compared
+    after symbolic links are resolved), overwrite or not. A refusal is one MiniCPMError naming `flag` and the
+    paths, before anything is written. Returns `out` as a Path."""
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if target == source:
+            raise MiniCPMError(f"{flag} {out} is the input {given}: an output never replaces what it is made from")
+        if source in target.parents:
+            raise MiniCPMError(f"{flag} {out} lies inside the input {given}: choose a directory outside it")
+        if target in source.parents:
+            raise MiniCPMError(f"{flag} {out} contains the input {given}: choose a directory that does not")
+    if out.is_symlink() or out.exists():
+        empty_directory = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+        if not (empty_directory or overwrite):
+            what = "a non-empty directory" if out.is_dir() else "a file"
+            raise MiniCPMError(f"{flag} {out}: already exists ({what}); choose a new one, or pass --overwrite to "
+                               f"replace it once the new one is complete")
+    return out
+
+
+@contextlib.contextmanager
+def output_directory(out: str | Path, *, inputs: Iterable[str | Path | None] = (), overwrite: bool = False,
+                     flag: str = "--out") -> Iterator[Path]:
+    """A command's output directory, by the rule of check_output: built in a temporary directory beside `out` and
+    renamed into place (replacing an existing one, with `overwrite`) only when the block ends without an error; on
+    an error or an interrupt nothing is left behind."""
+    out = check_output(out, inputs=inputs, overwrite=overwrite, flag=flag)
+    if out.exists() and not out.is_dir():
+        raise MiniCPMError(f"{flag} {out}: exists and is not a directory")
+    created = _missing_parents(out)
+    try:
+        with atomic_directory(out) as tmp:
+            yield tmp
+    except BaseException:
+        for parent in created:  # the parents made for it, if still empty
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
+
+
+def _missing_parents(path: Path) -> list[Path]:
+    """The ancestors of `path` that do not exist yet, deepest first."""
+    missing = []
+    for parent in path.absolute().parents:
+        if parent.exists():
+            break
+        missing.append(parent)
+    return missing
+
+
 def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
     """Every JSON object of a JSONL file that a writer may have been killed in the middle of: a torn or
     invalid line is skipped, as is anything but an object. A missing file has no records."""
@@ -144,6 +193,30 @@ def read_json_lines(path: str | Path) -> list[dict[str, Any]]:
         if isinstance(record, dict):
             records.append(record)
     return records
+
+
+def safe_relative(root: str | Path, name: object, *, where: str | None = None) -> Path:
+    """root/name, where `name` comes from an index or manifest (e.g. a safetensors weight_map value): it must be a
+    relative path that stays inside root after symbolic links are resolved; anything else (`..`, an absolute or
+    drive path, a backslash, a link leading out) is one MiniCPMError naming `where` (default: root) and the name."""
+    root = Path(root)
+    lead = where or str(root)
+    if not isinstance(name, str) or not name:
+        raise MiniCPMError(f"{lead}: file name {name!r} is not a non-empty string")
+    posix = PurePosixPath(name)
+    if posix.is_absolute() or ".." in posix.parts:
+        raise MiniCPMError(f"{lead}: file name {name!r} points outside {root}")
+    windows = PureWindowsPath(name)
+    if "\0" in name or "\\" in name or windows.drive or windows.root:
+        raise MiniCPMError(f"{lead}: file name {name!r} is not a plain relative path")
+    path = root / posix
+    inside = root.resolve()
+    target = path.resolve()
+    if target == inside:
+        raise MiniCPMError(f"{lead}: file name {name!r} names {root} itself, not a file in it")
+    if inside not in target.parents:
+        raise MiniCPMError(f"{lead}: file name {name!r} leads outside {root} (through a symbolic link)")
+    return path
 
 
 def _beyond_limits(e: ValueError | RecursionError) -> str:

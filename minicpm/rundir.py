@@ -3,6 +3,7 @@ the experiments read and write runs only through it.
 
     RUN/config.yaml                      the full resolved config of the run
     RUN/metrics.jsonl                    one JSON object per logged step and per evaluation
+    RUN/config_changes.jsonl             each change a resume was allowed to make to config.yaml, and its step
     RUN/checkpoints/step_00001000/       a complete checkpoint (see minicpm/train/checkpoint.py for its files)
     RUN/checkpoints/latest               the name of the newest complete checkpoint
     RUN/checkpoints/.tmp-step_N/         a checkpoint being written (deleted when a run starts)
@@ -14,6 +15,7 @@ A checkpoint directory is complete once trainer_state.json (written last) is the
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -26,6 +28,7 @@ from minicpm.files import read_json_lines, write_atomic
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+CONFIG_CHANGES_FILE = "config_changes.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
 LOCK_FILE = ".lock"
@@ -180,11 +183,37 @@ class RunDir:
         """Every record of metrics.jsonl (a torn last line, from a killed run, is ignored)."""
         return read_json_lines(self.metrics_file)
 
+    def last_eval(self, key: str = "eval_loss", *, step: int | None = None) -> dict[str, Any] | None:
+        """The run's last evaluation: the last record of metrics.jsonl that logged `key` as a number (the last at
+        `step`, when given), None when there is none. An eval line without tokens gets those of the last training
+        line at or before its step. A non-finite value (a diverged run) is returned as logged: the caller judges."""
+        records = self.read_metrics()
+        for record in reversed(records):
+            value = record.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and (step is None or record.get("step") == step):
+                if "tokens" not in record:
+                    at = record.get("step", math.inf)
+                    seen = [r["tokens"] for r in records if "tokens" in r and r.get("step", -1) <= at]
+                    record = {**record, "tokens": seen[-1]} if seen else record
+                return record
+        return None
+
     def truncate_metrics(self, step: int) -> None:
         """Keep the records up to `step`: a resumed run rewrites what came after its checkpoint."""
         if self.metrics_file.is_file():
             kept = [json.dumps(r) for r in self.read_metrics() if r.get("step", 0) <= step]
             write_atomic(self.metrics_file, "".join(line + "\n" for line in kept))
+
+    @property
+    def config_changes_file(self) -> Path:
+        return self.path / CONFIG_CHANGES_FILE
+
+    def record_config_change(self, step: int, changes: dict[str, tuple[Any, Any]]) -> None:
+        """Add to config_changes.jsonl that from `step` on the run trains with `changes` ({key: (before, after)})."""
+        records = [json.dumps(r) for r in read_json_lines(self.config_changes_file) if r.get("step", 0) <= step]
+        records.append(json.dumps({"step": step, "changes": {key: {"from": before, "to": after}
+                                                             for key, (before, after) in changes.items()}}))
+        write_atomic(self.config_changes_file, "".join(line + "\n" for line in records))
 
     def read_config_text(self) -> str:
         """config.yaml as written (empty when the run has none)."""
@@ -243,6 +272,19 @@ class RunLock:
         if self._lock.is_locked:
             self.owner_file.unlink(missing_ok=True)
             self._lock.release()
+
+    def release_leaving_nothing(self, *, lock_file_was_there: bool, directory_was_there: bool) -> None:
+        """Release after a refused start: the lock file goes too if this writer made it (unlinked while still
+        held, so no other writer can be holding the one deleted), and so does the run directory if this writer
+        made it and nothing else is in it."""
+        if self._lock.is_locked and not lock_file_was_there:
+            Path(self._lock.lock_file).unlink(missing_ok=True)
+        self.release()
+        if not directory_was_there:
+            try:
+                self.run.path.rmdir()
+            except OSError:  # not empty: something else was written there
+                pass
 
     def _holder(self) -> str:
         try:

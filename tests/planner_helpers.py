@@ -11,20 +11,20 @@ import numpy as np
 from minicpm.train.config import load_config, save_config
 from minicpm.laws.curves import predict_loss
 from minicpm.laws.chinchilla import ScalingLaw
+from minicpm.laws.tables import trainer_lr_per_step
+from minicpm.model.shapes import WidthRule
 from minicpm.optim.schedule import wsd_schedule
 
 TRUTH = ScalingLaw(E=2.5, A=30.0, B=20.0, alpha=0.4, beta=0.3)
 WIDTHS = {32: 2, 48: 2, 64: 3, 96: 4, 128: 5}
 """width: depth of the campaign's sizes (the tiny preset's family: head size 16, d_ff 2.5·d, 2 query heads per KV)."""
+FAMILY = WidthRule(head_dim=16, kv_groups=2)
 LR, WARMUP, BATCH, SEQ = 0.01, 10, 256, 32
 DECAY_AT = (100, 200, 300, 400)
 
 
 def size_overrides(width: int, depth: int) -> list[str]:
-    heads = width // 16
-    kv = heads // 2 if heads % 2 == 0 else heads
-    return [f"model.hidden_size={width}", f"model.intermediate_size={width * 5 // 2}",
-            f"model.num_hidden_layers={depth}", f"model.num_attention_heads={heads}", f"model.num_key_value_heads={kv}"]
+    return FAMILY.overrides(width, depth)
 
 
 def run_config(out: Path, width: int, depth: int, data: dict, *extra: str):
@@ -43,6 +43,11 @@ def mpl_of(n: float) -> dict:
     """Multi-power law parameters of a size (in this campaign's LR units): its floor follows the N term of TRUTH."""
     return {"L0": TRUTH.E + TRUTH.A * n ** -TRUTH.alpha, "A": 0.8, "alpha": 0.45, "B": 30.0, "C": 0.5, "beta": 0.6,
             "gamma": 0.6}
+
+
+def trainer_lr(schedule, total: int) -> np.ndarray:
+    """The LR the trainer logs at steps 0..total (laws.tables.trainer_lr_per_step): schedule(s − 1) at step s."""
+    return trainer_lr_per_step(LR, schedule, total)
 
 
 def write_metrics(run: Path, lr: np.ndarray, steps: np.ndarray, loss: np.ndarray, eval_every: int = 50) -> None:
@@ -69,7 +74,7 @@ def make_campaign(root: Path, data: dict | None = None, *, noise: float = 1e-3, 
         cfg = run_config(stable, width, depth, data, "schedule.kind=constant", f"schedule.total_steps={max(DECAY_AT)}")
         n = model_config(cfg).non_embedding_params()
         law = mpl_of(n)
-        constant = LR * np.array([min(1.0, (s + 1) / WARMUP) for s in range(total + 1)])
+        constant = trainer_lr(lambda s: min(1.0, (s + 1) / WARMUP), total)
         steps = np.arange(5, max(DECAY_AT) + 1, 5)
         write_metrics(stable, constant, steps,
                       predict_loss("mpl", law, constant, steps) * (1 + rng.normal(0, noise, len(steps))))
@@ -79,8 +84,8 @@ def make_campaign(root: Path, data: dict | None = None, *, noise: float = 1e-3, 
             run_config(branch, width, depth, data, "schedule.kind=wsd", f"schedule.total_steps={at + decay}",
                        f"schedule.decay_steps={decay}",
                        f"run.init_from={stable / 'checkpoints' / f'step_{at:08d}'}")
-            lr = LR * np.array([wsd_schedule(s, warmup_steps=WARMUP, decay_start=at, decay_steps=decay, decay="exp",
-                                             half_life=decay / 5) for s in range(at + decay + 1)])
+            lr = trainer_lr(lambda s: wsd_schedule(s, warmup_steps=WARMUP, decay_start=at, decay_steps=decay,
+                                                   decay="exp", half_life=decay / 5), at + decay)
             bsteps = np.arange(at + 1, at + decay + 1)
             write_metrics(branch, lr, bsteps,
                           predict_loss("mpl", law, lr, bsteps) * (1 + rng.normal(0, noise, len(bsteps))),

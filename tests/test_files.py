@@ -1,4 +1,4 @@
-"""Atomic writes and JSON reading with one-line errors (minicpm.files)."""
+"""Atomic writes, JSON reading with one-line errors, and index names kept inside their directory (minicpm.files)."""
 
 import os
 import stat
@@ -6,7 +6,7 @@ import stat
 import pytest
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import atomic_directory, json_object_line, read_json_object, write_atomic
+from minicpm.files import atomic_directory, json_object_line, read_json_object, safe_relative, write_atomic
 
 
 def test_write_atomic_replaces_whole_files_and_leaves_no_temporary_on_failure(tmp_path):
@@ -64,3 +64,68 @@ def test_atomic_outputs_get_the_permissions_of_a_plain_open_and_mkdir(tmp_path, 
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     assert mode(written) == mode(plain / "f") == 0o666 & ~umask
     assert mode(tmp_path / "model") == mode(plain) == 0o777 & ~umask
+
+
+# ------------------------------------------------------------------------------------------ names from index files
+
+def assert_one_line(error: Exception, *parts: str) -> None:
+    message = str(error)
+    assert "\n" not in message
+    for part in parts:
+        assert part in message, message
+
+
+def test_plain_relative_names_resolve_inside_the_root(tmp_path):
+    assert safe_relative(tmp_path, "model-00001-of-00002.safetensors") == tmp_path / "model-00001-of-00002.safetensors"
+    assert safe_relative(tmp_path, "dcp/__0_0.distcp") == tmp_path / "dcp" / "__0_0.distcp"
+
+
+@pytest.mark.parametrize("name", ["../model.safetensors", "a/../../b", "/etc/passwd", "C:\\weights.bin",
+                                  "..\\weights", "", ".", "a/..", "x\0y", 3, None])
+def test_names_leaving_the_root_are_refused_in_one_line(tmp_path, name):
+    with pytest.raises(MiniCPMError) as error:
+        safe_relative(tmp_path, name, where="model.safetensors.index.json: weight_map")
+    assert_one_line(error.value, "model.safetensors.index.json: weight_map", repr(name))
+
+
+def test_a_symbolic_link_leading_out_of_the_root_is_refused(tmp_path):
+    root, outside = tmp_path / "ckpt", tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (root / "shards").symlink_to(outside)
+    with pytest.raises(MiniCPMError) as error:
+        safe_relative(root, "shards/model.safetensors")
+    assert_one_line(error.value, "'shards/model.safetensors'", "symbolic link")
+
+
+def test_an_output_that_is_inside_or_contains_an_input_is_refused_even_through_a_link(tmp_path):
+    from minicpm.files import check_output
+
+    source = tmp_path / "source"
+    source.mkdir()
+    (tmp_path / "alias").symlink_to(source)
+    for out, words in ((tmp_path / "alias", "is the input"), (source / "sub", "lies inside the input"),
+                       (tmp_path, "contains the input")):
+        with pytest.raises(MiniCPMError, match=words):
+            check_output(out, inputs=[source], overwrite=True)
+
+
+def test_an_output_directory_replaces_an_existing_one_only_when_complete_and_leaves_nothing_on_failure(tmp_path):
+    from minicpm.files import output_directory
+
+    out = tmp_path / "a/b/out"
+    with pytest.raises(RuntimeError), output_directory(out) as tmp:
+        (tmp / "half").write_text("x")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []  # no temporary directory, and the parents made for it are gone
+    out.mkdir(parents=True)
+    (out / "old").write_text("old")
+    with pytest.raises(MiniCPMError, match="already exists.*--overwrite"):
+        with output_directory(out):
+            pass
+    with pytest.raises(RuntimeError), output_directory(out, overwrite=True) as tmp:
+        raise RuntimeError("killed")
+    assert [p.name for p in out.parent.iterdir()] == ["out"] and (out / "old").read_text() == "old"
+    with output_directory(out, overwrite=True) as tmp:
+        (tmp / "new").write_text("new")
+    assert [p.name for p in out.iterdir()] == ["new"] and [p.name for p in out.parent.iterdir()] == ["out"]

@@ -1,4 +1,4 @@
-"""Checkpoint manifests (SHA-256 and size of every file) and names from index files kept inside their directory.
+"""Checkpoint manifests: SHA-256 and size of every file.
 
 A checkpoint's trainer_state.json, written last, can record file_digests() of everything written before it;
 verify_digests() then tells a complete, intact checkpoint from a truncated or bit-flipped one before any of it is
@@ -8,16 +8,21 @@ trusted. Hashing streams the files in 1 MiB chunks, so a checkpoint of any size 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from collections.abc import Iterable, Mapping
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 from minicpm.errors import MiniCPMError
+from minicpm.files import safe_relative
 
 CHUNK_BYTES = 1 << 20
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+STATE_DIGEST = "state_sha256"
+"""The trainer_state.json key holding the SHA-256 of everything else in it: the manifest covers every file of a
+checkpoint but the one it lives in, and this digest covers that one."""
 
 
 def sha256_file(path: str | Path) -> str:
@@ -94,25 +99,16 @@ def verify_digests(directory: str | Path, manifest: Mapping[str, Mapping[str, An
             raise MiniCPMError(f"{path}: SHA-256 differs from the manifest (the file is corrupt)")
 
 
-def safe_relative(root: str | Path, name: object, *, where: str | None = None) -> Path:
-    """root/name, where `name` comes from an index or manifest (e.g. a safetensors weight_map value): it must be a
-    relative path that stays inside root after symbolic links are resolved; anything else (`..`, an absolute or
-    drive path, a backslash, a link leading out) is one MiniCPMError naming `where` (default: root) and the name."""
-    root = Path(root)
-    lead = where or str(root)
-    if not isinstance(name, str) or not name:
-        raise MiniCPMError(f"{lead}: file name {name!r} is not a non-empty string")
-    posix = PurePosixPath(name)
-    if posix.is_absolute() or ".." in posix.parts:
-        raise MiniCPMError(f"{lead}: file name {name!r} points outside {root}")
-    windows = PureWindowsPath(name)
-    if "\0" in name or "\\" in name or windows.drive or windows.root:
-        raise MiniCPMError(f"{lead}: file name {name!r} is not a plain relative path")
-    path = root / posix
-    inside = root.resolve()
-    target = path.resolve()
-    if target == inside:
-        raise MiniCPMError(f"{lead}: file name {name!r} names {root} itself, not a file in it")
-    if inside not in target.parents:
-        raise MiniCPMError(f"{lead}: file name {name!r} leads outside {root} (through a symbolic link)")
-    return path
+def state_digest(state: Mapping[str, Any]) -> str:
+    """SHA-256 of a trainer state less its own digest, serialized canonically (sorted keys, no spaces): it covers
+    every value a resume reads, whatever the file's layout."""
+    body = {key: value for key, value in state.items() if key != STATE_DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def sealed_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The trainer state as JSON gives it back (tuples as lists, keys as strings) with its digest added, so that
+    the digest of the file read back equals the one written."""
+    plain = json.loads(json.dumps(state))
+    plain.pop(STATE_DIGEST, None)
+    return {**plain, STATE_DIGEST: state_digest(plain)}

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.serialization import _get_layout
 
 from minicpm.errors import MiniCPMError
-from minicpm.checkpoints.integrity import safe_relative
+from minicpm.files import safe_relative
 
 METADATA_FILE = ".metadata"
 

@@ -31,9 +31,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.errors import MiniCPMError
-from minicpm.files import atomic_directory, json_object_line, read_json_object, write_atomic
-from minicpm.train.losses import IGNORE_INDEX
+from minicpm.files import check_output, json_object_line, output_directory, read_json_object, write_atomic
 
 FORMAT = "minicpm-pairs"
 VERSION = 1
@@ -209,8 +209,7 @@ def prepare_pairs(source: str | Path, out: str | Path, *, seq_len: int, tokenize
         raise MiniCPMError(f"--seq-len {seq_len}: must be at least 2")
     if not 0 <= val_fraction < 1:
         raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if out.exists() and not overwrite:
-        raise MiniCPMError(f"{out}: already exists (pass --overwrite to replace it)")
+    check_output(out, inputs=[source, tokenizer], overwrite=overwrite)
     tok, tok_hash, pad_id, vocab = None, None, 0, None
     if tokenizer is not None:
         from minicpm.data.tokenizer import load_tokenizer, tokenizer_hash, vocab_size
@@ -243,7 +242,7 @@ def prepare_pairs(source: str | Path, out: str | Path, *, seq_len: int, tokenize
         from minicpm.data.chat import get_template
 
         meta["chat"] = get_template(template, tokenizer_dir=tokenizer_dir).describe()
-    with atomic_directory(out) as tmp:
+    with output_directory(out, inputs=[source, tokenizer], overwrite=overwrite) as tmp:
         _write_pairs(tmp / PAIRS_FILE, splits)
         write_atomic(tmp / META_FILE, json.dumps(meta, indent=2) + "\n")
     return PairsPrepared(out, meta["pairs"], read.skipped, pad_to)
@@ -395,8 +394,8 @@ def reference_fingerprint(source: str | Path, dtype: str) -> str:
     the log-probs were computed in."""
     import hashlib
 
-    from minicpm.train.checkpoint import resolve_verified_weights
     from minicpm.checkpoints.integrity import sha256_file
+    from minicpm.checkpoints.verify import resolve_verified_weights
 
     root = resolve_verified_weights(source)
     digest = hashlib.sha256(f"dtype={dtype}\n".encode())

@@ -35,10 +35,10 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from minicpm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, VERSION, ShardWriter, shard_entry, token_dtype
-from minicpm.data.sources import SourceOptions, iter_corpus
+from minicpm.data.sources import SourceOptions, iter_corpus, source_roots
 from minicpm.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, vocab_size
 from minicpm.errors import MiniCPMError
-from minicpm.files import publish_directory, temporary_directory_for
+from minicpm.files import check_output, publish_directory, temporary_directory_for
 
 BATCH_BYTES = 1 << 19    # text per task sent to a worker: large enough to hide the hand-off, small enough to balance
 THREADS_AT_MOST = 8      # more workers than this run as processes (see the module docstring)
@@ -202,8 +202,10 @@ def prepare(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, v
         raise MiniCPMError(f"--workers {workers}: must be at least 1")
     if not 0 <= val_fraction < 1:
         raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if out.exists() and not overwrite:
-        raise MiniCPMError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    if shard_tokens < 1:
+        raise MiniCPMError(f"--shard-tokens {shard_tokens}: must be at least 1")
+    check_output(out, inputs=[tokenizer, *(root for spec in sources for root in source_roots(spec))],
+                 overwrite=overwrite)
     tok = load_tokenizer(tokenizer)
     vocab, eos = vocab_size(tok), eos_id(tok)
     dtype = token_dtype(vocab)

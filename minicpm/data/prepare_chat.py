@@ -24,10 +24,10 @@ import numpy as np
 from minicpm.data.chat import get_template, read_chat_jsonl, render_conversation
 from minicpm.data.prepare import PrepareResult, SplitStats, is_held_out
 from minicpm.data.shards import DEFAULT_SHARD_TOKENS, FORMAT, VERSION, ShardWriter, shard_entry, token_dtype
-from minicpm.data.sources import _expand as expand_paths  # a file, a directory or a glob
+from minicpm.data.sources import expand_paths  # a file, a directory or a glob
 from minicpm.data.tokenizer import eos_id, load_tokenizer, tokenizer_hash, vocab_size
 from minicpm.errors import MiniCPMError
-from minicpm.files import publish_directory, temporary_directory_for
+from minicpm.files import check_output, publish_directory, temporary_directory_for
 
 
 def prepare_chat(sources: Sequence[str], tokenizer: str | Path, out: str | Path, *, template: str | None = "minicpm",
@@ -76,8 +76,9 @@ def write_masked_shards(documents: Iterable[tuple[str, list[int], list[bool], in
     out = Path(out)
     if not 0 <= val_fraction < 1:
         raise MiniCPMError(f"--val-fraction {val_fraction}: must be in [0, 1)")
-    if out.exists() and not overwrite:
-        raise MiniCPMError(f"{out}: already exists (choose another --out, or pass --overwrite)")
+    if shard_tokens < 1:
+        raise MiniCPMError(f"--shard-tokens {shard_tokens}: must be at least 1")
+    check_output(out, inputs=[tokenizer, *sources], overwrite=overwrite)
     vocab, eos = vocab_size(tok), eos_id(tok)
     dtype = token_dtype(vocab)
     fraction = Fraction(val_fraction).limit_denominator(1_000_000)

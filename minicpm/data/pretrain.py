@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.errors import MiniCPMError
 
 
@@ -51,8 +52,6 @@ def rows_to_batch(rows: torch.Tensor, loss_mask: torch.Tensor | None = None,
     loss_mask (same shape): a label whose token is no target (a chat prompt) becomes IGNORE_INDEX. doc_ids: the
     batch carries them (the model then keeps documents apart), and no label crosses into another document (its
     first token cannot be predicted from a document it does not see)."""
-    from minicpm.train.losses import IGNORE_INDEX
-
     batch = {"input_ids": rows[:, :-1], "labels": rows[:, 1:]}
     if loss_mask is None and doc_ids is None:
         return batch

@@ -21,8 +21,10 @@ lines are skipped; empty documents are yielded (the caller decides what to do wi
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import gzip
+import logging
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -68,10 +70,10 @@ def iter_documents(spec: str, options: SourceOptions | None = None) -> Iterator[
         return
     forced, _, rest = spec.partition(":")
     if forced in FORMATS and rest:
-        for path in _expand(rest):
+        for path in expand_paths(rest):
             yield from _read_file(path, forced, options)
         return
-    for path in _expand(spec):
+    for path in expand_paths(spec):
         yield from _read_file(path, _format_of(path), options)
 
 
@@ -103,7 +105,19 @@ def _stdlib_documents() -> Iterator[Document]:
         yield Document(text, str(path), 1)
 
 
-def _expand(pattern: str) -> list[Path]:
+def source_roots(spec: str) -> list[Path]:
+    """The local files and directories a source spec reads (none for stdlib and hf:; a glob's matches), so that
+    a writer can keep its output out of them."""
+    if spec == "stdlib" or spec.startswith("hf:"):
+        return []
+    forced, _, rest = spec.partition(":")
+    pattern = rest if forced in FORMATS and rest else spec
+    if any(c in pattern for c in "*?["):
+        return [Path(p) for p in globlib.glob(pattern, recursive=True)]
+    return [Path(pattern)]
+
+
+def expand_paths(pattern: str) -> list[Path]:
     """A file, every visible file under a directory (sorted), or the sorted matches of a glob."""
     if any(c in pattern for c in "*?["):
         matches = sorted(Path(p) for p in globlib.glob(pattern, recursive=True))
@@ -215,17 +229,36 @@ def _hf_documents(name_and_split: str, field: str) -> Iterator[Document]:
     name, _, split = name_and_split.partition(":")
     split = split or "train"
     try:
-        if Path(name).is_dir():
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(name, split=split)
+        with _hub_warnings_quiet():  # its retries are a warning line each; the error below says what failed
+            ds = _load_hf(datasets, name, split)
     except Exception as e:  # the datasets library raises many types; the user needs the one line
-        raise MiniCPMError(f"hf:{name_and_split}: cannot load ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        raise MiniCPMError(f"hf:{name_and_split}: cannot load "
+                           f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if field not in ds.column_names:
         raise MiniCPMError(f"hf:{name_and_split}: no field '{field}' (columns: {', '.join(ds.column_names)})")
     yield from _text_values((example[field] for example in ds), f"hf:{name_and_split}", f"field '{field}'")
+
+
+@contextlib.contextmanager
+def _hub_warnings_quiet() -> Iterator[None]:
+    """The Hub client's and datasets' warnings held back (each failed request retried is a line of its own)."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _load_hf(datasets, name: str, split: str):
+    """A saved dataset directory (its `split` when it holds several), or a dataset of the Hub."""
+    if Path(name).is_dir():
+        ds = datasets.load_from_disk(name)
+        return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
+    return datasets.load_dataset(name, split=split)
 
 
 def _text_values(values: Iterator, origin: str, what: str) -> Iterator[Document]:

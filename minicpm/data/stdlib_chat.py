@@ -78,13 +78,13 @@ def stdlib_examples(*, limit: int | None = None, seed: int = 0, file_stride: int
     """Documented public functions of the stdlib's library modules, in a seeded random order, at most `limit`;
     two with the same answer keep only the first. file_stride reads every n-th file (small sets for tests)."""
     from minicpm.data.sources import stdlib_files
-    from minicpm.data.stdlib_corpus import _is_test
+    from minicpm.data.stdlib_corpus import is_test_file
 
     root = Path(sysconfig.get_paths()["stdlib"])
     found: list[StdlibExample] = []
     for path in stdlib_files()[::file_stride]:
         relative = path.relative_to(root)
-        if _is_test(relative) or relative.parts[0] in ("idlelib", "lib2to3", "site-packages"):
+        if is_test_file(relative) or relative.parts[0] in ("idlelib", "lib2to3", "site-packages"):
             continue
         found += _examples_of(path, _module_name(path, root))
     seen, unique = set(), []

@@ -24,7 +24,8 @@ TOKENIZER_SAMPLE_EVERY = 3
 """The tokenizer learns from every third piece (~10 MB)."""
 
 
-def _is_test(relative: Path) -> bool:
+def is_test_file(relative: Path) -> bool:
+    """Whether a file (its path relative to the standard library) belongs to the test suite."""
     return any(part in ("test", "tests", "idle_test") for part in relative.parts[:-1]) or \
         relative.name.startswith("test_")
 
@@ -89,7 +90,7 @@ def write_corpus(out: Path, file_stride: int = 1) -> dict[str, Path]:
             continue  # the few deliberately mis-encoded test files
         pieces = split_into_pieces(text)
         if pieces and not _generated(text):
-            files["tests" if _is_test(file.relative_to(root)) else "library"].append(pieces)
+            files["tests" if is_test_file(file.relative_to(root)) else "library"].append(pieces)
     documents = {name: holdout_order(pieces, VAL_FRACTION, seed=0) for name, pieces in files.items()}
     documents["sample"] = [d for name in ("library", "tests") for d in documents[name][::TOKENIZER_SAMPLE_EVERY]]
     for name, path in paths.items():

@@ -24,7 +24,7 @@ from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
 from minicpm.demos.quickstart import Timer
 
-SFT_RECIPE = Path(__file__).parent / "configs" / "sft.yaml"
+SFT_RECIPE = Path(__file__).parents[1] / "configs" / "sft.yaml"
 TEMPLATE = "minicpm"
 
 

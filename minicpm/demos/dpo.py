@@ -57,7 +57,7 @@ def run_dpo_demo(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Pa
     from minicpm.data.stdlib_pairs import write_stdlib_pairs
     from minicpm.infer.tokenizer import find_tokenizer
     from minicpm.train.distributed import init_distributed, resolve_dtype
-    from minicpm.train.checkpoint import resolve_verified_weights
+    from minicpm.checkpoints.verify import resolve_verified_weights
     from minicpm.train.dpo import precompute_reference
     from minicpm.train.loop import Trainer
 

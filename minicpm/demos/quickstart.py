@@ -26,7 +26,7 @@ from pathlib import Path
 from minicpm.train.config import TrainConfig, load_config
 from minicpm.files import write_atomic
 
-RECIPE = Path(__file__).parent / "configs" / "quickstart.yaml"
+RECIPE = Path(__file__).parents[1] / "configs" / "quickstart.yaml"
 RECIPE_ROOT = "quickstart"
 """The recipe's paths lie under this directory; a quickstart with another --out moves them there."""
 PROMPTS = ("import", "def", "class")
@@ -103,10 +103,7 @@ def _datasets(corpus: dict[str, Path], tokenizer: Path, out: Path) -> dict[str, 
 def _eval_at(run: Path, step: int) -> dict:
     from minicpm.rundir import RunDir
 
-    for record in RunDir(run).read_metrics():
-        if record.get("step") == step and "eval_loss" in record:
-            return record
-    return {}
+    return RunDir(run).last_eval(step=step) or {}
 
 
 def _samples(checkpoint: Path, tokenizer: Path, device: str) -> list[tuple[str, str]]:

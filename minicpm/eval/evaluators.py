@@ -14,7 +14,6 @@ modules that do.
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -62,19 +61,17 @@ class Evaluator(Protocol):
         """{metric: value}; the loop writes them as eval/<name>/<metric>. {} when there is nothing to evaluate."""
 
 
-EVALUATORS = Registry("evaluator", "evaluators[].kind")
+EVALUATORS = Registry("evaluator", "evaluators[].kind", builtin=(
+    "minicpm.eval.loss",  # heldout
+    "minicpm.eval.task_runner",  # lm_eval (lm-eval itself loads when it runs)
+    "minicpm.eval.passkey",  # passkey
+    "minicpm.eval.position_loss",  # loss_by_position
+    "minicpm.eval.answer_loss",  # answer_loss (SFT)
+    "minicpm.eval.preference",  # preference (DPO's held-out accuracy)
+))
 register_evaluator = EVALUATORS.register
 """Class decorator: `@register_evaluator("kind", options=OptionsDataclass)` makes an evaluator buildable as
 `{kind: <kind>, ...}` in the evaluators list; the class is built as `cls(name, every, options, setup)`."""
-
-
-def _builtin() -> None:
-    importlib.import_module("minicpm.eval.loss")  # registers "heldout"
-    importlib.import_module("minicpm.eval.task_runner")  # registers "lm_eval" (lm-eval itself loads when it runs)
-    importlib.import_module("minicpm.eval.passkey")  # registers "passkey"
-    importlib.import_module("minicpm.eval.position_loss")  # registers "loss_by_position"
-    importlib.import_module("minicpm.eval.answer_loss")  # registers "answer_loss" (SFT)
-    importlib.import_module("minicpm.eval.preference")  # registers "preference" (DPO's held-out accuracy)
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,6 @@ class _Spec:
 
 
 def _parse(specs: list[dict[str, Any]]) -> list[_Spec]:
-    _builtin()
     parsed, names, aliases = [], set(), set()
     for i, raw in enumerate(specs):
         where = f"evaluators[{i}]"

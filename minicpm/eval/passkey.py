@@ -135,14 +135,13 @@ def passkey_accuracy(model: torch.nn.Module, encode: Callable[[str], list[int]],
 
 def write_passkey_report(result: PasskeyResult, out: str | Path, *, title: str = "passkey retrieval") -> list[Path]:
     """OUT/passkey.json and OUT/passkey.png (accuracy heatmap, context length against needle depth)."""
-    from matplotlib.figure import Figure
-
-    from minicpm.files import write_atomic, write_figure
+    from minicpm.files import write_atomic
+    from minicpm.plots import figure, save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_atomic(out / "passkey.json", json.dumps(result.as_dict(), indent=2) + "\n")
-    fig = Figure(figsize=(1.2 + 0.9 * len(result.lengths), 1.2 + 0.6 * len(result.depths)))
+    fig = figure(1.2 + 0.9 * len(result.lengths), 1.2 + 0.6 * len(result.depths), dpi=120)
     ax = fig.subplots()
     grid = torch.tensor(result.accuracy).T.numpy()
     image = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
@@ -155,8 +154,7 @@ def write_passkey_report(result: PasskeyResult, out: str | Path, *, title: str =
     ax.set_ylabel("needle depth")
     ax.set_title(f"{title}: mean {result.mean:.0%} ({result.trials} trials/cell)")
     fig.colorbar(image, ax=ax, label="accuracy")
-    fig.tight_layout()
-    return [json_path, write_figure(fig, out / "passkey.png", dpi=120)]
+    return [json_path, save_png(fig, out / "passkey.png")]
 
 
 def evaluate_passkey_checkpoint(checkpoint: str | Path, *, lengths: Sequence[int], depths: Sequence[float],

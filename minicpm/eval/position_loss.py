@@ -193,14 +193,13 @@ def write_position_report(report: PositionReport, out: str | Path, *, mark: int 
     dashed line at position `mark`, e.g. the length the model was trained at)."""
     import json
 
-    from matplotlib.figure import Figure
-
-    from minicpm.files import write_atomic, write_figure
+    from minicpm.files import write_atomic
+    from minicpm.plots import figure, save_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = write_atomic(out / "positions.json", json.dumps(report.as_dict(), indent=2) + "\n")
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = figure(6.4, 4.0, dpi=120)
     ax = fig.subplots()
     for curve in report.curves:
         ranges = position_ranges(curve.buckets)
@@ -213,5 +212,4 @@ def write_position_report(report: PositionReport, out: str | Path, *, mark: int 
     ax.set_title(f"loss by position: {report.documents} held-out documents of {report.seq_len + 1} tokens")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    return [json_path, write_figure(fig, out / "positions.png", dpi=120)]
+    return [json_path, save_png(fig, out / "positions.png")]

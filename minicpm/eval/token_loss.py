@@ -70,7 +70,10 @@ def text_loss(checkpoint: str | Path, text_file: str | Path, *, tokenizer: str |
     path = Path(text_file)
     if not path.is_file():
         raise MiniCPMError(f"--text {path}: no such file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise MiniCPMError(f"--text {path}: not UTF-8 text (byte {e.start} cannot be decoded)") from None
     codec = load_codec(find_tokenizer(resolve_weights(checkpoint), tokenizer))
     ids = codec.encode(text)
     if len(ids) < 2:

@@ -3,12 +3,16 @@ streamed until the end of the assistant's turn (`minicpm chat`, `minicpm generat
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from minicpm.data.chat import ChatTemplate, Message, end_of_turn_id, get_template, render_prompt
 from minicpm.errors import MiniCPMError
+
+ANSWER_TOKENS = 256
+"""The longest answer a chat gives by default (at most half the model's context)."""
 
 
 def _run_config(checkpoint: Path) -> Path | None:
@@ -52,7 +56,17 @@ class ChatSession:
     would not fit in the model's context."""
 
     def __init__(self, model, tokenizer, template: ChatTemplate, *, system: str | None = None,
-                 max_new_tokens: int = 256, **sampling):
+                 max_new_tokens: int | None = None, **sampling):
+        from minicpm.infer.sampling import Sampling
+
+        # checked before the first prompt, so that a bad option is not reported as a context problem
+        Sampling(**{k: v for k, v in sampling.items() if k in {f.name for f in dataclasses.fields(Sampling)}})
+        context = model.config.max_position_embeddings
+        if max_new_tokens is None:
+            max_new_tokens = min(ANSWER_TOKENS, context // 2)
+        if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens < context):
+            raise MiniCPMError(f"--max-new-tokens {max_new_tokens}: must be in [1, {context - 1}], leaving the "
+                               f"prompt room in the model's {context} positions")
         self.model, self.tokenizer, self.template = model, tokenizer, template
         self.max_new_tokens, self.sampling = max_new_tokens, sampling
         self.system = [{"role": "system", "content": system}] if system else []
@@ -125,10 +139,11 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write=sy
 
 
 def open_session(checkpoint: str | Path, *, template: str | None = None, tokenizer: str | Path | None = None,
-                 dtype: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+                 dtype: str | None = None, system: str | None = None, max_new_tokens: int | None = None,
                  **sampling) -> ChatSession:
     """A ChatSession with a checkpoint: its weights, its tokenizer (beside it, or `tokenizer`) and its template
-    (checkpoint_template)."""
+    (checkpoint_template). max_new_tokens: the longest answer (default ANSWER_TOKENS, at most half the model's
+    context)."""
     from minicpm.data.tokenizer import load_tokenizer
     from minicpm.infer.tokenizer import find_tokenizer
     from minicpm.interop.hf import load_model
@@ -140,7 +155,7 @@ def open_session(checkpoint: str | Path, *, template: str | None = None, tokeniz
 
 
 def chat_answer(checkpoint: str | Path, message: str, *, template: str | None = None,
-                tokenizer: str | Path | None = None, dtype: str | None = None, max_new_tokens: int = 256,
+                tokenizer: str | Path | None = None, dtype: str | None = None, max_new_tokens: int | None = None,
                 **sampling) -> Iterator[str]:
     """One user message's answer from a checkpoint, streamed (`minicpm generate --chat`)."""
     session = open_session(checkpoint, template=template, tokenizer=tokenizer, dtype=dtype,

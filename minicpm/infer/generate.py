@@ -5,6 +5,7 @@ piece for one prompt."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -61,12 +62,40 @@ def _check_prompts(model: MiniCPM, prompts: Sequence[Sequence[int]], max_new_tok
         if max(prompt) >= vocab or min(prompt) < 0:
             bad = max(prompt) if max(prompt) >= vocab else min(prompt)
             raise MiniCPMError(f"generate: prompt {i} has token id {bad}, outside the model's vocabulary ({vocab})")
+    _check_cache_fits(model, len(prompts), max(len(p) for p in prompts), max_new_tokens)
+
+
+def _check_cache_fits(model: MiniCPM, batch: int, longest: int, max_new_tokens: int) -> None:
+    """The key/value cache of prompt + max_new_tokens positions must fit in the memory free on the model's device,
+    checked before it is allocated (a mistyped --max-new-tokens would otherwise fail deep inside torch)."""
+    cfg = model.config
+    positions = longest + max_new_tokens
+    itemsize = model.head_weight.element_size()  # the cache holds keys and values in the weights' dtype
+    needed = 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * cfg.head_dim * positions * itemsize
+    free = _free_memory(model.head_weight.device)
+    if free is not None and needed > free:
+        raise MiniCPMError(f"generate: max_new_tokens {max_new_tokens:,} with a {longest}-token prompt needs a "
+                           f"{needed / 1e9:.1f} GB cache of {positions:,} positions, more than the {free / 1e9:.1f} GB "
+                           f"free (the model was trained on {cfg.max_position_embeddings:,} positions)")
+
+
+def _free_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device, or available to this process on the host (Linux); None where unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 @torch.inference_mode()
 def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, sampling: Sampling,
                  generators, use_cache: bool, pack: bool | None = None,
-                 compile: bool = False) -> Iterator[torch.Tensor]:
+                 compile: bool | str = "auto") -> Iterator[torch.Tensor]:
     """Yield the next token of every row (B,), max_new_tokens times (the caller stops early by closing it).
 
     Rows are left-padded to the longest prompt; the Decoder gives each row its own positions and hides the pads.
@@ -108,12 +137,12 @@ def _token_steps(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_to
 
 def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, eos_id: int | None = None,
              seed: int | None = None, generator: torch.Generator | None = None, use_cache: bool = True,
-             pack: bool | None = None, compile: bool = False, **sampling) -> Iterator[int]:
+             pack: bool | None = None, compile: bool | str = "auto", **sampling) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids for one prompt, one at a time (stops after yielding eos_id).
 
     sampling: the fields of Sampling (temperature, top_k, top_p, min_p, repetition_penalty); temperature 0 is
     greedy decoding. With use_cache the prompt is run once and each new token costs one position; without it every
-    step recomputes the whole sequence. pack, compile: see Decoder.
+    step recomputes the whole sequence. pack, compile (True, False or "auto": where it pays): see Decoder.
     """
     settings = Sampling(**sampling)
     _check_prompts(model, [prompt_ids], max_new_tokens)
@@ -131,7 +160,7 @@ def generate(model: MiniCPM, prompt_ids: Sequence[int], *, max_new_tokens: int, 
 def generate_batch(model: MiniCPM, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
                    stop_token_ids: Sequence[int] = (), stop: Sequence[str] = (), decode=None,
                    seed: int | Sequence[int] | None = None, generator: torch.Generator | None = None,
-                   use_cache: bool = True, pack: bool | None = None, compile: bool = False,
+                   use_cache: bool = True, pack: bool | None = None, compile: bool | str = "auto",
                    **sampling) -> list[Completion]:
     """Continue every prompt (a list of token ids) at once; a row ends at a stop token, a stop string or
     max_new_tokens, and the batch when every row has ended.
@@ -204,6 +233,17 @@ def stream_text(model: MiniCPM, codec, prompt: str, *, stop: Sequence[str] = (),
     kwargs.setdefault("eos_id", codec.eos_id)
     stream = TextStream(codec.decode, [stop] if isinstance(stop, str) else stop)
     yield from stream_pieces(generate(model, codec.encode(prompt), **kwargs), stream, kwargs["eos_id"])
+
+
+def stream_checkpoint_text(checkpoint, prompt: str, *, tokenizer=None, dtype: str | None = None,
+                           **kwargs) -> Iterator[str]:
+    """stream_text with a checkpoint's weights (in `dtype`, else as stored) and its tokenizer (beside it, or
+    `tokenizer`): `minicpm generate`."""
+    from minicpm.infer.tokenizer import find_tokenizer, load_codec
+    from minicpm.interop.hf import load_model
+
+    codec = load_codec(find_tokenizer(checkpoint, tokenizer))
+    yield from stream_text(load_model(checkpoint, dtype=dtype), codec, prompt, **kwargs)
 
 
 def stream_pieces(tokens, stream: TextStream, stop_id: int | None) -> Iterator[str]:

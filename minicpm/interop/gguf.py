@@ -30,7 +30,7 @@ import torch
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import GGUF_ARCHES, GGUF_TYPES
 from minicpm.files import plain_permissions, read_json_object
-from minicpm.interop.hf import PathLike, tokenizer_files
+from minicpm.interop.hf import PathLike, official_state, tokenizer_files
 from minicpm.interop.llama import fold_mup
 from minicpm.interop.mixtral import fold_mup_moe
 from minicpm.model.config import ModelConfig
@@ -57,7 +57,7 @@ def export_gguf(checkpoint_dir: PathLike, out_file: PathLike, *, arch: str = "mi
     dtype f16 is the default of llama.cpp's converter. With q8_0, weights whose rows are not a whole number of
     32-value blocks are written as f16 instead, as llama.cpp's converter does, and one warning names them.
     """
-    from minicpm.train.checkpoint import consolidate
+    from minicpm.checkpoints.weights import consolidate
 
     gguf = _gguf()
     if arch not in ARCHES:
@@ -70,7 +70,7 @@ def export_gguf(checkpoint_dir: PathLike, out_file: PathLike, *, arch: str = "mi
     rope_theta, rope_scaling = _rope(config)
     vocab = read_vocab(_tokenizer_path(root, tokenizer), config.vocab_size)
     with torch.device("meta"):  # the model's own order (embedding, blocks 0..L-1, norm, head), whatever the file's
-        order = [*MiniCPM(config).state_dict(), "lm_head.weight"]
+        order = [*official_state(MiniCPM(config)), "lm_head.weight"]
     state = {key: state[key] for key in order if key in state}
     if config.num_experts:
         state = stack_experts(config, state)

@@ -3,7 +3,8 @@ writing them atomically. The folded Llama export is interop/llama.py; a fresh ch
 
 A checkpoint directory holds `config.json` (official field names) and `model.safetensors`, or shards
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`. Tensor names are the official keys, which
-are our module names. Weights are only ever read from safetensors: nothing here unpickles.
+are our module names, except for an MoE's experts: the model stacks them, the checkpoint holds them one by one
+(`official_state` maps them, model/moe.py). Weights are only ever read from safetensors: nothing here unpickles.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from safetensors.torch import save_file
 
 from minicpm.errors import MiniCPMError
 from minicpm.interop.formats import WEIGHT_DTYPES
-from minicpm.files import plain_permissions, publish_directory, read_json_object, temporary_directory_for
+from minicpm.files import plain_permissions, publish_directory, read_json_object, safe_relative, temporary_directory_for
 from minicpm.model.config import ModelConfig
+from minicpm.model.moe import per_expert_state
 from minicpm.model.transformer import MiniCPM
 
 CONFIG = "config.json"
@@ -113,8 +115,6 @@ def _check_header_entry(file: Path, key: str, info: object) -> None:
 
 
 def _weight_files(root: Path) -> list[Path]:
-    from minicpm.checkpoints.integrity import safe_relative
-
     index = root / INDEX
     if index.exists():
         weight_map = read_json_object(index).get("weight_map")
@@ -172,10 +172,17 @@ def _rope_fields(raw: dict) -> dict:
     return fields
 
 
+def official_state(model: MiniCPM, *, keep_vars: bool = False) -> dict[str, torch.Tensor]:
+    """The model's state dict under the official keys, in its order: an MoE's stacked experts as per-expert views
+    (no copy; copying into them, under no_grad, fills the model)."""
+    model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key with _orig_mod.
+    return per_expert_state(model.state_dict(keep_vars=keep_vars))
+
+
 def _expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = MiniCPM(config)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in official_state(model).items()}
 
 
 def _index_checkpoint(root: Path) -> tuple[ModelConfig, dict[str, _Entry]]:
@@ -260,7 +267,7 @@ def load_model(path: PathLike, *, device: str | torch.device = "cpu", dtype: str
     with torch.device("meta"):
         model = MiniCPM(config)
     model.to(dtype=dtype).to_empty(device=device)
-    params = dict(model.state_dict(keep_vars=True))
+    params = official_state(model, keep_vars=True)
     for key, tensor in _tensors(plan, device):
         params[key].copy_(tensor)
     return model
@@ -268,7 +275,8 @@ def load_model(path: PathLike, *, device: str | torch.device = "cpu", dtype: str
 
 # ---------------------------------------------------------------- writing
 
-def _model_dtype(model: MiniCPM) -> torch.dtype:
+def model_dtype(model: MiniCPM) -> torch.dtype:
+    """The dtype the model's weights are held in (a save keeps it unless told otherwise)."""
     return model.head_weight.dtype
 
 
@@ -356,8 +364,8 @@ def write_model_files(directory: Path, model: MiniCPM, *,
     """A model's config.json and weights (in its own dtype) into a directory the caller makes atomic, such as a
     training checkpoint being written."""
     model = getattr(model, "_orig_mod", model)
-    dtype = _model_dtype(model)
-    return write_files(Path(directory), _hf_config(model, dtype), model.state_dict(), dtype, None, extra_files)
+    dtype = model_dtype(model)
+    return write_files(Path(directory), _hf_config(model, dtype), official_state(model), dtype, None, extra_files)
 
 
 def save_model(model: MiniCPM, out_dir: PathLike, *, dtype: str | torch.dtype | None = None,
@@ -368,7 +376,7 @@ def save_model(model: MiniCPM, out_dir: PathLike, *, dtype: str | torch.dtype | 
     e.g. a tokenizer.json that should appear together with the weights.
     """
     model = getattr(model, "_orig_mod", model)  # a torch.compile wrapper prefixes every key with _orig_mod.
-    return save_state(model.config, model.state_dict(), out_dir, dtype=dtype or _model_dtype(model),
+    return save_state(model.config, official_state(model), out_dir, dtype=dtype or model_dtype(model),
                       max_shard_bytes=max_shard_bytes, extra_files=extra_files)
 
 
@@ -401,6 +409,9 @@ def import_checkpoint(src: PathLike, out_dir: PathLike, *, dtype: str | torch.dt
     from minicpm.interop.official import carried_config_fields, official_files, official_rope as to_official_rope
 
     config, tensors = read_checkpoint(src)
+    for name, tensor in tensors.items():  # a diverged model copied as if it were one
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise MiniCPMError(f"{src}: {name} holds NaN or Inf values; not a usable model")
     root = _checkpoint_dir(src)
     _, raw = _read_config(root)
     if official_rope:

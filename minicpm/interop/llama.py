@@ -9,8 +9,8 @@ from typing import Mapping
 import torch
 
 from minicpm.errors import MiniCPMError
-from minicpm.interop.hf import (PathLike, _model_dtype, dtype_name, parse_dtype, read_checkpoint, tokenizer_files,
-                                write_dir)
+from minicpm.interop.hf import (PathLike, dtype_name, model_dtype, official_state, parse_dtype, read_checkpoint,
+                                tokenizer_files, write_dir)
 from minicpm.model.config import ModelConfig
 from minicpm.model.rope import transformers_rope
 from minicpm.model.transformer import MiniCPM
@@ -58,7 +58,7 @@ def export_source(model_or_path: MiniCPM | PathLike) -> tuple[ModelConfig, Mappi
     """(config, state dict, tokenizer files to carry, stored dtype) of a model in memory or a checkpoint directory:
     what a folded export (Llama, Mixtral) starts from."""
     if isinstance(model_or_path, MiniCPM):
-        return model_or_path.config, model_or_path.state_dict(), {}, _model_dtype(model_or_path)
+        return model_or_path.config, official_state(model_or_path), {}, model_dtype(model_or_path)
     config, state = read_checkpoint(model_or_path)
     return config, state, tokenizer_files(model_or_path), parse_dtype(config.torch_dtype)
 

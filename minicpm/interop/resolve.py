@@ -45,6 +45,8 @@ def describe_model(name_or_path: str, *, seq_len: int | None = None) -> str:
     directory what its weight files hold."""
     from minicpm.model.summary import describe
 
+    if seq_len is not None and seq_len < 1:
+        raise MiniCPMError(f"--seq-len {seq_len}: must be at least 1")
     is_checkpoint = is_checkpoint_path(name_or_path)
     text = describe(model_config_for(name_or_path), seq_len=seq_len,
                     title=f"{name_or_path} ({'checkpoint' if is_checkpoint else 'preset'})")

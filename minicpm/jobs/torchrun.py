@@ -1,14 +1,13 @@
-"""A sweep trial as a torchrun job (spec `trial_launcher: torchrun`, `nproc_per_node: N`): each trial is
-`torchrun --standalone --nproc_per_node N -m minicpm train CONFIG OVERRIDES --out RUN --resume`, so one trial may
-use several GPUs (or gloo CPU processes) while the sweep runs trials side by side.
+"""The torchrun launcher: each job `torchrun --standalone --nproc_per_node N` of the job's child process, so one job
+may use several GPUs (or gloo CPU processes) while others run beside it.
 
-    python -m minicpm.jobs.torchrun agent N CONFIG OVERRIDES... --out RUN --resume
-        the torchrun agent, in-process (torch.distributed.run.main), starting N copies of
-    python -m minicpm.jobs.torchrun rank CONFIG OVERRIDES... --out RUN --resume
-        one rank: `minicpm train` with the same arguments
+    python -m minicpm.jobs.torchrun N RUN/job.json [--parent PID]
+        the torchrun agent, in-process (torch.distributed.run.main), starting N ranks of
+    python -m minicpm.jobs.child RUN/job.json --parent AGENT_PID
 
-Both set Linux's parent-death signal first: a sweep killed with SIGKILL takes its agents down with it, and an
-agent its ranks, so no orphan rank keeps a run directory (or a rendezvous port) busy when the sweep is re-run.
+The agent and each rank set Linux's parent-death signal first: a launcher killed with SIGKILL takes its agents down
+with it, and an agent its ranks (which torchrun starts in sessions of their own, out of reach of a process-group
+kill), so no orphan rank keeps a run directory (or a rendezvous port) busy when the launcher is re-run.
 """
 
 from __future__ import annotations
@@ -16,78 +15,75 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
+from minicpm.jobs.child import die_with_parent
+from minicpm.jobs.job import Job, failure_line
 
 MODULE = "minicpm.jobs.torchrun"
+STOP_WAIT_S = 10.0
 
 
-class TorchrunTrial:
-    """The agent's process, with the parts of multiprocessing.Process the sweep uses (start, join, exitcode,
-    terminate, kill), so a torchrun trial is waited on, pruned and ended like a forked one."""
+def agent_command(nproc_per_node: int, job_file: str, parent: int | None = None) -> list[str]:
+    command = [sys.executable, "-m", MODULE, str(nproc_per_node), job_file]
+    return command + (["--parent", str(parent)] if parent is not None else [])
 
-    def __init__(self, config: str, overrides: list[str], run_dir: str, threads: int, nproc_per_node: int,
-                 log: Path):
-        self.args = [sys.executable, "-m", MODULE, "agent", str(nproc_per_node), config, *overrides,
-                     "--out", run_dir, "--resume"]
-        self.env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        self.log = log
-        self.popen: subprocess.Popen | None = None
 
-    def start(self) -> None:
-        with open(self.log, "ab", buffering=0) as log:
-            shown = " ".join(self.args[5:])
-            log.write(f"$ torchrun --standalone --nproc_per_node {self.args[4]} -m minicpm train {shown}\n".encode())
-            self.popen = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          env=self.env)
+class TorchrunLauncher:
+    kind = "torchrun"
 
-    def join(self, timeout: float | None = None) -> None:
-        try:
-            self.popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
+    def __init__(self, nproc_per_node: int, threads: int):
+        self.nproc_per_node, self.threads = nproc_per_node, threads
+
+    def start(self, job: Job) -> "TorchrunJob":
+        job_file = job.write_file(self.threads)
+        job.append_to_log(f"$ {job.command_line(self.nproc_per_node)}")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        # the agent's parent-death signal follows the thread that starts it (a sweep's worker thread), which
+        # waits for it to end
+        with open(job.log, "ab", buffering=0) as log:
+            popen = subprocess.Popen(agent_command(self.nproc_per_node, str(job_file), os.getpid()), stdout=log,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+        return TorchrunJob(job, popen)
+
+
+class TorchrunJob:
+    """A running torchrun job (its agent's process)."""
+
+    def __init__(self, job: Job, popen: subprocess.Popen):
+        self.job, self.popen = job, popen
 
     @property
-    def exitcode(self) -> int | None:
+    def where(self) -> str:
+        return f"torchrun agent pid {self.popen.pid}"
+
+    def poll(self) -> int | None:
         return self.popen.poll()
 
-    def terminate(self) -> None:
-        self.popen.terminate()  # torchrun forwards SIGTERM to its ranks
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
 
-    def kill(self) -> None:
-        self.popen.kill()
+    def stop(self) -> None:
+        self.popen.terminate()  # torchrun forwards SIGTERM to its ranks
+        try:
+            self.popen.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+    def failure(self) -> str:
+        return failure_line(self.job.log, self.popen.returncode)
 
 
 def main(argv: list[str]) -> int:
-    if sys.platform == "linux":
-        from minicpm.sweep.sweep import _die_with_parent
+    nproc, job_file, rest = argv[0], argv[1], argv[2:]
+    die_with_parent(int(rest[rest.index("--parent") + 1]) if "--parent" in rest else None)
+    from torch.distributed.run import main as torchrun
 
-        _die_with_parent()
-    role, rest = argv[0], argv[1:]
-    if role == "agent":
-        from torch.distributed.run import main as torchrun
-
-        torchrun(["--standalone", "--nproc_per_node", rest[0], "-m", MODULE, "rank", *rest[1:]])
-        return 0
-    return train_rank(rest)
-
-
-def train_rank(args: list[str]) -> int:
-    """One rank of a torchrun trial: CONFIG OVERRIDES... --out RUN --resume, trained through the library as a forked
-    trial is (sweep.run_trial), a bad value its one `error:` line and exit 2."""
-    from minicpm.errors import MiniCPMError
-    from minicpm.train.launch import launch_config, split_config_and_overrides
-    from minicpm.train.loop import train
-
-    out = args.index("--out")
-    run_dir, (config, overrides) = args[out + 1], split_config_and_overrides(args[:out])
-    try:
-        result = train(launch_config(config, overrides, out=run_dir, resume=True), resume=True)
-    except MiniCPMError as e:
-        print(f"minicpm train: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    if result.is_main:
-        print(result.summary(), flush=True)
+    torchrun(["--standalone", "--nproc_per_node", nproc, "-m", "minicpm.jobs.child", job_file,
+              "--parent", str(os.getpid())])
     return 0
 
 

@@ -18,7 +18,9 @@ from scipy.optimize import minimize
 from tqdm import tqdm
 
 from minicpm.errors import MiniCPMError
+from minicpm.laws import BOOTSTRAP_RESAMPLES, CONFIDENCE
 from minicpm.laws.tables import RunTable
+from minicpm.laws.variants import LawVariant, law_variant
 
 PARAMS = ("E", "A", "B", "alpha", "beta")
 PAPER_NAMES = {"E": "L0", "A": "C_N", "B": "C_D", "alpha": "alpha", "beta": "beta"}
@@ -74,6 +76,8 @@ class ChinchillaFit:
     method: str = "huber"
     """huber: approach 3 on log loss (objective: mean Huber / delta); lsq: least squares on the raw loss, as the
     paper's curve_fit (objective: RMSE of the loss)."""
+    variant: str = "chinchilla"
+    """Which form of the law (laws/variants.py): what bootstrap and held-out refits fit again."""
 
 
 # ------------------------------------------------------------------------------------------- BLAS threads
@@ -120,21 +124,34 @@ def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     return np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
 
 
-def _huber_of_log_sum(terms: list[np.ndarray], logl: np.ndarray, delta: float):
-    """mean Huber_delta(log Σ exp(terms) − log L) / delta, and d(it)/d(term_j) for each term (value, list)."""
+def _huber_of_log_sum(terms: list[np.ndarray], logl: np.ndarray, delta: float, weights: Optional[np.ndarray] = None):
+    """mean of weight·Huber_delta(log Σ exp(terms) − log L) / delta (weights of mean 1, or none), and d(it)/d(term_j)
+    for each term (value, list)."""
     top = np.maximum.reduce(terms)
     w = [np.exp(t - top) for t in terms]
     total = sum(w)
     r = top + np.log(total) - logl
-    psi = np.clip(r, -delta, delta) / (delta * len(r) * total)  # d/d(log-sum), folded with the softmax weight
-    return float(_huber(r, delta).mean() / delta), [psi * wj for wj in w]
+    weights = np.ones_like(r) if weights is None else weights
+    psi = weights * np.clip(r, -delta, delta) / (delta * len(r) * total)  # d/d(log-sum), with the softmax weight
+    return float((weights * _huber(r, delta)).mean() / delta), [psi * wj for wj in w]
 
 
-def _objective(theta, x, y, logl, delta):
+def _objective(theta, x, y, logl, delta, weights=None):
     """Chinchilla approach 3 on (a', alpha, b', beta, e): the value and its gradient."""
     a, alpha, b, beta, e = theta
-    value, (g1, g2, g3) = _huber_of_log_sum([a - alpha * x, b - beta * y, np.full_like(x, e)], logl, delta)
+    value, (g1, g2, g3) = _huber_of_log_sum([a - alpha * x, b - beta * y, np.full_like(x, e)], logl, delta, weights)
     return value, np.array([g1.sum(), -g1 @ x, g2.sum(), -g2 @ y, g3.sum()])
+
+
+def _shared_objective(phi, x, y, logl, delta, weights=None):
+    """_objective on (a', alpha, b', e) with beta = alpha (Gadre et al. 2024)."""
+    value, g = _objective(_unshare(phi), x, y, logl, delta, weights)
+    return value, np.array([g[0], g[1] + g[3], g[2], g[4]])
+
+
+def _unshare(phi: np.ndarray) -> np.ndarray:
+    a, alpha, b, e = phi
+    return np.array([a, alpha, b, alpha, e])
 
 
 def _grid(loss: np.ndarray) -> np.ndarray:
@@ -165,47 +182,60 @@ def _check_design(n: np.ndarray, d: np.ndarray, source: str) -> None:
 
 @single_threaded_blas
 def fit_chinchilla(params, tokens, loss, *, delta: float = 1e-3, n_starts: int = 8,
-                   warm_start: Optional[ChinchillaFit] = None, source: str = "table") -> ChinchillaFit:
+                   warm_start: Optional[ChinchillaFit] = None, source: str = "table",
+                   variant: LawVariant | str = "chinchilla") -> ChinchillaFit:
     """Fit L = E + A/N^alpha + B/D^beta by L-BFGS on a Huber loss of log-loss residuals (Hoffmann et al. 2022,
-    approach 3), starting from the best `n_starts` points of a grid (plus `warm_start`, when given).
+    approach 3), starting from the best `n_starts` points of a grid (plus `warm_start`, when given). `variant`
+    (laws/variants.py) may share one exponent, weight runs by compute or bound E by the lowest loss.
 
     The grid is screened on its objective value first and L-BFGS runs only from the best points: the full
     Chinchilla grid of L-BFGS runs costs 100x more and, on our tests, finds the same optimum.
     """
+    variant = law_variant(variant) if isinstance(variant, str) else variant
     n, d, loss = (np.asarray(v, dtype=float) for v in (params, tokens, loss))
     _check_design(n, d, source)
     if delta <= 0:
         raise MiniCPMError(f"huber delta must be positive, got {delta}")
     centre = warm_start.centre if warm_start else (float(np.log(n).mean()), float(np.log(d).mean()))
     x, y, logl = np.log(n) - centre[0], np.log(d) - centre[1], np.log(loss)
+    weights = variant.weights(n, d)
     starts = [warm_start.theta] if warm_start is not None else []
+    bounds = _bounds(loss)
+    if variant.e_below_min_loss:
+        bounds[4] = (bounds[4][0], math.log(loss.min()))
     if n_starts:
         grid = _grid(loss)
-        values = _huber(_log_model(grid, x, y) - logl, delta).mean(axis=-1)
+        if variant.shared_exponent:
+            grid = grid[grid[:, 1] == grid[:, 3]]
+        grid = grid[grid[:, 4] <= bounds[4][1]]
+        values = ((weights if weights is not None else 1.0) * _huber(_log_model(grid, x, y) - logl, delta)).mean(-1)
         starts += list(grid[np.argsort(values)[:n_starts]])
-    bounds = _bounds(loss)
+    objective = _shared_objective if variant.shared_exponent else _objective
+    free = [0, 1, 2, 4] if variant.shared_exponent else [0, 1, 2, 3, 4]
     best = None
     for theta0 in starts:
-        theta0 = np.clip(theta0, [b[0] for b in bounds], [b[1] for b in bounds])
-        res = minimize(_objective, theta0, args=(x, y, logl, delta), jac=True, method="L-BFGS-B", bounds=bounds,
-                       options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
+        theta0 = np.clip(theta0, [b[0] for b in bounds], [b[1] for b in bounds])[free]
+        res = minimize(objective, theta0, args=(x, y, logl, delta, weights), jac=True, method="L-BFGS-B",
+                       bounds=[bounds[i] for i in free], options={"maxiter": 2000, "ftol": 1e-13, "gtol": 1e-10})
         if res.status == 1 or not np.all(np.isfinite(res.x)) or not np.isfinite(res.fun):
             continue  # ran out of iterations or overflowed: not a converged start
         if best is None or res.fun < best.fun:
             best = res
     if best is None:
         raise MiniCPMError(f"{source}: the L(N, D) fit did not converge from any of {len(starts)} starts")
+    theta = _unshare(best.x) if variant.shared_exponent else best.x
     for name, i in (("alpha", 1), ("beta", 3)):
         lo, hi = bounds[i]
-        if not lo * 1.0001 < best.x[i] < hi * 0.9999:
-            raise MiniCPMError(f"{source}: the fit did not converge: {name} ran to its bound ({best.x[i]:.4g}); "
+        if not lo * 1.0001 < theta[i] < hi * 0.9999:
+            raise MiniCPMError(f"{source}: the fit did not converge: {name} ran to its bound ({theta[i]:.4g}); "
                                f"the data do not determine it")
-    a, alpha, b, beta, e = best.x
+    a, alpha, b, beta, e = theta
     law = ScalingLaw(E=math.exp(e), A=math.exp(a + alpha * centre[0]), B=math.exp(b + beta * centre[1]),
                      alpha=float(alpha), beta=float(beta))
     if not all(math.isfinite(v) and v > 0 for v in law.as_dict().values()):
         raise MiniCPMError(f"{source}: the fit did not converge to finite parameters ({law})")
-    return ChinchillaFit(law, float(best.fun), delta, len(loss), len(starts), best.x.copy(), centre)
+    return ChinchillaFit(law, float(best.fun), delta, len(loss), len(starts), theta.copy(), centre,
+                         variant=variant.name)
 
 
 def _raw_model(theta: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -274,10 +304,16 @@ METHODS = {"huber": fit_chinchilla, "lsq": fit_lsq}
 raw loss (the paper's curve_fit)."""
 
 
-def fit_law(method: str, params, tokens, loss, **kwargs) -> ChinchillaFit:
+def fit_law(method: str, params, tokens, loss, *, variant: str = "chinchilla", **kwargs) -> ChinchillaFit:
+    """Fit by `method`; the variants (laws/variants.py) are Huber fits, the paper's least squares fits its own law."""
     if method not in METHODS:
         raise MiniCPMError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
-    return METHODS[method](params, tokens, loss, **kwargs)
+    if method == "lsq":
+        if variant != "chinchilla":
+            raise MiniCPMError(f"--law {variant!r}: the least-squares fit (--method lsq, the paper's curve_fit) fits "
+                               f"the paper's law with free exponents; use --law chinchilla or --method huber")
+        return fit_lsq(params, tokens, loss, **kwargs)
+    return fit_chinchilla(params, tokens, loss, variant=variant, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------- bootstrap
@@ -318,7 +354,7 @@ def resample_groups(groups: list[np.ndarray], rng: np.random.Generator) -> np.nd
 
 
 @single_threaded_blas
-def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 200, confidence: float = 0.9,
+def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
                          seed: int = 0, n_starts: int = 0, progress: bool = False) -> Bootstrap:
     """Percentile bootstrap over runs: each resample is refitted from the full fit's optimum (and the best
     `n_starts` grid points, when asked). A resample that cannot be fitted (too few distinct sizes drawn, no
@@ -332,7 +368,7 @@ def bootstrap_chinchilla(table: RunTable, fit: ChinchillaFit, *, n_boot: int = 2
         idx = resample_groups(groups, rng)
         try:
             refit = fit_law(fit.method, table.params[idx], table.tokens[idx], table.loss[idx],
-                            delta=fit.delta, n_starts=n_starts, warm_start=fit)
+                            delta=fit.delta, n_starts=n_starts, warm_start=fit, variant=fit.variant)
         except MiniCPMError:
             failed += 1
             continue
@@ -357,11 +393,12 @@ class HeldOut:
     skipped: Optional[str] = None
 
 
-def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float, method: str = "huber") -> HeldOut:
+def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float, method: str = "huber",
+                   variant: str = "chinchilla") -> HeldOut:
     keep = ~held
     try:
         fit = fit_law(method, table.params[keep], table.tokens[keep], table.loss[keep], delta=delta,
-                      source=f"{label} held out")
+                      source=f"{label} held out", variant=variant)
     except MiniCPMError as e:
         return HeldOut(label, int(keep.sum()), int(held.sum()), skipped=str(e).split(": ", 1)[-1])
     rel = fit.law.loss(table.params[held], table.tokens[held]) / table.loss[held] - 1.0
@@ -369,15 +406,15 @@ def held_out_error(table: RunTable, held: np.ndarray, label: str, delta: float, 
 
 
 @single_threaded_blas
-def held_out_checks(table: RunTable, delta: float, method: str = "huber") -> list[HeldOut]:
+def held_out_checks(table: RunTable, delta: float, method: str = "huber", variant: str = "chinchilla") -> list[HeldOut]:
     """Refit without (a) every run of the largest size, (b) the longest run of each size; predict what was left out."""
     largest = table.params == table.params.max()
     longest = np.zeros(len(table), dtype=bool)
     for n in np.unique(table.params):
         rows = table.params == n
         longest |= rows & (table.tokens == table.tokens[rows].max())
-    return [held_out_error(table, largest, f"largest size (N={table.params.max():.3g})", delta, method),
-            held_out_error(table, longest, "longest run of each size", delta, method)]
+    return [held_out_error(table, largest, f"largest size (N={table.params.max():.3g})", delta, method, variant),
+            held_out_error(table, longest, "longest run of each size", delta, method, variant)]
 
 
 # ------------------------------------------------------------------------------------------- isoFLOP, envelope
@@ -520,8 +557,8 @@ def _fit_log_linear(loss: np.ndarray, bs: np.ndarray) -> BatchSizeLaw:
     return BatchSizeLaw(a=float(math.exp(intercept)), b=float(-slope))
 
 
-def fit_batch_size_law(loss, batch_tokens, runs: Optional[Sequence[str]] = None, *, n_boot: int = 200,
-                       confidence: float = 0.9, seed: int = 0) -> BatchSizeFit:
+def fit_batch_size_law(loss, batch_tokens, runs: Optional[Sequence[str]] = None, *, n_boot: int = BOOTSTRAP_RESAMPLES,
+                       confidence: float = CONFIDENCE, seed: int = 0) -> BatchSizeFit:
     """Least squares of log bs = log a − b·log L over (loss, optimal batch) pairs, bootstrap over runs."""
     loss, bs = np.asarray(loss, dtype=float), np.asarray(batch_tokens, dtype=float)
     if len(loss) < 3:

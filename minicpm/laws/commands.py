@@ -9,6 +9,7 @@ from typing import Sequence
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.laws import BOOTSTRAP_RESAMPLES, CONFIDENCE
 
 FORMS = ("loss", "batch")
 """loss: L(N, D) = E + A/N^alpha + B/D^beta; batch: the optimal batch-size law bs = a/L^b."""
@@ -27,11 +28,14 @@ class FitOutput:
 
 
 def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "eval_loss", delta: float = 1e-3,
-                bootstrap: int = 200, confidence: float = 0.9, seed: int = 0, budgets: Sequence[float] | None = None,
+                bootstrap: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0, budgets: Sequence[float] | None = None,
                 predictions: Sequence[tuple[float, float]] = (), at_loss: Sequence[float] = (),
                 isoflop_tol: float = 0.05, out: str | None = None, plot: str | None = None,
-                progress: bool = False, method: str = "huber") -> FitOutput:
-    """Fit L(N, D) (or the batch-size law) to tables or run directories; JSON to `out`, plots into `plot`."""
+                progress: bool = False, method: str = "huber", law: str | None = None, holdout: str | None = None,
+                leave_one_size_out: bool = False) -> FitOutput:
+    """Fit L(N, D) (or the batch-size law) to tables or run directories; JSON to `out`, plots into `plot`.
+    law: the form of L(N, D) (laws/variants.py); holdout="largest" adds the law fitted without the largest size
+    predicting it; leave_one_size_out adds every size predicted by every law fitted on the others."""
     from minicpm.laws import chinchilla as fit
     from minicpm.laws import tables as fit_data
     from minicpm.laws import report as fit_report
@@ -47,8 +51,10 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
         table = fit_data.load_runs(inputs, loss_key=loss_key)
         report = fit_report.analyse_table(table, delta=delta, n_boot=bootstrap, confidence=confidence, seed=seed,
                                           budgets=budgets, predictions=predictions, isoflop_tol=isoflop_tol,
-                                          progress=progress, method=method)
+                                          progress=progress, method=method, law=law)
         doc, text = fit_report.report_json(report), fit_report.format_report(report)
+        doc, text = _held_out_sizes(table, doc, text, method=method, law=report.fit.variant, holdout=holdout,
+                                    every_size=leave_one_size_out, delta=delta, confidence=confidence, seed=seed)
     output = FitOutput(text, fit_report.dumps(doc))
     if out:
         write_atomic(out, output.json + "\n")
@@ -57,16 +63,42 @@ def fit_scaling(inputs: Sequence[str], *, form: str = "loss", loss_key: str = "e
     return output
 
 
+def _held_out_sizes(table, doc: dict, text: str, *, method: str, law: str, holdout: str | None, every_size: bool,
+                    delta: float, confidence: float, seed: int) -> tuple[dict, str]:
+    """The report with `--holdout largest` and `--leave-one-size-out` added (JSON keys holdout, leave_one_size_out)."""
+    from minicpm.laws import extrapolation
+    from minicpm.laws.variants import VARIANTS
+
+    if holdout not in (None, "largest"):
+        raise MiniCPMError(f"--holdout {holdout!r}: the only holdout is 'largest'")
+    options = dict(method=method, delta=delta, confidence=confidence, seed=seed)
+    if holdout:
+        row = extrapolation.holdout_largest(table, law, **options)
+        doc["holdout"] = row.to_json()
+        text += "\n\nHeld out: the largest size, predicted by the law fitted on the others\n" + \
+            extrapolation.format_held_out([row], confidence)
+    if every_size:
+        laws = ["chinchilla"] if method == "lsq" else list(VARIANTS)
+        rows = extrapolation.leave_one_size_out(table, laws, **options)
+        doc["leave_one_size_out"] = [r.to_json() for r in rows]
+        text += "\n\nLeave one size out: each size predicted by each law fitted on the other sizes\n" + \
+            extrapolation.format_held_out(rows, confidence)
+    return doc, text
+
+
 def fit_curve(curves: Sequence[str], *, law: str, loss_key: str = "loss", delta: float = 1e-3, min_step: int = 0,
-              max_points: int = 200, out: str | None = None, plot: str | None = None) -> FitOutput:
-    """Fit a loss-curve law to training curves (metrics.jsonl, run directories or CSVs of step, lr, loss)."""
+              max_points: int = 200, out: str | None = None, plot: str | None = None,
+              method: str = "optimum") -> FitOutput:
+    """Fit a loss-curve law to training curves (metrics.jsonl, run directories or CSVs of step, lr, loss);
+    method: optimum (the objective's deepest optimum) or luo (mpl by Luo et al.'s early-stopped AdamW)."""
     from minicpm.laws import curves as curve_laws
     from minicpm.laws import tables as fit_data
     from minicpm.laws import report as fit_report
     if law not in CURVE_LAWS:
         raise MiniCPMError(f"--law {law!r}: expected one of {', '.join(CURVE_LAWS)}")
     loaded = [fit_data.load_curve(c, loss_key) for c in curves]
-    result = curve_laws.fit_curve_law(law, loaded, delta=delta, min_step=min_step, max_points=max(max_points, 1))
+    result = curve_laws.fit_curve_law(law, loaded, delta=delta, min_step=min_step, max_points=max(max_points, 1),
+                                      method=method)
     output = FitOutput(fit_report.format_curve_fit(result), fit_report.dumps(result.to_json()))
     if out:
         write_atomic(out, output.json + "\n")

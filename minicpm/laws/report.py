@@ -1,5 +1,5 @@
 """What `minicpm scaling fit / fit-curve / predict-curve` show: the analysis of a table of runs, as a table for
-people, a JSON object for programs, and PNG plots (matplotlib, Agg backend)."""
+people, a JSON object for programs, and PNG plots (minicpm/plots.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,17 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_figure
+from minicpm.laws import BOOTSTRAP_RESAMPLES, CONFIDENCE
+from minicpm.plots import figure, save_png
 from minicpm.laws.curves import FORMULAS, CurveFit, predict_loss, prediction_steps, warmup_end
 from minicpm.laws.chinchilla import (PAPER_NAMES, PARAMS, BatchSizeFit, Bootstrap, ChinchillaFit, Envelope, HeldOut,
                                      IsoflopFit, bootstrap_chinchilla, fit_envelope, fit_isoflop, fit_law,
                                      held_out_checks)
 from minicpm.laws.tables import Curve, RunTable, lr_per_step
+from minicpm.laws.variants import DEFAULT_LAW, law_variant
 
 LAW_TEXT = "L(N, D) = E + A/N^alpha + B/D^beta"
+
 
 
 @dataclass
@@ -36,20 +39,27 @@ class ScalingReport:
     envelope_note: Optional[str]
 
 
+def default_law(method: str) -> str:
+    """The form of L(N, D) a fit by `method` uses unless told: the paper's least squares fits its own law."""
+    return "chinchilla" if method == "lsq" else DEFAULT_LAW
+
+
 def default_budgets(table: RunTable) -> list[float]:
     """Four decades of compute from the largest run's budget up: where a plan is usually wanted."""
     top = math.ceil(math.log10(table.compute().max()))
     return [10.0 ** (top + k) for k in range(4)]
 
 
-def analyse_table(table: RunTable, *, delta: float = 1e-3, n_boot: int = 200, confidence: float = 0.9,
+def analyse_table(table: RunTable, *, delta: float = 1e-3, n_boot: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE,
                   seed: int = 0, budgets: Optional[Sequence[float]] = None,
                   predictions: Sequence[tuple[float, float]] = (), isoflop_tol: float = 0.05,
-                  progress: bool = False, method: str = "huber") -> ScalingReport:
+                  progress: bool = False, method: str = "huber", law: Optional[str] = None) -> ScalingReport:
     """Every fit `minicpm scaling fit` reports: L(N, D) with bootstrap intervals and held-out checks, the
     compute-optimal plan, isoFLOP profiles and the envelope (these two only where the table allows).
-    method: huber (approach 3 on log loss) or lsq (least squares on the raw loss, the paper's curve_fit)."""
-    fit = fit_law(method, table.params, table.tokens, table.loss, delta=delta, source=table.source)
+    method: huber (approach 3 on log loss) or lsq (least squares on the raw loss, the paper's curve_fit);
+    law: the form of L(N, D) (laws/variants.py; default DEFAULT_LAW for huber, the paper's own for lsq)."""
+    law = law or default_law(method)
+    fit = fit_law(method, table.params, table.tokens, table.loss, delta=delta, source=table.source, variant=law)
     boot = bootstrap_chinchilla(table, fit, n_boot=n_boot, confidence=confidence, seed=seed, progress=progress)
     try:
         envelope, note = fit_envelope(table, delta), None
@@ -58,7 +68,7 @@ def analyse_table(table: RunTable, *, delta: float = 1e-3, n_boot: int = 200, co
     for value in list(budgets or []) + [v for pair in predictions for v in pair]:
         if not (math.isfinite(value) and value > 0):
             raise MiniCPMError(f"budgets and predictions must be positive numbers, got {value!r}")
-    return ScalingReport(table, fit, boot, held_out_checks(table, delta, method), list(budgets or default_budgets(table)),
+    return ScalingReport(table, fit, boot, held_out_checks(table, delta, method, law), list(budgets or default_budgets(table)),
                          list(predictions), fit_isoflop(table, isoflop_tol), envelope, note)
 
 
@@ -112,7 +122,7 @@ def report_json(r: ScalingReport) -> dict:
         "intervals": {k: list(v) for k, v in r.boot.intervals().items()},
         "confidence": r.boot.confidence,
         "paper_names": {PAPER_NAMES[p]: getattr(law, p) for p in ("E", "A", "B")},
-        "fit": {"method": r.fit.method, "points": len(t), "runs": len(set(t.run)),
+        "fit": {"method": r.fit.method, "variant": r.fit.variant, "points": len(t), "runs": len(set(t.run)),
                 **({"huber_delta": r.fit.delta} if r.fit.method == "huber" else {}), "objective": r.fit.objective,
                 "starts": r.fit.starts, "rmse_log_loss": float(np.sqrt(np.mean(np.log1p(rel) ** 2))),
                 "max_abs_rel_err": float(np.abs(rel).max())},
@@ -148,7 +158,8 @@ def format_report(r: ScalingReport) -> str:
     pct = f"{r.boot.confidence:.0%}"
     how = (f"Chinchilla approach 3: Huber delta={_g(r.fit.delta)} on log loss, L-BFGS" if r.fit.method == "huber"
            else f"least squares on the raw loss as the paper's curve_fit, RMSE {_g(r.fit.objective, 3)}")
-    out = [f"{LAW_TEXT}   ({how} from {r.fit.starts} grid starts)",
+    form = f"; law {r.fit.variant}: {law_variant(r.fit.variant).description}"
+    out = [f"{LAW_TEXT}   ({how} from {r.fit.starts} grid starts{form})",
            f"  {len(t)} runs: {len(np.unique(t.params))} sizes N = {_g(t.params.min(), 3)}..{_g(t.params.max(), 3)}, "
            f"tokens D = {_g(t.tokens.min(), 3)}..{_g(t.tokens.max(), 3)}",
            f"  {'param':<12}{'value':>12}   {pct} interval ({len(r.boot.laws)} bootstrap resamples of runs"
@@ -159,6 +170,9 @@ def format_report(r: ScalingReport) -> str:
         out.append(f"  {name:<12}{_g(getattr(law, p)):>12}   {_iv(intervals[p])}")
     out.append(f"  fit: RMSE of log loss {_g(float(np.sqrt(np.mean(np.log1p(rel) ** 2))), 3)}, "
                f"max |error| {np.abs(rel).max():.2%}")
+    if law_variant(r.fit.variant).shared_exponent:
+        out.append("  note: with alpha = beta, N_opt and D_opt grow as C^0.5 by construction (the allocation below); "
+                   "fit --law chinchilla to measure their exponents")
     for h in r.held_out:
         if h.skipped:
             out.append(f"  held out {h.label}: skipped ({h.skipped})")
@@ -201,6 +215,32 @@ def format_report(r: ScalingReport) -> str:
     return "\n".join(out)
 
 
+def format_side_by_side(reports: Sequence[tuple[str, ScalingReport]]) -> str:
+    """Several fits of one campaign in columns: the law's constants (paper names), the allocation and the checks.
+    Losses per token and per byte differ in scale, so compare exponents, allocations and relative errors."""
+    width = max(24, *(len(label) + 2 for label, _ in reports))
+    rows = [("method", lambda r: r.fit.method), ("law", lambda r: r.fit.variant)]
+    intervals = [r.boot.intervals() for _, r in reports]
+    out = [f"  {'':<22}" + "".join(f"{label:>{width}}" for label, _ in reports)]
+    for name, get in rows:
+        out.append(f"  {name:<22}" + "".join(f"{get(r):>{width}}" for _, r in reports))
+    for p in PARAMS:
+        label = f"{p} ({PAPER_NAMES[p]})" if PAPER_NAMES[p] != p else p
+        out.append(f"  {label:<22}" + "".join(f"{_g(getattr(r.fit.law, p)) + ' ' + _iv(iv[p]):>{width}}"
+                                               for (_, r), iv in zip(reports, intervals)))
+    derived = [("N_opt exponent", lambda law: law.beta / (law.alpha + law.beta)),
+               ("eta = N_opt/D_opt exp.", lambda law: law.eta), ("K^2", lambda law: law.K ** 2)]
+    for name, get in derived:
+        out.append(f"  {name:<22}" + "".join(f"{_g(get(r.fit.law)):>{width}}" for _, r in reports))
+    out.append(f"  {'max |error| in fit':<22}" + "".join(f"{np.abs(_residuals(r)).max():>{width}.2%}"
+                                                          for _, r in reports))
+    for i, h in enumerate(reports[0][1].held_out):
+        cells = [r.held_out[i] for _, r in reports]
+        out.append(f"  {'held out ' + ('largest' if i == 0 else 'longest'):<22}" +
+                   "".join(f"{'skipped' if c.skipped else f'{c.mean_abs_rel_err:.2%}':>{width}}" for c in cells))
+    return "\n".join(out)
+
+
 def format_batch_fit(f: BatchSizeFit, at_loss: Sequence[float] = ()) -> str:
     iv = f.intervals()
     out = [f"bs_tokens = a / L^b   (least squares in log space, {f.n_points} pairs; "
@@ -223,7 +263,8 @@ def batch_fit_json(f: BatchSizeFit, at_loss: Sequence[float] = ()) -> dict:
 
 
 def format_curve_fit(f: CurveFit) -> str:
-    out = [f"{f.law}: {FORMULAS[f.law]}", f"  {'param':<8}value"]
+    how = "" if f.method == "optimum" else f"   (fitted by {f.method}: Luo et al.'s early-stopped AdamW)"
+    out = [f"{f.law}: {FORMULAS[f.law]}{how}", f"  {'param':<8}value"]
     out += [f"  {k:<8}{_g(v, 6)}" for k, v in f.params.items()]
     for c in f.curves:
         out.append(f"  curve {c.name}: {c.points} points, RMSE {c.rmse_rel:.3%}, max |error| {c.max_abs_rel_err:.3%}")
@@ -244,25 +285,17 @@ def prediction_csv(steps: np.ndarray, lr: np.ndarray, loss: np.ndarray) -> str:
 
 # ------------------------------------------------------------------------------------------- files
 
-def _save(fig, path: Path) -> Path:
-    return write_figure(fig, path, dpi=120, bbox_inches="tight")
-
-
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_scaling(r: ScalingReport, out_dir: str | Path) -> list[Path]:
     """loss_vs_tokens.png (runs and fitted L(N, ·) per size) and compute_optimal.png (N_opt, D_opt with their
     bootstrap band, and the loss-vs-compute envelope)."""
-    plt, out_dir = _pyplot(), Path(out_dir)
+    from matplotlib import colormaps
+
+    out_dir = Path(out_dir)
     t, law = r.table, r.fit.law
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig = figure(7, 5, dpi=120)
+    ax = fig.subplots()
     sizes = np.unique(t.params)
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(sizes)))
+    colors = colormaps["viridis"](np.linspace(0, 0.9, len(sizes)))
     for n, color in zip(sizes, colors):
         rows = t.params == n
         ax.scatter(t.tokens[rows], t.loss[rows], color=color, s=18, label=f"N={_g(n, 3)}")
@@ -270,12 +303,12 @@ def plot_scaling(r: ScalingReport, out_dir: str | Path) -> list[Path]:
         ax.plot(d, law.loss(n, d), color=color, lw=1)
     ax.set(xscale="log", xlabel="tokens D", ylabel="loss", title=f"{LAW_TEXT} (lines: fit)")
     ax.legend(fontsize=8)
-    paths = [_save(fig, out_dir / "loss_vs_tokens.png")]
-    plt.close(fig)
+    paths = [save_png(fig, out_dir / "loss_vs_tokens.png")]
 
     c_all = t.compute()
     c = np.geomspace(c_all.min(), max(c_all.max(), max(r.budgets)), 100)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    fig = figure(15, 4.5, dpi=120)
+    axes = fig.subplots(1, 3)
     for ax, name, f in ((axes[0], "N_opt (params)", "n_opt"), (axes[1], "D_opt (tokens)", "d_opt")):
         band = np.array([getattr(b, f)(c) for b in r.boot.laws])
         tail = 50.0 * (1 - r.boot.confidence)
@@ -294,16 +327,15 @@ def plot_scaling(r: ScalingReport, out_dir: str | Path) -> list[Path]:
     axes[2].set(xscale="log", xlabel="compute C (FLOPs)", ylabel="loss")
     axes[2].legend(fontsize=8)
     fig.suptitle("compute-optimal frontier")
-    paths.append(_save(fig, out_dir / "compute_optimal.png"))
-    plt.close(fig)
+    paths.append(save_png(fig, out_dir / "compute_optimal.png"))
     return paths
 
 
 def plot_curves(series: Sequence[tuple[str, np.ndarray, np.ndarray, Optional[np.ndarray], np.ndarray]],
                 path: str | Path, title: str) -> Path:
     """Loss against step for each (name, steps, predicted, observed or None, lr at those steps); LR on a twin axis."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig = figure(8, 5, dpi=120)
+    ax = fig.subplots()
     lr_ax = ax.twinx()
     for i, (name, steps, pred, obs, lr) in enumerate(series):
         color = f"C{i}"
@@ -315,9 +347,7 @@ def plot_curves(series: Sequence[tuple[str, np.ndarray, np.ndarray, Optional[np.
     ax.set(xlabel="step", ylabel=ylabel, title=title)
     lr_ax.set_ylabel("lr (dotted)")
     ax.legend(fontsize=8)
-    out = _save(fig, Path(path))
-    plt.close(fig)
-    return out
+    return save_png(fig, path)
 
 
 def plot_curve_fit(fit: CurveFit, curves: Sequence[Curve], out_dir: str | Path) -> Path:

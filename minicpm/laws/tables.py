@@ -67,7 +67,9 @@ class Curve:
 
 # ------------------------------------------------------------------------------------------- tables of runs
 
-def _number(value: Any, where: str, column: str) -> float:
+def positive_cell(value: Any, where: str, column: str) -> float:
+    """A table cell as a positive finite number (NaN when empty); anything else is one line naming `where` and the
+    column."""
     if value is None or (isinstance(value, str) and value.strip() == ""):
         return math.nan
     try:
@@ -79,7 +81,7 @@ def _number(value: Any, where: str, column: str) -> float:
     return x
 
 
-def _read_records(path: Path) -> list[tuple[str, dict]]:
+def read_records(path: Path) -> list[tuple[str, dict]]:
     """(location, record) pairs from a CSV or JSONL file."""
     try:
         text = path.read_text(encoding="utf-8")
@@ -134,7 +136,7 @@ def _table_from_records(records: list[tuple[str, dict]], source: str, required: 
     runs: list[str] = []
     for where, rec in records:
         for col in NUMERIC_COLUMNS:
-            x = _number(rec.get(col), where, col)
+            x = positive_cell(rec.get(col), where, col)
             if col in required and math.isnan(x):
                 raise MiniCPMError(f"{where}: column {col!r} is empty")
             cols[col].append(x)
@@ -151,12 +153,12 @@ def _table_from_records(records: list[tuple[str, dict]], source: str, required: 
 def load_table(path: str | Path, required: tuple[str, ...] = ("params", "tokens", "loss")) -> RunTable:
     """A CSV or JSONL table with columns params, tokens, loss (optional flops, run, batch_tokens)."""
     path = Path(path)
-    return _table_from_records(_read_records(path), str(path), required)
+    return _table_from_records(read_records(path), str(path), required)
 
 
 # ------------------------------------------------------------------------------------------- run directories
 
-def _model_config(run_dir: Path) -> ModelConfig:
+def run_model_config(run_dir: Path) -> ModelConfig:
     """The run's model, from config.yaml's `model` section (a preset name and/or HF fields) or a config.json."""
     run = RunDir(run_dir)
     cfg_path = run.config_file
@@ -193,20 +195,19 @@ def run_dir_row(run_dir: str | Path, loss_key: str = "eval_loss") -> dict[str, A
     """(params, tokens, loss) of a finished run: N from its model config, its last eval loss (or `loss_key`, e.g.
     eval_bpb: the paper fits per-byte loss, §4.5) and the tokens seen then."""
     run_dir = Path(run_dir)
-    records = _metrics(run_dir)
-    evals = [(w, r) for w, r in records if isinstance(r.get(loss_key), (int, float))
-             and math.isfinite(r[loss_key])]
-    if not evals:
-        raise MiniCPMError(f"{RunDir(run_dir).metrics_file}: no line with a finite {loss_key!r}")
-    where, last = evals[-1]
-    tokens = last.get("tokens")
-    if tokens is None:  # an eval line may omit tokens: take the last training line at or before its step
-        step = last.get("step", math.inf)
-        seen = [r["tokens"] for _, r in records if "tokens" in r and r.get("step", -1) <= step]
-        if not seen:
-            raise MiniCPMError(f"{where}: no 'tokens' on the eval line or on any training line before it")
-        tokens = seen[-1]
-    return {"params": _model_config(run_dir).non_embedding_params(), "tokens": tokens,
+    run = RunDir(run_dir)
+    if not run.metrics_file.exists():
+        raise MiniCPMError(f"{run_dir}: no {run.metrics_file.name} (is this a run directory?)")
+    last = run.last_eval(loss_key)
+    if last is None:
+        raise MiniCPMError(f"{run.metrics_file}: no line with a finite {loss_key!r}")
+    where = f"{run.metrics_file}: step {last.get('step')}"
+    if not math.isfinite(last[loss_key]):
+        raise MiniCPMError(f"{where}: the last {loss_key!r} is {last[loss_key]} (the run diverged): leave the run "
+                           f"out of the fit")
+    if "tokens" not in last:
+        raise MiniCPMError(f"{where}: no 'tokens' on the eval line or on any training line before it")
+    return {"params": run_model_config(run_dir).non_embedding_params(), "tokens": last["tokens"],
             "loss": last[loss_key], "run": run_dir.name}
 
 
@@ -221,7 +222,7 @@ def load_runs(inputs: list[str | Path], required: tuple[str, ...] = ("params", "
         if p.is_dir():
             records.append((str(p), run_dir_row(p, loss_key)))
         else:
-            table_records = _read_records(p)
+            table_records = read_records(p)
             if not table_records:
                 raise MiniCPMError(f"{p}: no rows")
             records.extend(table_records)
@@ -242,7 +243,7 @@ def load_curve(path: str | Path, loss_key: str = "loss") -> Curve:
         path = RunDir(path).metrics_file
         records = _metrics(path.parent)
     else:
-        records = _read_records(path)
+        records = read_records(path)
     lr_pts: dict[int, float] = {}
     loss_pts: dict[int, float] = {}
     for where, rec in records:
@@ -310,7 +311,7 @@ def load_schedule(path: str | Path) -> np.ndarray:
         except yaml.YAMLError as e:
             raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         return schedule_lr_from_config(cfg, str(path))
-    records = _read_records(path)
+    records = read_records(path)
     rows = []
     for where, rec in records:
         for col in ("step", "lr"):
@@ -361,4 +362,11 @@ def schedule_lr_from_config(cfg: Any, source: str) -> np.ndarray:
         schedule = ScheduleConfig(**section).resolve()
     except MiniCPMError as e:
         raise MiniCPMError(f"{source}: {e}") from None
-    return lr * np.array([schedule(step) for step in range(schedule.total_steps + 1)])
+    return trainer_lr_per_step(lr, schedule, schedule.total_steps)
+
+
+def trainer_lr_per_step(lr: float, schedule: Any, total_steps: int) -> np.ndarray:
+    """The LR at steps 0..total_steps as the trainer logs it: metrics step s is the s-th update, taken at
+    lr·schedule(s − 1) (train/loop.py), and step 0 is before any update, LR 0 (as lr_per_step reads logged curves;
+    the multi-power law's lr_0, from which the warmup's rises count)."""
+    return lr * np.array([0.0] + [schedule(step) for step in range(total_steps)])

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object
+from minicpm.model.shapes import WidthRule
 
 
 # transformers' rope_type names (modeling_rope_utils.ROPE_INIT_FUNCTIONS) plus our static NTK-aware "ntk";
@@ -271,9 +272,7 @@ def _rope_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def _proxy(d: int, layers: int, vocab: int = 122753) -> ModelConfig:
-    # paper Table 8: d_ff = 2.5·d, head_dim 64, multi-head attention
-    return ModelConfig(vocab_size=vocab, hidden_size=d, intermediate_size=d * 5 // 2, num_hidden_layers=layers,
-                       num_attention_heads=d // 64, num_key_value_heads=d // 64)
+    return ModelConfig(vocab_size=vocab, **WidthRule().fields(d, layers))  # paper Table 8
 
 
 PRESETS: dict[str, ModelConfig] = {

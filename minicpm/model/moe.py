@@ -4,12 +4,15 @@
     w, e    = top-k(probs); w /= Σ w                       renormalise, so identical experts give the dense MLP)
     MoE(x)  = Σ_k w_k · expert_{e_k}(x)
 
-Dropless dispatch: the (token, choice) pairs are sorted by expert so that each expert runs its tokens as one matmul
-(one grouped matmul for all experts where torch's `F.grouped_mm` serves the device and dtype: CUDA bf16, CPU
-fp32; otherwise a loop over the experts).
+Dropless dispatch: the (token, choice) pairs are sorted by expert once, so that each expert's rows are contiguous;
+the experts' weights are stored stacked (`Experts`: gate and up of all experts in one (E, 2I, d) tensor, down in one
+(E, d, I)), and two grouped matmuls run every expert, gate and up as one, down as the other (torch's `F.grouped_mm`
+where it serves the device and dtype: CUDA bf16, CPU with 16-byte rows; elsewhere the same two matmuls expert by
+expert). The routing weights and the combine (one index_add_) follow in fp32.
 
-Parameter names are the official MiniCPM-MoE keys: `mlp.gate.weight` (E×d, no bias) and
-`mlp.experts.{e}.w1/w3/w2.weight` (gate, up, down), so a state_dict is the official layout.
+Checkpoints keep the official MiniCPM-MoE keys, `mlp.gate.weight` (E×d, no bias) and `mlp.experts.{e}.w1/w3/w2.weight`
+(gate, up, down): the model's own state_dict holds the stacks (`mlp.experts.gate_up`, `mlp.experts.down`), and the
+edges that read and write checkpoints map between the two (`per_expert_state`, `stacked_state`).
 
 What the layer reports through the model's auxiliary channel (`aux_losses`, see transformer.MiniCPM):
   load_balance        E·Σ_e f_e·P_e with f_e the fraction of the top-k assignments and P_e the mean router
@@ -28,48 +31,81 @@ What the layer reports through the model's auxiliary channel (`aux_losses`, see 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minicpm.errors import MiniCPMError
 from minicpm.model.config import ModelConfig
 from minicpm.model.param_roles import HIDDEN, ROUTER
 
 
-class Expert(nn.Module):
-    """SwiGLU under MiniCPM-MoE's names: w2(silu(w1 x) · w3 x)."""
+class Experts(nn.Module):
+    """The E SwiGLU experts of one MoE layer, stored stacked so that all of them run as two grouped matmuls:
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+        gate_up  (E, 2I, d)   expert e's gate projection w1 (rows :I) over its up projection w3 (rows I:)
+        down     (E, d, I)    expert e's down projection w2
+        expert_e(x) = w2 (silu(w1 x) · w3 x)
+
+    The official checkpoint keys `mlp.experts.{e}.w1/w3/w2.weight` are views into these two tensors
+    (`per_expert_state`); `stacked_state` builds them back from the official layout."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.w2 = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.intermediate_size = intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.grouped_mm = True
+        """Use one grouped matmul where torch has one for the device and dtype (False: always the loop)."""
+        if not self.gate_up.is_meta:  # build_model re-initialises by μP role; skipped on meta, where it is slow
+            self.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+    def reset_parameters(self) -> None:
+        # nn.Linear's default for each expert's matrices: U(±1/√fan_in)
+        with torch.no_grad():
+            for weight in (self.gate_up, self.down):
+                bound = 1.0 / math.sqrt(weight.shape[-1])
+                weight.uniform_(-bound, bound)
 
     def mup_roles(self) -> dict[str, str]:
-        return {f"{name}.weight": HIDDEN for name in ("w1", "w2", "w3")}
+        return {"gate_up": HIDDEN, "down": HIDDEN}
+
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the experts' matmuls run in: the autocast dtype when autocast is on (grouped_mm is not an
+        autocast op, so the cast is made here), else the weights'."""
+        device = self.gate_up.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.gate_up.dtype
+
+    def forward(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Each expert applied to its rows: `rows` (R, d) sorted by expert, counts[e] of them expert e's."""
+        dtype = rows.dtype
+        gate_up, down = self.gate_up.to(dtype), self.down.to(dtype)
+        if self.grouped_mm and grouped_mm_serves(rows.device, dtype, rows.shape[-1], self.intermediate_size):
+            offsets = counts.cumsum(0).to(torch.int32)
+            # grouped_mm computes rows @ W_e per group with W_e (in, out): the transposed views of (out, in)
+            gate, up = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
+            return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
+        # the equal fallback: the same two matmuls, one expert at a time; an expert with no tokens still runs (on
+        # zero rows), so that the loop and the grouped matmul give the same (zero) gradient slices
+        out = []
+        for e, part in enumerate(rows.split(counts.tolist())):
+            gate, up = F.linear(part, gate_up[e]).chunk(2, dim=-1)
+            out.append(F.linear(F.silu(gate) * up, down[e]))
+        return torch.cat(out)
 
 
-def grouped_mm_dtype(rows: torch.Tensor, intermediate_size: int) -> torch.dtype | None:
-    """The dtype one grouped matmul over all experts runs in, or None for the loop over experts.
-
-    torch's F.grouped_mm: on CUDA in bf16 (also under bf16 autocast); on CPU in fp32, where its kernel needs rows of
-    whole 16-byte multiples (hidden and intermediate sizes multiples of 4)."""
+def grouped_mm_serves(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
+    """Whether torch's F.grouped_mm runs the experts here: on CUDA in bf16; on CPU in any float dtype (torch >= 2.10),
+    where its kernel needs rows of whole 16-byte multiples (hidden and intermediate sizes)."""
     if not hasattr(F, "grouped_mm"):
-        return None
-    if rows.is_cuda:
-        if rows.dtype == torch.bfloat16:
-            return rows.dtype
-        autocast_bf16 = torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.bfloat16
-        return torch.bfloat16 if autocast_bf16 else None
-    aligned = rows.shape[-1] % 4 == 0 and intermediate_size % 4 == 0
-    cpu_fp32 = rows.device.type == "cpu" and rows.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-    return torch.float32 if aligned and cpu_fp32 else None
+        return False
+    if device.type == "cuda":
+        return dtype == torch.bfloat16
+    return device.type == "cpu" and (hidden_size * dtype.itemsize) % 16 == 0 and (intermediate_size * dtype.itemsize) % 16 == 0
 
 
 class MoE(nn.Module):
@@ -79,12 +115,9 @@ class MoE(nn.Module):
         super().__init__()
         d, self.num_experts, self.top_k = config.hidden_size, config.num_experts, config.num_experts_per_tok
         self.gate = nn.Linear(d, self.num_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(d, config.intermediate_size) for _ in range(self.num_experts))
+        self.experts = Experts(self.num_experts, d, config.intermediate_size)
         self.layer_index = layer_index
         self.router_z_loss, self.jitter = config.router_z_loss, config.router_jitter_noise
-        self.intermediate_size = config.intermediate_size
-        self.grouped_mm = True
-        """Use one grouped matmul where torch has one for the device and dtype (False: always the loop)."""
 
     def mup_roles(self) -> dict[str, str]:
         return {"gate.weight": ROUTER}
@@ -103,47 +136,34 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, probs, weights, chosen = self.route(x)
-        out = self._dispatch(x, weights, chosen)
+        flat = chosen.reshape(-1)
+        # tokens per expert as a fixed-size tensor (no host sync, one shape under torch.compile); the dispatch and
+        # the balance loss both read it
+        counts = torch.zeros(self.num_experts, dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        out = self._dispatch(x, weights, flat, counts)
         if aux_losses is not None:
-            self._report(aux_losses, logits, probs, chosen)
+            self._report(aux_losses, logits, probs, counts)
         return out.view(shape)
 
-    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-        # sort the T·k (token, choice) pairs by expert: each expert's rows are contiguous
-        flat = chosen.reshape(-1)
+    def _dispatch(self, x: torch.Tensor, weights: torch.Tensor, flat: torch.Tensor,
+                  counts: torch.Tensor) -> torch.Tensor:
+        # sort the T·k (token, choice) pairs by expert: each expert's rows are contiguous; the tokens are cast to
+        # the matmuls' dtype once, before the k-fold gather
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=self.num_experts)
         token = order // self.top_k
-        rows = self._experts(x[token], counts)
+        rows = self.experts(x.to(self.experts.compute_dtype()).index_select(0, token), counts)
         rows = (rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token, rows)
 
-    def _experts(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        dtype = grouped_mm_dtype(rows, self.intermediate_size) if self.grouped_mm else None
-        if dtype is not None:
-            return self._grouped(rows.to(dtype), counts)
-        # an expert with no tokens still runs (on zero rows), so every expert gets a gradient, zero or not
-        return torch.cat([expert(part) for expert, part in zip(self.experts, rows.split(counts.tolist()))])
-
-    def _grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        offsets = counts.cumsum(0).to(torch.int32)
-        # grouped_mm computes rows @ W_e per group, W_e (in, out); w1 and w3 side by side: one matmul for both
-        # (one copy: stacking w1_0, w3_0, w1_1, ... and viewing pairs as (E, 2I, d), not a cat then a stack)
-        gate_up = torch.stack([w for e in self.experts for w in (e.w1.weight, e.w3.weight)]).to(rows.dtype)
-        gate_up = gate_up.view(self.num_experts, 2 * self.intermediate_size, -1)
-        down = torch.stack([e.w2.weight for e in self.experts]).to(rows.dtype)
-        gate, up = F.grouped_mm(rows, gate_up.transpose(-2, -1), offs=offsets).chunk(2, dim=-1)
-        return F.grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offsets)
-
-    def _report(self, aux: dict, logits: torch.Tensor, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+    def _report(self, aux: dict, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor) -> None:
         # only this layer's own numbers: under activation checkpointing the block's forward runs again in the
         # backward pass, so nothing here may depend on what other layers have put into `aux` (the pooling over
         # layers happens after them, in pool_router_losses)
-        assigned = torch.zeros(self.num_experts, dtype=torch.float32, device=probs.device)
-        assigned.scatter_add_(0, chosen.reshape(-1), torch.ones(chosen.numel(), device=probs.device))
+        assigned = counts.float()
         z = torch.logsumexp(logits.float(), dim=-1).pow(2).mean() if self.router_z_loss else None
         with torch.no_grad():
-            load = assigned / chosen.numel()
+            load = assigned / (probs.shape[0] * self.top_k)
             entropy = torch.special.entr(probs).sum(dim=-1).mean()
             prefix = f"stat/moe/layer{self.layer_index}"
             for e in range(self.num_experts):
@@ -234,3 +254,62 @@ def pool_router_losses(aux: dict, step: StepBalance | None = None) -> None:
     z = [r.z for r in routing if r.z is not None]
     if z:
         aux["router_z"] = aux.get("router_z", 0.0) + torch.stack(z).mean()
+
+
+# ---------------------------------------------------------------- the official per-expert layout
+
+GATE, UP, DOWN = "w1", "w3", "w2"
+"""MiniCPM-MoE's names for an expert's gate, up and down projections (`mlp.experts.{e}.w1.weight`, ...)."""
+
+
+def per_expert_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict of ours under the official keys: each layer's stacked experts become `{prefix}.{e}.w1.weight`
+    (gate), `.w2.weight` (down), `.w3.weight` (up) per expert, in the official order, each a view into the stack (no
+    copy: copying into them fills the model). Everything else, and a dense model's state, passes as it is."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix, dot, name = key.rpartition(".experts.")
+        if not dot or name not in ("gate_up", "down"):
+            out[key] = tensor
+            continue
+        if name == "down":
+            continue  # written beside gate_up, expert by expert
+        down = state[f"{prefix}.experts.down"]
+        half = tensor.shape[1] // 2
+        for e in range(tensor.shape[0]):
+            out[f"{prefix}.experts.{e}.{GATE}.weight"] = tensor[e, :half]
+            out[f"{prefix}.experts.{e}.{DOWN}.weight"] = down[e]
+            out[f"{prefix}.experts.{e}.{UP}.weight"] = tensor[e, half:]
+    return out
+
+
+def stacked_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of per_expert_state: official per-expert keys into our stacks (one copy of the experts, in their
+    dtype); the other tensors pass as they are. A layer whose experts are numbered 0..E-1 with all three matrices
+    each is required (a missing one is a MiniCPMError naming it)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        prefix, dot, rest = key.partition(".experts.")
+        if not dot:
+            out[key] = tensor
+            continue
+        if rest != f"0.{GATE}.weight":
+            continue  # stacked with its layer's expert 0
+        experts = 0
+        while f"{prefix}.experts.{experts}.{GATE}.weight" in state:
+            experts += 1
+
+        def matrix(e: int, name: str) -> torch.Tensor:
+            found = state.get(f"{prefix}.experts.{e}.{name}.weight")
+            if found is None:
+                raise MiniCPMError(f"MoE weights: missing tensor {prefix}.experts.{e}.{name}.weight")
+            return found
+
+        gate = matrix(0, GATE)
+        gate_up = gate.new_empty((experts, 2 * gate.shape[0], gate.shape[1]))
+        down = gate.new_empty((experts, *matrix(0, DOWN).shape))
+        for e in range(experts):
+            gate_up[e, :gate.shape[0]], gate_up[e, gate.shape[0]:] = matrix(e, GATE), matrix(e, UP)
+            down[e] = matrix(e, DOWN)
+        out[f"{prefix}.experts.gate_up"], out[f"{prefix}.experts.down"] = gate_up, down
+    return out

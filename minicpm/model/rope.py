@@ -254,10 +254,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate heads (B, heads, T, head_dim) in fp32 and cast back (the official models set RoPE to fp32)."""
+    x32 = x.float()
+    return (x32 * cos + _rotate_half(x32) * sin).to(x.dtype)
+
+
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q and k (B, heads, T, head_dim) in fp32 and cast back (the official models set RoPE to fp32)."""
-    dtype = q.dtype
-    q32, k32 = q.float(), k.float()
-    q_out = q32 * cos + _rotate_half(q32) * sin
-    k_out = k32 * cos + _rotate_half(k32) * sin
-    return q_out.to(dtype), k_out.to(dtype)
+    """Rotate q and k (B, heads, T, head_dim): `rotate` of each."""
+    return rotate(q, cos, sin), rotate(k, cos, sin)

@@ -1,7 +1,7 @@
 """The MiniCPM decoder: a Llama-style transformer with the three muP multipliers where they act.
 
 Module names match the official HF checkpoint keys (model.embed_tokens, model.layers.{i}.self_attn.q_proj, ...),
-so a state_dict is the official layout with no renaming. The model knows nothing of training or devices.
+so a dense model's state_dict is the official layout with no renaming (an MoE stacks its experts: model/moe.py). The model knows nothing of training or devices.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from minicpm.model.build import build_model
 from minicpm.model.config import ModelConfig
+from minicpm.model.shapes import WidthRule
 from minicpm.model.param_roles import GAIN, HIDDEN, ROUTER, VOCABULARY, parameter_roles
 from minicpm.model.transformer import MiniCPM
 
@@ -51,10 +52,8 @@ def coord_check_config(width: int, *, mup: bool, base_width: int, layers: int = 
                        vocab_size: int = 256, seq_len: int = 32) -> ModelConfig:
     """The model of one width in a coordinate check. Standard parametrisation is μP with the base width equal to
     the width (m = 1 at every width: constant init std and learning rate, no logit divisor)."""
-    return ModelConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=width * 5 // 2,
-                       num_hidden_layers=layers, num_attention_heads=width // head_dim,
-                       num_key_value_heads=width // head_dim, max_position_embeddings=seq_len,
-                       dim_model_base=base_width if mup else width)
+    return ModelConfig(vocab_size=vocab_size, **WidthRule(head_dim=head_dim).fields(width, layers),
+                       max_position_embeddings=seq_len, dim_model_base=base_width if mup else width)
 
 
 def coord_check(widths: Sequence[int], *, steps: int, mup: bool, base_width: int | None = None, layers: int = 2,

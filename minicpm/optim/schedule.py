@@ -125,14 +125,16 @@ def resolve_schedule(*, kind: str, total_steps: int, warmup_steps: int, decay_st
         raise MiniCPMError(f"schedule.total_steps must be positive, got {total_steps}")
     if warmup_steps < 0:
         raise MiniCPMError(f"schedule.warmup_steps must be >= 0, got {warmup_steps}")
-    if half_life is not None and half_life <= 0:
-        raise MiniCPMError(f"schedule.half_life must be positive, got {half_life}")
+    if half_life is not None and not (math.isfinite(half_life) and half_life > 0):
+        raise MiniCPMError(f"schedule.half_life must be a positive number, got {half_life}")
     if floor is not None and not 0.0 <= floor < 1.0:
         raise MiniCPMError(f"schedule.floor must be in [0, 1), got {floor}")
     if kind == "wsd":
         if decay_start is not None and decay_steps is not None and decay_start + decay_steps != total_steps:
             raise MiniCPMError(f"schedule.decay_start ({decay_start}) + schedule.decay_steps ({decay_steps}) must "
                                f"equal schedule.total_steps ({total_steps}); give only one of them")
+        if decay_start is None and decay_steps is not None and not 0 <= decay_steps <= total_steps:
+            raise MiniCPMError(f"schedule.decay_steps must be in [0, total_steps={total_steps}], got {decay_steps}")
         if decay_start is None:
             # paper section 4.3: a decay of ~10% of the tokens is enough (2.5% falls short)
             decay_steps = max(1, round(0.1 * total_steps)) if decay_steps is None else decay_steps

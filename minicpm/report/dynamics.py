@@ -13,11 +13,9 @@ def dynamics_plot(runs) -> bytes | None:
     run, the learning rate dotted; None when no run logged dynamics."""
     if not any("dynamics/grad_cos" in r for run in runs for r in run.train):
         return None
-    from matplotlib.figure import Figure
+    from minicpm.plots import figure, png_bytes
 
-    from minicpm.report.run import _png
-
-    fig = Figure(figsize=(11, 7.5), dpi=110, layout="constrained")
+    fig = figure(11, 7.5)
     axes = fig.subplots(3, 2).flatten()
     for ax, (key, title, log) in zip(axes, PANELS):
         lr_axis = ax.twinx()
@@ -36,4 +34,4 @@ def dynamics_plot(runs) -> bytes | None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle("decay dynamics (paper §4.4); learning rate dotted")
-    return _png(fig)
+    return png_bytes(fig)

@@ -26,12 +26,12 @@ def _experts(record: dict[str, Any]) -> int:
 
 def router_plot(runs) -> bytes | None:
     """router.png for the runs that logged router metrics, or None when none did."""
-    from minicpm.report.run import _figure, _png
+    from minicpm.plots import figure, png_bytes
 
     moe_runs = [(i, run) for i, run in enumerate(runs) if _is_moe(run)]
     if not moe_runs:
         return None
-    fig = _figure()
+    fig = figure()
     load_ax, balance_ax, entropy_ax = fig.subplots(3, 1, sharex=True)
     experts = set()
     for i, run in moe_runs:
@@ -57,7 +57,7 @@ def router_plot(runs) -> bytes | None:
     for ax in (load_ax, balance_ax, entropy_ax):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def router_table(runs) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.plots import figure, png_bytes
 from minicpm.report.dynamics import dynamics_plot
 from minicpm.report.router import router_plot, router_table
 from minicpm.rundir import RunDir, checkpoint_step, run_of
@@ -60,21 +60,9 @@ def attach_branches(runs: list[RunData]) -> None:
                 mine.insert(0, at[-1])
 
 
-def _figure():
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(9, 5.2), dpi=110, layout="constrained")
-
-
-def _png(fig) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
 def loss_plot(runs: list[RunData]) -> bytes:
     """Train loss (lines) and eval loss (markers) vs tokens; the LR of each run dotted on the right axis."""
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     lr_axis = ax.twinx()
     colors = [f"C{i % 10}" for i in range(len(runs))]
@@ -101,14 +89,14 @@ def loss_plot(runs: list[RunData]) -> bytes:
     ax.grid(alpha=0.3)
     ax.legend(loc="upper right", fontsize=8)
     ax.set_title("loss and learning rate against tokens")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def bpb_plot(runs: list[RunData]) -> bytes | None:
     """Held-out bits per byte vs tokens, one line per run and held-out set."""
     if not any(run.evals for run in runs):
         return None
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for i, run in enumerate(runs):
         if not run.evals:
@@ -125,7 +113,7 @@ def bpb_plot(runs: list[RunData]) -> bytes | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("held-out bits per byte")
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -163,7 +151,6 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
     runs = [load_run(p) for p in run_dirs]
     attach_branches(runs)
     out = Path(out_dir) if out_dir else runs[0].path
-    out.mkdir(parents=True, exist_ok=True)
     images = {"loss.png": loss_plot(runs), "bpb.png": bpb_plot(runs), "router.png": router_plot(runs),
               "dynamics.png": dynamics_plot(runs)}
     verdict = ""
@@ -172,6 +159,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path | None = None,
 
         verdict, images["prediction.png"] = against_prediction(runs[0], prediction)
     written = []
+    out.mkdir(parents=True, exist_ok=True)  # only once everything drawn: a refusal above leaves no directory
     for name, data in images.items():
         if data is not None:
             write_atomic(out / name, data)

@@ -5,13 +5,15 @@ x m points cost O(m) runs where one cosine run per (size, tokens) costs O(m²) (
 
     DIR/recipe.yaml          the training recipe every run uses (the spec's base config, overrides and data)
     DIR/spec.json            what the runs were made from (a different spec in the same DIR is an error)
-    DIR/runs/SIZE/stable/    the stable run; DIR/runs/SIZE/decay-10N/ ... its branches
+    DIR/runs/SIZE/stable/    the stable run; DIR/runs/SIZE/decay-10N/ ... its branches (RUN/job.log: its output)
     DIR/campaign.csv         size,N,D,flops,loss,bpb,run: one row per finished branch (N non-embedding params,
                              D tokens trained, flops = 6·N·D)
     DIR/fit.json, fit.txt    the fit of L(N, D) to the table
 
-Re-running continues: finished runs are read, interrupted ones resume from their last checkpoint, so a campaign
-killed mid-way and resumed writes the table an uninterrupted one would.
+Every run is a job of minicpm.jobs, started by the spec's launcher (local child processes, torchrun jobs or Slurm
+jobs); a branch starts as soon as its stable checkpoint exists. Re-running continues: finished runs are read,
+interrupted ones resume from their last checkpoint, so a campaign killed mid-way (even with SIGKILL: its local runs
+die with it) and resumed writes the table an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -23,10 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minicpm.errors import MiniCPMError
-from minicpm.scaling.spec import CampaignSpec, Size, load_campaign_spec
-from minicpm.jobs.pool import Job, run_jobs
-from minicpm.files import read_json_lines, write_atomic
+from minicpm.files import write_atomic
+from minicpm.jobs.job import Job
+from minicpm.jobs.launchers import build_launcher
+from minicpm.jobs.pool import run_jobs
 from minicpm.rundir import RunDir, is_complete
+from minicpm.scaling.decay import branch_decay, train_stable_stages
+from minicpm.scaling.spec import CampaignSpec, Size, load_campaign_spec
 
 CSV_COLUMNS = ("size", "N", "D", "flops", "loss", "bpb", "run")
 STABLE_OVERRIDES = ("schedule.kind=constant", "run.checkpoint_every=0", "run.eval_every=0", "run.keep_last=0",
@@ -80,30 +85,26 @@ def label(multiple: float) -> str:
     return f"{multiple:g}N"
 
 
-def final_eval(run_dir: Path, step: int) -> dict | None:
-    """The end-of-run evaluation of a run at `step` (eval_loss, eval_bpb, tokens), or None if it has not got there."""
-    for record in reversed(read_json_lines(RunDir(run_dir).metrics_file)):
-        if record.get("step") == step and isinstance(record.get("eval_loss"), (int, float)):
-            return record
-    return None
-
-
 def stable_job(name: str, run_dir: Path, recipe: Recipe, size: Size, stages: list[int]) -> Job:
-    return Job(name, "stable", run_dir, {"config": str(recipe.path), "stages": sorted(set(stages)),
-                                         "overrides": [*size.overrides(), *STABLE_OVERRIDES]})
+    return Job(name, run_dir, {"config": str(recipe.path), "overrides": [*size.overrides(), *STABLE_OVERRIDES],
+                               "run_dir": str(run_dir), "stages": sorted(set(stages))}, work=train_stable_stages)
+
+
+def is_stable(job: Job) -> bool:
+    return job.work is train_stable_stages
 
 
 def stages_done(job: Job) -> bool:
     """Whether a stable job has its checkpoint at every stage (its branches can all start)."""
-    return all(is_complete(RunDir(job.run_dir).checkpoint_dir(step)) for step in job.args["stages"])
+    return all(is_complete(RunDir(job.run_dir).checkpoint_dir(step)) for step in job.kwargs["stages"])
 
 
 def branch_job(name: str, run_dir: Path, stable: Job, step: int, decay_steps: int, spec: CampaignSpec) -> Job:
     source = RunDir(stable.run_dir).checkpoint_dir(step)
-    return Job(name, "branch", run_dir, {"source": str(source), "decay_steps": decay_steps,
-                                         "overrides": list(FINAL_ONLY), "decay": spec.decay,
-                                         "half_life": spec.half_life * decay_steps},
-               ready=lambda: is_complete(source), blocked_by=stable.name)
+    return Job(name, run_dir, {"source": str(source), "decay_steps": decay_steps, "out": str(run_dir),
+                               "overrides": list(FINAL_ONLY), "decay": spec.decay,
+                               "half_life": spec.half_life * decay_steps},
+               work=branch_decay, ready=lambda: is_complete(source), blocked_by=stable.name)
 
 
 # ---------------------------------------------------------------- the campaign
@@ -174,7 +175,7 @@ def plan_campaign(spec: CampaignSpec, out: str | Path) -> CampaignPlan:
             branches.append(branch)
             jobs.append(branch_job(name, branch.run_dir, stable, step, decay_steps, spec))
     # the stable runs are the critical path: the largest first, and every stable run before any branch
-    jobs.sort(key=lambda j: (j.kind != "stable", -stable_steps[j.name.split("/")[0]] if j.kind == "stable" else 0))
+    jobs.sort(key=lambda j: (not is_stable(j), -stable_steps[j.name.split("/")[0]] if is_stable(j) else 0))
     return CampaignPlan(spec, out, recipe, stable_steps, branches, jobs)
 
 
@@ -202,7 +203,7 @@ def table_rows(plan: CampaignPlan) -> list[dict]:
     """One row per finished branch, in the order of the spec's sizes and points."""
     rows = []
     for b in plan.branches:
-        record = final_eval(b.run_dir, b.step + b.decay_steps)
+        record = RunDir(b.run_dir).last_eval(step=b.step + b.decay_steps)
         if record is None:
             continue
         d = int(record.get("tokens") or (b.step + b.decay_steps) * plan.recipe.tokens_per_step)
@@ -229,20 +230,25 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def run_campaign(spec_path: str | Path, out: str | Path, *, workers: int | None = None, fit: bool = True,
-                 echo=print) -> CampaignResult:
-    """Train (or resume) every stable run and branch of the spec, write DIR/campaign.csv, then fit it."""
+def run_campaign(spec_path: str | Path, out: str | Path, *, workers: int | None = None,
+                 launcher: dict | None = None, fit: bool = True, echo=print) -> CampaignResult:
+    """Train (or resume) every stable run and branch of the spec, write DIR/campaign.csv, then fit it.
+    launcher: what a command line sets over the spec's launcher keys (kind, nproc_per_node, partition, gpus, time,
+    cpus, cluster; None values keep the spec's)."""
     spec = load_campaign_spec(spec_path, "campaign")
+    workers = spec.workers if workers is None else workers
+    runner = build_launcher(spec.launcher.updated(**(launcher or {})), threads=spec.threads,
+                            folder=Path(out) / "slurm", workers=workers)
     plan = plan_campaign(spec, out)
     finished = {r["run"] for r in table_rows(plan)}
     todo = [j for j in plan.jobs if j.name not in finished]
     # a stable run trains on while a stage it has not reached is still wanted by an unfinished branch
-    todo = [j for j in todo if j.kind != "stable" or (not stages_done(j) and any(b.blocked_by == j.name
-                                                                                 for b in todo))]
+    todo = [j for j in todo if not is_stable(j) or (not stages_done(j) and any(b.blocked_by == j.name
+                                                                               for b in todo))]
     echo(f"campaign {plan.out}: {len(spec.sizes)} sizes x {len(spec.decay_points)} decay points; "
          f"{len(finished)} of {len(plan.branches)} branches already finished")
     echo(plan.cost().line())
-    errors = run_jobs(todo, workers=spec.workers if workers is None else workers, threads=spec.threads, echo=echo)
+    errors = run_jobs(todo, launcher=runner, workers=workers, echo=echo)
     rows = table_rows(plan)
     result = CampaignResult(plan, rows, write_atomic(plan.out / "campaign.csv", campaign_csv(rows)), errors)
     if errors:
@@ -257,19 +263,51 @@ def run_campaign(spec_path: str | Path, out: str | Path, *, workers: int | None 
     return result
 
 
+PAPER_FIT = ("bpb", "lsq", "chinchilla")
+"""Paper §4.5: L = C_N·N^-alpha + C_D·D^-beta + L0 by least squares (curve_fit) on loss per byte."""
+DEFAULT_FIT = ("loss", "huber", None)
+"""Ours: Huber on log loss per token (approach 3), the default law (laws/variants.py)."""
+
+
 def fit_campaign(plan: CampaignPlan, rows: list[dict]) -> str:
-    """Fit L(N, D) to the table (the spec's loss column and method); writes DIR/fit.json and DIR/fit.txt."""
+    """Fit L(N, D) to the table (the spec's loss column, method and law); writes DIR/fit.json and DIR/fit.txt.
+    The paper's mode (or, when the spec asks for it, ours) is fitted too and shown beside it, in DIR/fit.txt and
+    DIR/fit-{loss}-{method}.json."""
+    from minicpm.laws import report as fit_report
+
+    spec = plan.spec
+    chosen = (spec.fit_loss, spec.fit_method, spec.fit_law)
+    other = DEFAULT_FIT if chosen[:2] == PAPER_FIT[:2] else PAPER_FIT
+    report = _fit_mode(plan, rows, *chosen)
+    text = fit_report.format_report(report)
+    write_atomic(plan.out / "fit.json", fit_report.dumps(fit_report.report_json(report)) + "\n")
+    try:
+        beside = _fit_mode(plan, rows, *other)
+    except MiniCPMError as e:
+        text += f"\n\n{_mode_name(*other)}: not fitted ({e})"
+    else:
+        write_atomic(plan.out / f"fit-{other[0]}-{other[1]}.json",
+                     fit_report.dumps(fit_report.report_json(beside)) + "\n")
+        text += "\n\nBoth fits side by side\n" + fit_report.format_side_by_side(
+            [(_mode_name(*chosen), report), (_mode_name(*other), beside)])
+    write_atomic(plan.out / "fit.txt", text + "\n")
+    return text
+
+
+def _mode_name(loss: str, method: str, law: str | None) -> str:
+    return "paper (bpb, lsq)" if (loss, method) == PAPER_FIT[:2] else f"{loss}, {method}"
+
+
+def _fit_mode(plan: CampaignPlan, rows: list[dict], loss: str, method: str, law: str | None):
     import numpy as np
 
     from minicpm.laws import report as fit_report
     from minicpm.laws.tables import RunTable
 
-    spec = plan.spec
+    values = np.array([r[loss] for r in rows], dtype=float)
+    if not np.all(np.isfinite(values)):
+        raise MiniCPMError(f"{plan.out / 'campaign.csv'}: column {loss!r} has missing values")
     table = RunTable(np.array([r["N"] for r in rows], dtype=float), np.array([r["D"] for r in rows], dtype=float),
-                     np.array([r[spec.fit_loss] for r in rows], dtype=float), [r["run"] for r in rows],
-                     np.array([r["flops"] for r in rows], dtype=float), source=str(plan.out / "campaign.csv"))
-    report = fit_report.analyse_table(table, n_boot=spec.fit_bootstrap, method=spec.fit_method)
-    text = fit_report.format_report(report)
-    write_atomic(plan.out / "fit.json", fit_report.dumps(fit_report.report_json(report)) + "\n")
-    write_atomic(plan.out / "fit.txt", text + "\n")
-    return text
+                     values, [r["run"] for r in rows], np.array([r["flops"] for r in rows], dtype=float),
+                     source=str(plan.out / "campaign.csv"))
+    return fit_report.analyse_table(table, n_boot=plan.spec.fit_bootstrap, method=method, law=law)

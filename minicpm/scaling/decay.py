@@ -13,9 +13,23 @@ from pathlib import Path
 from typing import Sequence
 
 from minicpm.train.config import TrainConfig
-from minicpm.rundir import RunDir, checkpoint_name
+from minicpm.rundir import RunDir, checkpoint_name, is_complete
 from minicpm.train.launch import launch_config
 from minicpm.train.loop import TrainResult, train
+
+
+def train_stable_stages(config: str | Path, overrides: Sequence[str], run_dir: str | Path,
+                        stages: Sequence[int]) -> TrainResult | None:
+    """The stable phase (a constant LR after warmup) in stages: each stage ends on a checkpoint, and an eval, at the
+    next step of `stages`; a stage already checkpointed is skipped. A constant schedule does not depend on its
+    length, so the stages train exactly one uninterrupted run (paper section 4.3)."""
+    result = None
+    for step in stages:
+        if is_complete(RunDir(run_dir).checkpoint_dir(step)):
+            continue
+        cfg = launch_config(str(config), [*overrides, f"schedule.total_steps={step}"], out=str(run_dir), resume=True)
+        result = train(cfg, resume=True, allow_config_change=True)  # each stage lengthens the run: recorded
+    return result
 
 
 def branch_decay(source: str | Path, decay_steps: int, out: str | Path, *, overrides: Sequence[str] = (),

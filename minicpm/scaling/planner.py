@@ -31,6 +31,8 @@ import numpy as np
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object, write_atomic
+from minicpm.model.shapes import Family, family_of, snap_shape
+from minicpm.laws import BOOTSTRAP_RESAMPLES, CONFIDENCE
 
 CAMPAIGN_FILE = "campaign.csv"
 RUNS_DIR = "runs"
@@ -46,8 +48,6 @@ EVALUATIONS, CHECKPOINTS = 20, 10
 MAX_CURVE_SHIFT = 0.5
 """The predicted curve is dropped when moving it onto L(N, D) takes more than this fraction of the loss: its shape
 then comes from an extrapolation far beyond the campaign's curves (a tiny campaign planned 40x longer: +230%)."""
-TABLE8 = ((320, 8), (512, 12), (640, 14), (768, 16), (896, 18), (1024, 20), (1344, 24))
-"""Paper Table 8: (width, depth) of the scaling-curve proxies; head size 64, d_ff = 2.5·d."""
 
 
 # ------------------------------------------------------------------------------------------- the campaign
@@ -63,7 +63,7 @@ class CampaignRow:
 
 def read_campaign(directory: str | Path) -> list[CampaignRow]:
     """The rows of DIR/campaign.csv, checked: one line naming the file, line and column at fault."""
-    from minicpm.laws.tables import _number, _read_records
+    from minicpm.laws.tables import positive_cell, read_records
 
     directory = Path(directory)
     path = directory / CAMPAIGN_FILE
@@ -71,7 +71,7 @@ def read_campaign(directory: str | Path) -> list[CampaignRow]:
         raise MiniCPMError(f"--campaign {directory}: no such directory")
     if not path.is_file():
         raise MiniCPMError(f"{path}: no such file (run `minicpm scaling campaign SPEC --out {directory}` first)")
-    records = _read_records(path)
+    records = read_records(path)
     if not records:
         raise MiniCPMError(f"{path}: no rows")
     missing = [c for c in CAMPAIGN_COLUMNS if c not in records[0][1]]
@@ -81,7 +81,7 @@ def read_campaign(directory: str | Path) -> list[CampaignRow]:
     for where, rec in records:
         values = {}
         for col in ("N", "D", "loss"):
-            value = _number(rec.get(col), where, col)
+            value = positive_cell(rec.get(col), where, col)
             if math.isnan(value):
                 raise MiniCPMError(f"{where}: column {col!r} is empty")
             values[col] = value
@@ -111,66 +111,6 @@ def _table(rows: list[CampaignRow], source: str):
 
     return RunTable(np.array([r.n for r in rows]), np.array([r.d for r in rows]), np.array([r.loss for r in rows]),
                     [str(r.run or f"{r.size}@{r.d:g}") for r in rows], source=source)
-
-
-# ------------------------------------------------------------------------------------------- shapes
-
-@dataclass(frozen=True)
-class Family:
-    """What the campaign's models share: everything but width and depth (head size, d_ff ratio, GQA ratio, μP
-    constants, vocabulary), and the rule giving depth from width."""
-
-    base: object
-    """A ModelConfig of the family (the campaign's largest), whose other fields a planned shape keeps."""
-    head_dim: int
-    ffn_ratio: float
-    kv_groups: int
-    depth_rule: tuple[float, float]
-    """(c, k): depth = c·width^k, fitted on the campaign's sizes (log-log least squares) or on Table 8."""
-    rule_source: str
-
-    def depth(self, width: int) -> int:
-        c, k = self.depth_rule
-        return max(1, round(c * width ** k))
-
-    def shape(self, width: int):
-        heads = width // self.head_dim
-        kv = heads // self.kv_groups if heads % self.kv_groups == 0 else heads
-        return dataclasses.replace(self.base, hidden_size=width, num_hidden_layers=self.depth(width),
-                                   intermediate_size=max(1, round(self.ffn_ratio * width)),
-                                   num_attention_heads=heads, num_key_value_heads=kv)
-
-
-def _power_rule(pairs) -> tuple[float, float]:
-    x, y = np.log([p[0] for p in pairs]), np.log([p[1] for p in pairs])
-    k, logc = np.polyfit(x, y, 1)
-    return float(math.exp(logc)), float(k)
-
-
-def family_of(models: list) -> Family:
-    """The family of the campaign's models (ModelConfigs, any order); Table 8's depth rule when the campaign
-    varies fewer than two widths."""
-    largest = max(models, key=lambda m: m.non_embedding_params())
-    pairs = sorted({(m.hidden_size, m.num_hidden_layers) for m in models})
-    if len({w for w, _ in pairs}) >= 2:
-        rule, source = _power_rule(pairs), "the campaign's sizes"
-    else:
-        rule, source = _power_rule(TABLE8), "paper Table 8"
-    return Family(largest, largest.head_dim, largest.intermediate_size / largest.hidden_size,
-                  largest.num_attention_heads // largest.num_key_value_heads, rule, source)
-
-
-def snap_shape(family: Family, n_target: float):
-    """The buildable shape of the family whose non-embedding parameters are nearest n_target (in log)."""
-    best, k = None, 1
-    while True:
-        model = family.shape(k * family.head_dim)
-        n = model.non_embedding_params()
-        if best is None or abs(math.log(n / n_target)) < abs(math.log(best.non_embedding_params() / n_target)):
-            best = model
-        if n > 2 * n_target:
-            return best
-        k += 1
 
 
 # ------------------------------------------------------------------------------------------- the wind tunnel
@@ -373,12 +313,12 @@ def _predicted_curve(plan: Plan, curves: list, campaign_batch: int, schedule_lr:
 
 
 def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | None = None,
-              holdout: Optional[str] = None, bootstrap: int = 200, confidence: float = 0.9, seed: int = 0,
+              holdout: Optional[str] = None, bootstrap: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
               delta: float = 1e-3, batch_tokens: Optional[int] = None) -> tuple[Plan, object]:
     """The plan and the training config it writes (a TrainConfig). batch_tokens fixes the batch instead of a law."""
     from minicpm.train.config import load_config
     from minicpm.laws.chinchilla import bootstrap_chinchilla, fit_chinchilla
-    from minicpm.laws.tables import _model_config
+    from minicpm.laws.tables import run_model_config, trainer_lr_per_step
 
     if not (isinstance(budget, (int, float)) and math.isfinite(budget) and budget > 0):
         raise MiniCPMError(f"--budget must be a positive number of FLOPs, got {budget!r}")
@@ -397,7 +337,7 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
                            f"the campaign's data, sequence length and model family from one")
     models = {}
     for run in runs:
-        models.setdefault(str(run), _model_config(run))
+        models.setdefault(str(run), run_model_config(run))
     family = family_of(list(models.values()))
     template_run = max(runs, key=lambda r: models[str(r)].non_embedding_params())
     cfg = load_config(template_run / "config.yaml")
@@ -425,6 +365,11 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
     interval = boot.interval([bl.loss(n, d) for bl in boot.laws])
     plan = Plan(budget, law, n_opt, model, n, d, 6.0 * n * d, tokens_per_step, total_steps, warmup_steps,
                 decay_steps, lr, loss, interval, confidence, tunnel, family, batch_wanted)
+    if tunnel.batch_law is None and batch_tokens is None:
+        plan.notes.append(f"note: no wind-tunnel batch law (--windtunnel): the batch comes from the paper's "
+                          f"bs = {a:.3g}/L^{b:g}, fitted to the C4 loss of the authors' models and tokenizer, applied "
+                          f"to this campaign's loss per token (L = {float(law.loss(n, d_wanted)):.3f}); a law fitted "
+                          f"on your own data (`minicpm windtunnel batch-size`) is preferred")
     if total_steps < 100:
         plan.notes.append(f"note: only {total_steps} steps: the batch ({tokens_per_step} tokens, from "
                           f"{tunnel.batch_source}) is large for this budget; a batch law of your own scale "
@@ -449,7 +394,7 @@ def make_plan(budget: float, campaign: str | Path, *, windtunnel: str | Path | N
         plan.curve_note = "none (the largest size's runs have no metrics.jsonl with lr and loss)"
     else:
         schedule = cfg.schedule.resolve()
-        schedule_lr = lr * np.array([schedule(s) for s in range(total_steps + 1)])
+        schedule_lr = trainer_lr_per_step(lr, schedule, total_steps)
         try:
             curve = _predicted_curve(plan, curves, campaign_batch, schedule_lr)
         except MiniCPMError as e:
@@ -482,6 +427,8 @@ def write_plan(plan: Plan, cfg, out: str | Path) -> list[Path]:
     out = Path(out)
     if out.suffix not in (".yaml", ".yml"):
         raise MiniCPMError(f"--out {out}: the plan is a training config; name it .yaml")
+    # the run carries its prediction while it trains (train/prediction.py): the sidecar, as the plan is named
+    cfg.run = dataclasses.replace(cfg.run, prediction=str(prediction_path(out)))
     validate(cfg)  # the checks `minicpm train` makes: a plan it would refuse is never written
     header = "".join(f"# {line}\n" for line in ["minicpm plan: train with `minicpm train THIS.yaml --out RUN`",
                                                 *plan.text().splitlines()])
@@ -491,5 +438,6 @@ def write_plan(plan: Plan, cfg, out: str | Path) -> list[Path]:
 
 
 def prediction_path(plan_yaml: str | Path) -> Path:
-    plan_yaml = Path(plan_yaml)
-    return plan_yaml.with_name(plan_yaml.stem + ".prediction.json")
+    from minicpm.train.prediction import plan_prediction_path
+
+    return plan_prediction_path(plan_yaml)

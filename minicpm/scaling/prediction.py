@@ -7,7 +7,8 @@ A prediction is a loss curve against tokens with a band around it, read from
 - a scaling-law fit (the JSON of `scaling fit`): L(N, D) at the run's N for every D it reaches (the loss a decay at
   D would end at), the band ±2× the fit's RMSE of log loss.
 The comparison is at the run's last evaluation (eval_loss): its distance from the predicted curve, and whether it
-lies inside the band.
+lies inside the band. A run trained with run.prediction (a plan) carries the same comparison at every evaluation
+(train/prediction.py).
 """
 
 from __future__ import annotations
@@ -21,38 +22,7 @@ import numpy as np
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import read_json_object
-
-
-@dataclass
-class Prediction:
-    source: str
-    tokens: np.ndarray
-    loss: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    label: str
-
-
-def _arrays(curve: dict, source: str) -> tuple[np.ndarray, ...]:
-    try:
-        out = tuple(np.asarray(curve[k], dtype=float) for k in ("tokens", "loss", "lo", "hi"))
-    except (KeyError, TypeError, ValueError):
-        raise MiniCPMError(f"{source}: curve needs lists tokens, loss, lo, hi of numbers") from None
-    if len({len(a) for a in out}) != 1 or len(out[0]) < 1 or not all(np.all(np.isfinite(a)) for a in out):
-        raise MiniCPMError(f"{source}: curve lists tokens, loss, lo, hi must be finite and of one length")
-    return out
-
-
-def _from_plan(doc: dict, source: str) -> Prediction:
-    if doc.get("curve"):
-        tokens, loss, lo, hi = _arrays(doc["curve"], source)
-        return Prediction(source, tokens, loss, lo, hi, "planned curve")
-    final = doc.get("final") or {}
-    try:
-        tokens, loss, (lo, hi) = float(final["tokens"]), float(final["loss"]), map(float, final["interval"])
-    except (KeyError, TypeError, ValueError):
-        raise MiniCPMError(f"{source}: needs 'curve' or 'final' with tokens, loss, interval") from None
-    return Prediction(source, *(np.array([v]) for v in (tokens, loss, lo, hi)), "planned final loss")
+from minicpm.train.prediction import Prediction, plan_prediction_path, prediction_from_plan
 
 
 def _run_schedule(run) -> tuple[np.ndarray, int]:
@@ -80,14 +50,14 @@ def _from_curve_fit(doc: dict, source: str, run) -> Prediction:
 
 def _from_scaling_fit(doc: dict, source: str, run) -> Prediction:
     from minicpm.laws.chinchilla import ScalingLaw
-    from minicpm.laws.tables import _model_config
+    from minicpm.laws.tables import run_model_config
 
     try:
         law = ScalingLaw(**{k: float(doc["params"][k]) for k in ("E", "A", "B", "alpha", "beta")})
     except (KeyError, TypeError, ValueError):
         raise MiniCPMError(f"{source}: params needs E, A, B, alpha, beta (the JSON of `scaling fit`)") from None
     lr, tokens_per_step = _run_schedule(run)
-    n = _model_config(run.path).non_embedding_params()
+    n = run_model_config(run.path).non_embedding_params()
     tokens = np.linspace(1, len(lr) - 1, 200) * tokens_per_step
     loss = law.loss(n, tokens)
     spread = math.expm1(2 * float((doc.get("fit") or {}).get("rmse_log_loss", 0.0)))
@@ -96,19 +66,18 @@ def _from_scaling_fit(doc: dict, source: str, run) -> Prediction:
 
 def load_prediction(path: str | Path, run_dir: str | Path) -> Prediction:
     """The prediction in `path` (a plan YAML, its .prediction.json, or a fit JSON) for the run in run_dir."""
-    from minicpm.scaling.planner import prediction_path
     from minicpm.rundir import RunDir
 
     path = Path(path)
     if path.suffix in (".yaml", ".yml"):
-        sidecar = prediction_path(path)
+        sidecar = plan_prediction_path(path)
         if not sidecar.is_file():
             raise MiniCPMError(f"{path}: no {sidecar.name} beside it (the plan's prediction, written by minicpm plan)")
         path = sidecar
     doc = read_json_object(path)
     source = str(path)
     if doc.get("kind") == "plan":
-        return _from_plan(doc, source)
+        return prediction_from_plan(doc, source)
     if doc.get("law") in ("tissue", "mpl"):
         return _from_curve_fit(doc, source, RunDir(run_dir))
     if isinstance(doc.get("params"), dict) and "E" in doc["params"]:
@@ -158,9 +127,9 @@ def compare(prediction: Prediction, evals: list[dict]) -> Optional[Comparison]:
 
 def prediction_plot(run, prediction: Prediction, comparison: Optional[Comparison]) -> bytes:
     """The predicted curve and its band over the run's train loss and evaluations, against tokens."""
-    from minicpm.report.run import _figure, _png
+    from minicpm.plots import figure, png_bytes
 
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     if len(prediction.tokens) > 1:
         ax.fill_between(prediction.tokens, prediction.lo, prediction.hi, color="C1", alpha=0.25, label="predicted band")
@@ -188,7 +157,7 @@ def prediction_plot(run, prediction: Prediction, comparison: Optional[Comparison
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def against_prediction(run, prediction_file: str | Path) -> tuple[str, bytes]:

@@ -19,11 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm.errors import MiniCPMError
-from minicpm.scaling.campaign import (FINAL_ONLY, branch_job, final_eval, label, prepare_recipe, stable_job,
-                                          stages_done, steps_for)
+from minicpm.jobs.job import Job
+from minicpm.jobs.launchers import build_launcher
+from minicpm.jobs.pool import run_jobs
+from minicpm.scaling.campaign import (FINAL_ONLY, branch_job, is_stable, label, prepare_recipe, stable_job,
+                                      stages_done, steps_for)
 from minicpm.scaling.spec import load_campaign_spec
-from minicpm.jobs.pool import Job, run_jobs
-from minicpm.files import read_json_lines, write_atomic
+from minicpm.files import write_atomic
 from minicpm.rundir import RunDir
 
 COLUMNS = ("size", "N", "D", "schedule", "loss", "bpb", "run")
@@ -89,10 +91,11 @@ def plan_comparison(spec, out: Path) -> tuple[list[Job], list[Entry]]:
                 stages.append(start)
                 branches.append((f"{_fraction_name(f)}-{label(m)}", start, decay, m))
             name = f"cosine-{label(m)}"
-            jobs.append(Job(f"{size.name}/{name}", "run", base / name, {
+            jobs.append(Job(f"{size.name}/{name}", base / name, {
                 "config": str(recipe.path),
                 "overrides": [*size.overrides(), "schedule.kind=cosine", f"schedule.total_steps={total}",
-                              "schedule.floor=0.1", "schedule.cosine_period=null", *FINAL_ONLY]}))
+                              "schedule.floor=0.1", "schedule.cosine_period=null", *FINAL_ONLY],
+                "run_dir": str(base / name)}))
             entries.append(Entry(size.name, n, m, "cosine", base / name, total, f"{size.name}/{name}"))
             entries.append(Entry(size.name, n, m, "constant", base / "stable", total, f"{size.name}/stable"))
         stable = stable_job(f"{size.name}/stable", base / "stable", recipe, size, stages)
@@ -107,7 +110,7 @@ def plan_comparison(spec, out: Path) -> tuple[list[Job], list[Entry]]:
 def comparison_rows(entries: list[Entry], tokens_per_step: int) -> list[dict]:
     rows = []
     for e in entries:
-        record = final_eval(e.run_dir, e.final_step)
+        record = RunDir(e.run_dir).last_eval(step=e.final_step)
         if record is None:
             continue
         rows.append({"size": e.size, "N": e.n, "D": int(record.get("tokens") or e.final_step * tokens_per_step),
@@ -118,16 +121,22 @@ def comparison_rows(entries: list[Entry], tokens_per_step: int) -> list[dict]:
 
 
 def compare_schedules(spec_path: str | Path, out: str | Path, *, workers: int | None = None,
-                      echo=print) -> ScheduleComparison:
+                      launcher: dict | None = None, echo=print) -> ScheduleComparison:
+    """Train (or resume) every run of the comparison through the spec's launcher (`launcher`: a command line's
+    values over the spec's, as run_campaign takes them); write DIR/schedules.csv and the plot."""
     spec = load_campaign_spec(spec_path, "schedules")
     out = Path(out)
+    workers = spec.workers if workers is None else workers
+    runner = build_launcher(spec.launcher.updated(**(launcher or {})), threads=spec.threads, folder=out / "slurm",
+                            workers=workers)
     jobs, entries = plan_comparison(spec, out)
     from minicpm.train.config import load_config
 
     tokens_per_step = load_config(out / "recipe.yaml").batch.tokens_per_step
-    finished = {e.run_dir for e in entries if e.schedule != "constant" and final_eval(e.run_dir, e.final_step)}
-    todo = [j for j in jobs if not (stages_done(j) if j.kind == "stable" else j.run_dir in finished)]
-    errors = run_jobs(todo, workers=spec.workers if workers is None else workers, threads=spec.threads, echo=echo)
+    finished = {e.run_dir for e in entries
+                if e.schedule != "constant" and RunDir(e.run_dir).last_eval(step=e.final_step)}
+    todo = [j for j in jobs if not (stages_done(j) if is_stable(j) else j.run_dir in finished)]
+    errors = run_jobs(todo, launcher=runner, workers=workers, echo=echo)
     rows = comparison_rows(entries, tokens_per_step)
     path = write_atomic(out / "schedules.csv", _csv(rows))
     if errors:
@@ -150,11 +159,11 @@ def _csv(rows: list[dict]) -> str:
 def plot_comparison(entries: list[Entry], rows: list[dict], path: Path) -> Path:
     """Paper Fig. 5/6: per size, the training loss against tokens of every run (the stable run once), its final
     held-out loss as a marker."""
-    from minicpm.laws.report import _pyplot, _save
+    from minicpm.plots import figure, save_png
 
-    plt = _pyplot()
     sizes = list(dict.fromkeys(e.size for e in entries))
-    fig, axes = plt.subplots(1, len(sizes), figsize=(6 * len(sizes), 4.5), squeeze=False)
+    fig = figure(6 * len(sizes), 4.5, dpi=120)
+    axes = fig.subplots(1, len(sizes), squeeze=False)
     schedules = list(dict.fromkeys(e.schedule for e in entries))
     colors = {s: f"C{i}" for i, s in enumerate(schedules)}
     for ax, size in zip(axes[0], sizes):
@@ -162,7 +171,7 @@ def plot_comparison(entries: list[Entry], rows: list[dict], path: Path) -> Path:
         for e in (e for e in entries if e.size == size):
             if e.run_dir not in seen:
                 seen.add(e.run_dir)
-                curve = [(r["tokens"], r["loss"]) for r in read_json_lines(RunDir(e.run_dir).metrics_file)
+                curve = [(r["tokens"], r["loss"]) for r in RunDir(e.run_dir).read_metrics()
                          if isinstance(r.get("loss"), (int, float)) and "tokens" in r]
                 if curve:
                     ax.plot(*zip(*curve), color=colors[e.schedule], lw=1, alpha=0.8)
@@ -177,6 +186,4 @@ def plot_comparison(entries: list[Entry], rows: list[dict], path: Path) -> Path:
         axes[0][0].plot([], [], color=colors[s], label=s)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("cosine (T = D) vs WSD decays vs constant LR at equal tokens")
-    out = _save(fig, path)
-    plt.close(fig)
-    return out
+    return save_png(fig, path)

@@ -16,7 +16,12 @@
     half_life: 0.2                              # exp decay half-life as a fraction of the decay (default 1/5)
     workers: 2                                  # runs trained at once, each in its own process (0: in this one)
     threads: 1                                  # torch threads per run
-    fit: {loss: loss, method: huber, bootstrap: 200}   # campaign: fit loss or bpb, by huber (log) or lsq (raw)
+    launcher: local                             # how each run starts: local | torchrun | slurm (minicpm.jobs)
+    nproc_per_node: 1                           # processes per run (torchrun, or torchrun inside each Slurm job)
+    slurm: {partition: gpu, gpus: 1, time: 120, cpus: 8}   # launcher slurm: each run a Slurm job
+    fit: {loss: loss, method: huber, law: shared, bootstrap: 200}   # campaign: loss or bpb, huber (log) or lsq
+                                                # (raw; loss bpb + method lsq: the paper's §4.5 fit, shown beside
+                                                # any other in the report), law: as `scaling fit --law`
 
 N is the non-embedding parameter count (ModelConfig.non_embedding_params, as `minicpm scaling fit` reads runs).
 Every error is one line naming the spec file and key; nothing is trained before the spec is valid.
@@ -26,20 +31,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from minicpm.errors import MiniCPMError
-from minicpm.sweep.spec import _base
+from minicpm.jobs.launchers import LAUNCHER_KEYS, LauncherConfig, launcher_config
+from minicpm.laws import BOOTSTRAP_RESAMPLES
+from minicpm.laws.variants import VARIANTS
+from minicpm.model.config import PRESETS
+from minicpm.model.shapes import FFN_RATIO, HEAD_DIM, SHAPE_FIELDS, WidthRule
 from minicpm.optim.schedule import DECAYS
+from minicpm.specs import (Accepts, Fraction, Number, PositiveFloat, PositiveInt, PositiveNumber, Recipe, at_least,
+                           read_spec, resolve_recipe, spec_error, typed)
 
-COMMON_KEYS = ("base", "data", "shape", "sizes", "decay", "half_life", "workers", "threads")
-CAMPAIGN_KEYS = COMMON_KEYS + ("decay_points", "stable_until", "decay_fraction", "fit")
-SCHEDULES_KEYS = COMMON_KEYS + ("tokens", "decay_fractions")
-SHAPE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads")
 FIT_LOSSES = ("loss", "bpb")
 FIT_METHODS = ("huber", "lsq")
 
@@ -74,13 +79,17 @@ class CampaignSpec:
     half_life: float = 0.2
     workers: int = 1
     threads: int = 1
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """How each run starts (not part of the fingerprint: any launcher trains the same runs)."""
     # campaign
     decay_points: list[float] = field(default_factory=list)
     stable_until: float | None = None
     decay_fraction: float = 0.1
     fit_loss: str = "loss"
     fit_method: str = "huber"
-    fit_bootstrap: int = 200
+    fit_law: str | None = None
+    """The form of L(N, D) (laws/variants.py); None: the default for the method."""
+    fit_bootstrap: int = BOOTSTRAP_RESAMPLES
     # compare-schedules
     tokens: list[float] = field(default_factory=list)
     decay_fractions: list[float] = field(default_factory=list)
@@ -94,109 +103,151 @@ class CampaignSpec:
                            "tokens": self.tokens, "decay_fractions": self.decay_fractions}, sort_keys=True)
 
 
+# ------------------------------------------------------------------------------------------ the spec file
+
+Multiple = Annotated[Number, Accepts("a positive multiple of N (tokens per parameter)", lambda x: x > 0)]
+Multiples = Annotated[List[Multiple], Accepts("a non-empty list of multiples of N (tokens per parameter)", bool)]
+Mixture = Annotated[Dict[str, Annotated[Number, Accepts("a positive weight", lambda x: x > 0)]],
+                    Accepts("a mapping {DIR: weight}", bool)]
+Preset = Annotated[str, Accepts(f"a model preset ({', '.join(PRESETS)})", lambda name: name in PRESETS)]
+DirName = Annotated[str, Accepts("a directory name", lambda name: bool(name) and "/" not in name
+                                 and not name.startswith("."))]
+Resamples = at_least(10)
+
+
+@dataclass(kw_only=True)
+class ShapeSection:
+    """shape: how a size given as width and depth is shaped (paper Table 8 by default)."""
+
+    head_dim: PositiveInt = HEAD_DIM
+    ffn_ratio: PositiveNumber = FFN_RATIO
+    kv_heads: Optional[PositiveInt] = None
+    """Key/value heads at every width (default: as many as the query heads)."""
+
+    def rule(self) -> WidthRule:
+        return WidthRule(head_dim=self.head_dim, ffn_ratio=self.ffn_ratio, kv_heads=self.kv_heads)
+
+
+@dataclass(kw_only=True)
+class SizeSection:
+    """One of sizes: a width and a depth (and a run directory name, default w{width}-l{depth})."""
+
+    width: PositiveInt
+    depth: PositiveInt
+    name: Optional[DirName] = None
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """data: replaces these keys of the recipe's data section (paths relative to the working directory, as in a
+    training recipe)."""
+
+    stable: Mixture
+    decay: Optional[Mixture] = None
+    tokenizer: Optional[str] = None
+    eval_sequences: Optional[int] = None
+
+
+@dataclass(kw_only=True)
+class FitSection:
+    """fit: the law fitted on the campaign's table."""
+
+    loss: Annotated[Literal[FIT_LOSSES], Accepts("loss (nats/token) | bpb (bits/byte)")] = "loss"
+    method: Literal[FIT_METHODS] = "huber"
+    law: Optional[Literal[tuple(VARIANTS)]] = None
+    """The form of L(N, D), as `scaling fit --law` (default: shared for huber, the paper's own for lsq)."""
+    bootstrap: Resamples = BOOTSTRAP_RESAMPLES
+
+
+@dataclass(kw_only=True)
+class ScalingFile:
+    """The keys a campaign spec and a schedule-comparison spec share (the module docstring shows them)."""
+
+    base: Recipe
+    data: Optional[Dict[str, Any]] = None
+    """Checked as a DataSection, kept as written: only the keys it gives replace the recipe's."""
+    shape: Optional[ShapeSection] = None
+    sizes: Annotated[List[Union[Preset, SizeSection]],
+                     Accepts("a non-empty list of presets (proxy-9m) or {name, width, depth}", bool)]
+    decay: Literal[DECAYS] = "exp"
+    half_life: PositiveFloat = 0.2
+    workers: at_least(0) = 1
+    threads: PositiveInt = 1
+    launcher: Any = None
+    nproc_per_node: Any = None
+    slurm: Any = None
+    """launcher, nproc_per_node and slurm: checked by jobs.launchers.launcher_config (LAUNCHER_KEYS)."""
+
+
+@dataclass(kw_only=True)
+class CampaignFile(ScalingFile):
+    decay_points: Multiples
+    stable_until: Optional[Multiple] = None
+    """Default: the last decay point."""
+    decay_fraction: Fraction = 0.1
+    fit: Optional[FitSection] = None
+
+
+@dataclass(kw_only=True)
+class SchedulesFile(ScalingFile):
+    tokens: Multiples
+    decay_fractions: Annotated[List[Fraction], Accepts("a non-empty list of fractions in (0, 1)", bool)] = field(
+        default_factory=lambda: [0.1, 0.025])
+
+
 def load_campaign_spec(path: str | Path, kind: str = "campaign") -> CampaignSpec:
     """Read and check a campaign spec (kind="campaign") or a schedule-comparison spec (kind="schedules")."""
-    import yaml
-
     path = Path(path)
-    if not path.is_file():
-        raise MiniCPMError(f"{path}: no such spec")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise MiniCPMError(f"{path}: expected a mapping with base, sizes, ...")
+    given = read_spec(path, CampaignFile if kind == "campaign" else SchedulesFile)
 
     def fail(key: str, message: str) -> MiniCPMError:
-        return MiniCPMError(f"{path}: {key}: {message}")
+        return spec_error(path, key, message)
 
-    allowed = CAMPAIGN_KEYS if kind == "campaign" else SCHEDULES_KEYS
-    for key in data:
-        if key not in allowed:
-            raise fail(str(key), f"unknown key (expected one of {', '.join(allowed)})")
-    config, overrides = _base(data.get("base"), path, fail)
+    if given.data is not None:
+        typed(DataSection, given.data, "data", path)
+    config, overrides = resolve_recipe(given.base, path)
+    launcher = {key: getattr(given, key) for key in LAUNCHER_KEYS if getattr(given, key) is not None}
     spec = CampaignSpec(path=path, config=config, overrides=overrides,
-                        sizes=_sizes(data.get("sizes"), _shape_rule(data.get("shape"), fail), fail),
-                        data=_data(data.get("data"), fail))
-    spec.decay = data.get("decay", "exp")
-    if spec.decay not in DECAYS:
-        raise fail("decay", f"expected one of {', '.join(DECAYS)}, got {spec.decay!r}")
-    spec.half_life = _fraction(data.get("half_life", 0.2), "half_life", fail, high=None)
-    spec.workers = _count(data.get("workers", 1), "workers", fail, low=0)
-    spec.threads = _count(data.get("threads", 1), "threads", fail, low=1)
+                        sizes=_sizes(given.sizes, (given.shape or ShapeSection()).rule(), fail),
+                        data=dict(given.data) if given.data is not None else None, decay=given.decay,
+                        half_life=given.half_life, workers=given.workers, threads=given.threads,
+                        launcher=launcher_config(launcher, fail))
     if kind == "campaign":
-        spec.decay_points = _multiples(data.get("decay_points"), "decay_points", fail)
+        spec.decay_points = _multiples(given.decay_points, "decay_points", fail)
         if len(spec.decay_points) < 2:
             raise fail("decay_points", f"one point per size ({spec.decay_points[0]:g}N) cannot separate the "
                                        f"data term from the model term: give at least 2")
-        spec.stable_until = data.get("stable_until", max(spec.decay_points))
-        if not _positive_number(spec.stable_until):
-            raise fail("stable_until", f"expected a positive multiple of N, got {spec.stable_until!r}")
+        spec.stable_until = max(spec.decay_points) if given.stable_until is None else given.stable_until
         beyond = [p for p in spec.decay_points if p > spec.stable_until]
         if beyond:
             raise fail("decay_points", f"{beyond[0]:g}N lies beyond the stable run (stable_until "
                                        f"{spec.stable_until:g}N): a decay branches from a stable checkpoint")
-        spec.decay_fraction = _fraction(data.get("decay_fraction", 0.1), "decay_fraction", fail)
-        _fit(spec, data.get("fit"), fail)
+        spec.decay_fraction = given.decay_fraction
+        fit = given.fit or FitSection()
+        spec.fit_loss, spec.fit_method, spec.fit_bootstrap = fit.loss, fit.method, fit.bootstrap
+        spec.fit_law = fit.law
+        if fit.law not in (None, "chinchilla") and fit.method == "lsq":
+            raise fail("fit.law", f"the least-squares fit (the paper's curve_fit) fits the paper's law: use "
+                                  f"law chinchilla or method huber, got {fit.law!r}")
     else:
-        spec.tokens = _multiples(data.get("tokens"), "tokens", fail)
-        spec.decay_fractions = [_fraction(f, "decay_fractions", fail)
-                                for f in _list(data.get("decay_fractions", [0.1, 0.025]), "decay_fractions", fail)]
+        spec.tokens = _multiples(given.tokens, "tokens", fail)
+        spec.decay_fractions = given.decay_fractions
     return spec
 
 
-def _shape_rule(shape: Any, fail) -> dict[str, float]:
-    rule = {"head_dim": 64, "ffn_ratio": 2.5, "kv_heads": None}
-    if shape is None:
-        return rule
-    if not isinstance(shape, dict):
-        raise fail("shape", "expected {head_dim, ffn_ratio, kv_heads}")
-    for key, value in shape.items():
-        if key not in rule:
-            raise fail(f"shape.{key}", "unknown key (expected head_dim, ffn_ratio, kv_heads)")
-        if not _positive_number(value):
-            raise fail(f"shape.{key}", f"expected a positive number, got {value!r}")
-        rule[key] = value
-    return rule
-
-
-def _sizes(sizes: Any, rule: dict, fail) -> list[Size]:
-    from minicpm.model.config import PRESETS
-
-    if not isinstance(sizes, list) or not sizes:
-        raise fail("sizes", "missing or empty: give presets (proxy-9m) or {name, width, depth}")
+def _sizes(items: list, rule: WidthRule, fail) -> list[Size]:
     out: list[Size] = []
-    for i, item in enumerate(sizes):
-        where = f"sizes[{i}]"
+    for i, item in enumerate(items):
         if isinstance(item, str):
-            if item not in PRESETS:
-                raise fail(where, f"unknown preset {item!r} (choose one of {', '.join(PRESETS)})")
-            p = PRESETS[item]
-            out.append(Size(item, {k: getattr(p, k) for k in SHAPE_FIELDS}, preset=item))
+            out.append(Size(item, {k: getattr(PRESETS[item], k) for k in SHAPE_FIELDS}, preset=item))
             continue
-        if not isinstance(item, dict):
-            raise fail(where, f"expected a preset name or {{name, width, depth}}, got {item!r}")
-        unknown = set(item) - {"name", "width", "depth"}
-        if unknown:
-            raise fail(f"{where}.{sorted(unknown)[0]}", "unknown key (expected name, width, depth)")
-        width, depth = item.get("width"), item.get("depth")
-        for key, value in (("width", width), ("depth", depth)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise fail(f"{where}.{key}", f"expected a positive integer, got {value!r}")
-        head_dim = int(rule["head_dim"])
-        if width % head_dim:
-            raise fail(f"{where}.width", f"{width} is not a multiple of shape.head_dim ({head_dim})")
-        heads = width // head_dim
-        kv = int(rule["kv_heads"] or heads)
+        width, depth = item.width, item.depth
+        if width % rule.head_dim:
+            raise fail(f"sizes[{i}].width", f"{width} is not a multiple of shape.head_dim ({rule.head_dim})")
+        heads, kv = rule.heads(width), rule.key_value_heads(width)
         if heads % kv:
             raise fail("shape.kv_heads", f"{kv} does not divide the {heads} heads of width {width}")
-        name = item.get("name", f"w{width}-l{depth}")
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise fail(f"{where}.name", f"expected a directory name, got {name!r}")
-        out.append(Size(name, {"hidden_size": width, "intermediate_size": int(round(width * rule["ffn_ratio"])),
-                               "num_hidden_layers": depth, "num_attention_heads": heads,
-                               "num_key_value_heads": kv}))
+        out.append(Size(item.name or f"w{width}-l{depth}", rule.fields(width, depth)))
     names = [s.name for s in out]
     for name in names:
         if names.count(name) > 1:
@@ -204,75 +255,9 @@ def _sizes(sizes: Any, rule: dict, fail) -> list[Size]:
     return out
 
 
-def _data(data: Any, fail) -> dict[str, Any] | None:
-    """The recipe's data section replaced: stable and decay mixtures (paths relative to the working directory, as
-    in a training recipe) and the tokenizer."""
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise fail("data", "expected {stable: {DIR: weight}, decay: {...}, tokenizer: FILE}")
-    for key in data:
-        if key not in ("stable", "decay", "tokenizer", "eval_sequences"):
-            raise fail(f"data.{key}", "unknown key (expected stable, decay, tokenizer, eval_sequences)")
-    for key in ("stable", "decay"):
-        mix = data.get(key)
-        if mix is None and key == "decay":
-            continue
-        if not isinstance(mix, dict) or not mix:
-            raise fail(f"data.{key}", "expected a mapping {DIR: weight}")
-        for directory, weight in mix.items():
-            if not _positive_number(weight):
-                raise fail(f"data.{key}.{directory}", f"expected a positive weight, got {weight!r}")
-    return dict(data)
-
-
-def _fit(spec: CampaignSpec, fit: Any, fail) -> None:
-    if fit is None:
-        return
-    if not isinstance(fit, dict):
-        raise fail("fit", "expected {loss: loss|bpb, method: huber|lsq, bootstrap: N}")
-    for key in fit:
-        if key not in ("loss", "method", "bootstrap"):
-            raise fail(f"fit.{key}", "unknown key (expected loss, method, bootstrap)")
-    spec.fit_loss = fit.get("loss", "loss")
-    if spec.fit_loss not in FIT_LOSSES:
-        raise fail("fit.loss", f"expected loss (nats/token) or bpb (bits/byte), got {spec.fit_loss!r}")
-    spec.fit_method = fit.get("method", "huber")
-    if spec.fit_method not in FIT_METHODS:
-        raise fail("fit.method", f"expected huber or lsq, got {spec.fit_method!r}")
-    spec.fit_bootstrap = _count(fit.get("bootstrap", 200), "fit.bootstrap", fail, low=10)
-
-
-def _positive_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
-def _list(value: Any, key: str, fail) -> list:
-    if not isinstance(value, list) or not value:
-        raise fail(key, f"expected a non-empty list, got {value!r}")
-    return value
-
-
-def _multiples(value: Any, key: str, fail) -> list[float]:
-    """Token counts in multiples of N: positive, distinct, sorted."""
-    out = []
-    for v in _list(value, key, fail):
-        if not _positive_number(v):
-            raise fail(key, f"expected positive multiples of N (tokens per parameter), got {v!r}")
-        out.append(float(v))
+def _multiples(values: list, key: str, fail) -> list[float]:
+    """Token counts in multiples of N: distinct, sorted."""
+    out = sorted(float(v) for v in values)
     if len(set(out)) < len(out):
         raise fail(key, "a point is listed twice")
-    return sorted(out)
-
-
-def _fraction(value: Any, key: str, fail, high: float | None = 1.0) -> float:
-    if not _positive_number(value) or (high is not None and value >= high):
-        raise fail(key, f"expected a fraction in (0, {high:g}), got {value!r}" if high else
-                   f"expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _count(value: Any, key: str, fail, low: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise fail(key, f"expected an integer >= {low}, got {value!r}")
-    return value
+    return out

@@ -5,12 +5,15 @@ extend_checkpoint:
      model "removed tie_embedding", research/family.md section 2.2);
   2. sets the new RoPE and max_position_embeddings, from L0 (the length the source trained at: its run's
      batch.seq_len, else its max_position_embeddings) to N with factor s = N/L0 unless given:
-       abf      rope_theta = --base (default theta * s^(d/(d-2))): ABF, Xiong et al. 2023; no rope_scaling
+       abf      rope_theta = --base (default 50 x theta, Xiong et al. 2023's 10,000 -> 500,000); no rope_scaling
        ntk      rope_scaling {type ntk, factor s}: the static NTK-aware base change
        yarn     rope_scaling {type yarn, factor s, original_max_position_embeddings L0}
        dynamic  rope_scaling {type dynamic, factor s} with max_position_embeddings kept at L0: dynamic NTK changes
                 nothing up to max_position_embeddings and grows the base beyond it, at inference; it is not a
                 training-time scaling (transformers computes it from the current length), so no training is planned
+       abf-ntk  MiniCPM-128K's path (paper §7.2): OUT/model gets ABF (--base) up to M = --abf-length (default N/4,
+                4K -> 32K -> 128K); the curriculum trains the ABF stages (lengths up to M), then the NTK stages
+                (rope_scaling {type ntk, factor N/M} on the ABF base, max_position_embeddings N) up to N
   3. writes OUT/model (official layout, tokenizer beside), OUT/data/synthetic (passkey, key-value and file
      questions, minicpm.data.synthetic_long), OUT/train.yaml (one run at N from OUT/model by run.init_weights_from,
      on the long/short mix, 44/56 by default as MiniCPM-128K) and OUT/curriculum.yaml (the sequence-length
@@ -28,12 +31,13 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, List, Optional, Sequence
 
 from minicpm.errors import MiniCPMError
 from minicpm.model.config import ModelConfig
+from minicpm.specs import Accepts, Override, PositiveInt, read_spec
 
-from minicpm.stages.extend_options import LONG_SHARE, METHODS  # noqa: F401 (re-exported)
+from minicpm.stages.extend_options import ABF_BASE_RATIO, ABF_LENGTH_SHARE, LONG_SHARE, METHODS  # noqa: F401
 
 CURRICULUM_FILE = "curriculum.yaml"
 TRAIN_FILE = "train.yaml"
@@ -51,18 +55,16 @@ def extended_config(config: ModelConfig, *, from_length: int, to_length: int, me
     factor = to_length / from_length if factor is None else factor
     if not factor > 1 or not math.isfinite(factor):
         raise MiniCPMError(f"--factor {factor}: must be a number > 1")
-    if base is not None and method != "abf":
-        raise MiniCPMError(f"--base is for --method abf (the RoPE base it sets), not {method}")
+    if base is not None and method not in ("abf", "abf-ntk"):
+        raise MiniCPMError(f"--base is for --method abf or abf-ntk (the RoPE base ABF sets), not {method}")
     if base is not None and not base > config.rope_theta:
         raise MiniCPMError(f"--base {base}: must exceed the current rope_theta {config.rope_theta}")
     if config.rope_scaling:
         raise MiniCPMError(f"the checkpoint already has rope_scaling {config.rope_scaling}; extend a checkpoint "
                            f"with plain RoPE (ABF changes only rope_theta and may be extended again)")
     new = dict(tie_word_embeddings=False, max_position_embeddings=to_length)
-    if method == "abf":
-        from minicpm.model.rope import ntk_theta
-
-        new["rope_theta"] = float(base) if base is not None else ntk_theta(config.rope_theta, factor, config.head_dim)
+    if method in ("abf", "abf-ntk"):  # abf-ntk: the ABF step; ntk_stage_overrides gives the NTK step
+        new["rope_theta"] = float(base) if base is not None else ABF_BASE_RATIO * config.rope_theta
     elif method == "ntk":
         new["rope_scaling"] = {"rope_type": "ntk", "factor": float(factor)}
     elif method == "yarn":
@@ -170,6 +172,22 @@ def check_memory(config: ModelConfig, *, seq_len: int, micro_batch_size: int, me
 
 # ------------------------------------------------------------------------------------------ the plan
 
+def ntk_stage_overrides(abf_length: int, to_length: int) -> list[str]:
+    """The NTK step of abf-ntk, as model.* overrides of a run from ABF weights: NTK by N/M on the ABF base."""
+    return [f"model.rope_scaling={{rope_type: ntk, factor: {to_length / abf_length!r}}}",
+            f"model.max_position_embeddings={to_length}"]
+
+
+def abf_length_for(from_length: int, to_length: int, abf_length: int | None) -> int:
+    """M, where abf-ntk's ABF step ends: --abf-length, else N/4 (MiniCPM-128K: 4K -> 32K -> 128K)."""
+    m = abf_length if abf_length is not None else to_length // ABF_LENGTH_SHARE
+    if not from_length < m < to_length:
+        raise MiniCPMError(f"--abf-length {m}: the ABF step must end between the trained length {from_length} and "
+                           f"--to-length {to_length}" + ("" if abf_length is not None else
+                                                         " (default N/4); give --abf-length or use --method abf"))
+    return m
+
+
 def default_stages(from_length: int, to_length: int) -> list[int]:
     """Two stages where halving N stays above L0 (e.g. 256 -> 512 -> 1024, 4K -> 64K -> 128K), else one."""
     half = to_length // 2
@@ -236,18 +254,17 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
                       synthetic_tasks: Sequence[str] | None = None, lr: float | None = None,
                       device: str = "auto", memory: int | None = None, dtype: str = "bf16",
                       activation_checkpointing: str = "block", tokenizer: str | Path | None = None,
-                      seed: int = 0, overwrite: bool = False) -> ExtendResult:
+                      seed: int = 0, overwrite: bool = False, abf_length: int | None = None) -> ExtendResult:
     """See the module docstring. Every check runs before anything is written; OUT appears whole (one rename)."""
     from minicpm.data.synthetic_long import TASKS, write_synthetic_dataset
-    from minicpm.files import atomic_directory, write_atomic
+    from minicpm.files import check_output, output_directory, write_atomic
     from minicpm.infer.tokenizer import find_tokenizer
     from minicpm.interop.hf import read_checkpoint, save_state
     from minicpm.rundir import is_sharded, resolve_weights
 
     source = resolve_weights(checkpoint)
-    out = Path(out).resolve()
-    if out.exists() and not overwrite:
-        raise MiniCPMError(f"--out {out}: already exists (choose another, or pass --overwrite)")
+    out = check_output(Path(out).resolve(), inputs=[checkpoint, source, tokenizer, *long_data, *(short_data or {})],
+                       overwrite=overwrite)
     if is_sharded(source):
         raise MiniCPMError(f"{source}: a sharded checkpoint; gather it first with "
                            f"`minicpm export {source} --to minicpm --out DIR`")
@@ -264,18 +281,25 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
 
     config = checkpoint_config(source)
     from_length = trained_length(source, config)
-    new_config = extended_config(config, from_length=from_length, to_length=to_length, method=method, base=base,
+    two_step = method == "abf-ntk"
+    if abf_length is not None and not two_step:
+        raise MiniCPMError(f"--abf-length is for --method abf-ntk (where its ABF step ends), not {method}")
+    if two_step and factor is not None:
+        raise MiniCPMError("--factor: abf-ntk's NTK factor is --to-length / --abf-length; give those instead")
+    mid = abf_length_for(from_length, to_length, abf_length) if two_step else to_length
+    new_config = extended_config(config, from_length=from_length, to_length=mid, method=method, base=base,
                                  factor=factor)
     tokenizer_file = find_tokenizer(source, tokenizer)
     train = method != "dynamic"
-    stages = list(stages) if stages else default_stages(from_length, to_length)
+    stages = list(stages) if stages else (default_stages(from_length, mid) + default_stages(mid, to_length)
+                                          if two_step else default_stages(from_length, to_length))
     estimate = None
     if train:
         if stages != sorted(set(stages)) or stages[0] <= from_length or stages[-1] != to_length:
             raise MiniCPMError(f"--stages {','.join(map(str, stages))}: expected increasing lengths above "
                                f"{from_length} ending at --to-length {to_length}")
         where, available = device_memory(device)
-        estimate = check_memory(new_config, seq_len=to_length, micro_batch_size=micro_batch_size,
+        estimate = check_memory(dataclasses.replace(new_config, max_position_embeddings=to_length), seq_len=to_length, micro_batch_size=micro_batch_size,
                                 memory=memory or available, where=where if memory is None else "--memory",
                                 dtype=dtype, activation_checkpointing=activation_checkpointing)
         run_cfg = _source_run_config(source)
@@ -293,7 +317,8 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
             raise MiniCPMError(f"--tokens-per-step {tokens_per_step}: must be a multiple of --to-length {to_length}")
     _, state = read_checkpoint(source)
 
-    with atomic_directory(out) as tmp:
+    inputs = [checkpoint, source, tokenizer_file, *long_data, *(short_data or {})]
+    with output_directory(out, inputs=inputs, overwrite=overwrite) as tmp:
         extra = {tokenizer_file.name: tokenizer_file}
         save_state(new_config, untie_head(state, config), tmp / "model", extra_files=extra)
         result = ExtendResult(out, out / "model", new_config, from_length, stages, None, None, estimate)
@@ -311,10 +336,20 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
                                       seq_len=to_length, steps=steps_per_stage, tokens_per_step=tokens_per_step,
                                       micro_batch_size=micro_batch_size, activation_checkpointing=activation_checkpointing,
                                       seed=seed)
-            write_atomic(tmp / TRAIN_FILE, _TRAIN_HEADER.format(n=to_length, l0=from_length) + _yaml(train_cfg))
             curriculum = {"train": TRAIN_FILE, "start": "model", "runs": "runs",
                           "stages": [{"seq_len": n, "steps": steps_per_stage} for n in stages],
                           "micro_batch_tokens": micro_batch_size * to_length}
+            if two_step:
+                # train.yaml is the one run at N: NTK on the ABF weights; the curriculum's ABF stages undo that
+                ntk = ntk_stage_overrides(mid, to_length)
+                train_cfg["model"] = {"rope_scaling": {"rope_type": "ntk", "factor": to_length / mid},
+                                      "max_position_embeddings": to_length}
+                for stage in curriculum["stages"]:
+                    if stage["seq_len"] <= mid:
+                        stage["overrides"] = ["model.rope_scaling=null", f"model.max_position_embeddings={mid}"]
+                    else:
+                        stage["overrides"] = ntk
+            write_atomic(tmp / TRAIN_FILE, _TRAIN_HEADER.format(n=to_length, l0=from_length) + _yaml(train_cfg))
             write_atomic(tmp / CURRICULUM_FILE, _CURRICULUM_HEADER + _yaml(curriculum))
             result.train_config, result.curriculum = out / TRAIN_FILE, out / CURRICULUM_FILE
     return result
@@ -375,38 +410,48 @@ class Stage:
     seq_len: int
     steps: int
     run_dir: Path
+    overrides: list[str] = dataclasses.field(default_factory=list)
 
 
-def curriculum_stages(path: str | Path) -> tuple[dict, list[Stage]]:
-    """(the curriculum file's data, its stages with their run directories); one-line errors for a bad file."""
-    import yaml
+@dataclass(kw_only=True)
+class StageSection:
+    seq_len: PositiveInt
+    steps: PositiveInt
+    overrides: List[Override] = dataclasses.field(default_factory=list)
+    """key=value overrides of this stage's run (abf-ntk: the ABF stages' RoPE, then the NTK stages')."""
 
+
+@dataclass(kw_only=True)
+class CurriculumFile:
+    """curriculum.yaml (written by `minicpm extend`); paths relative to the file."""
+
+    stages: Annotated[List[StageSection], Accepts("a non-empty list of {seq_len, steps}", bool)]
+    train: str = TRAIN_FILE
+    """The training config every stage starts from."""
+    start: str = "model"
+    """The weights the first stage starts from."""
+    runs: str = "runs"
+    """Where the stages' run directories go."""
+    micro_batch_tokens: Optional[PositiveInt] = None
+    """Tokens per micro-batch at every length (default: the train config's)."""
+
+
+def curriculum_stages(path: str | Path) -> tuple[CurriculumFile, list[Stage]]:
+    """(the curriculum file, its stages with their run directories); one-line errors for a bad file."""
     path = Path(path)
-    if not path.is_file():
-        raise MiniCPMError(f"{path}: no such curriculum file")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("stages"), list) or not data["stages"]:
-        raise MiniCPMError(f"{path}: expected a mapping with a non-empty 'stages' list")
-    runs = path.parent / str(data.get("runs", "runs"))
-    stages = []
-    for i, stage in enumerate(data["stages"]):
-        if not (isinstance(stage, dict) and isinstance(stage.get("seq_len"), int) and isinstance(stage.get("steps"), int)
-                and stage["seq_len"] > 0 and stage["steps"] > 0):
-            raise MiniCPMError(f"{path}: stages[{i}] must be {{seq_len: N, steps: M}} with positive integers")
-        stages.append(Stage(stage["seq_len"], stage["steps"], runs / f"stage{i + 1}-seq{stage['seq_len']}"))
-    return data, stages
+    data = read_spec(path, CurriculumFile, what="curriculum file")
+    runs = path.parent / data.runs
+    return data, [Stage(s.seq_len, s.steps, runs / f"stage{i + 1}-seq{s.seq_len}", list(s.overrides))
+                  for i, s in enumerate(data.stages)]
 
 
-def stage_config(path: Path, data: dict, stage: Stage, start: Path, overrides: Sequence[str] = ()):
+def stage_config(path: Path, data: CurriculumFile, stage: Stage, start: Path, overrides: Sequence[str] = ()):
     """The TrainConfig of one stage: the curriculum's train config with the stage's length, steps, micro-batch
     (micro_batch_tokens / seq_len sequences), run directory and weights-only start."""
     from minicpm.train.config import load_config, validate
 
-    base = load_config(path.parent / str(data.get("train", TRAIN_FILE)), list(overrides))
-    micro_tokens = int(data.get("micro_batch_tokens") or base.batch.micro_batch_size * base.batch.seq_len)
+    base = load_config(path.parent / data.train, [*stage.overrides, *overrides])
+    micro_tokens = data.micro_batch_tokens or base.batch.micro_batch_size * base.batch.seq_len
     sequences = base.batch.tokens_per_step // stage.seq_len
     micro = max(1, min(sequences, micro_tokens // stage.seq_len))
     while sequences % micro:
@@ -441,7 +486,7 @@ def run_curriculum(path: str | Path, overrides: Sequence[str] = (), *, data_sour
 
     path = Path(path).resolve()
     data, stages = curriculum_stages(path)
-    start = path.parent / str(data.get("start", "model"))
+    start = path.parent / data.start
     results = []
     for i, stage in enumerate(stages):
         run = RunDir(stage.run_dir)

@@ -90,15 +90,24 @@ def _expert_copy(dense: dict[str, torch.Tensor], noise: float, reinit_fraction: 
 
 
 def upcycle(dense_checkpoint: PathLike, out_dir: PathLike, *, experts: int = 8, top_k: int = 2, seed: int = 0,
-            noise: float = 0.0, reinit_fraction: float = 0.0) -> Path:
+            noise: float = 0.0, reinit_fraction: float = 0.0, overwrite: bool = False) -> Path:
     """Write an MoE checkpoint (official MiniCPM-MoE layout, the dense checkpoint's dtype and tokenizer files) to
-    `out_dir` from a dense checkpoint of any layout (ours, DCP shards, official HF)."""
+    `out_dir` from a dense checkpoint of any layout (ours, DCP shards, official HF; a run directory gives its newest
+    checkpoint that verifies). `out_dir` follows files.check_output: new (or an empty directory) unless overwrite,
+    never the source."""
+    from minicpm.checkpoints.verify import resolve_verified_weights, warn_on_stderr
+    from minicpm.checkpoints.weights import consolidate
+    from minicpm.files import check_output, output_directory
     from minicpm.interop.hf import TOKENIZER_FILES
-    from minicpm.train.checkpoint import consolidate
 
+    inputs = [dense_checkpoint, resolve_verified_weights(dense_checkpoint, warn_on_stderr)]
+    dense_checkpoint = inputs[-1]
+    check_output(out_dir, inputs=inputs, overwrite=overwrite)  # before the weights are read
     dense, state = consolidate(dense_checkpoint)
     config, moe_state = upcycle_state(dense, state, experts=experts, top_k=top_k, seed=seed, noise=noise,
                                       reinit_fraction=reinit_fraction)
     source = Path(dense_checkpoint)
     tokenizer = {name: source / name for name in TOKENIZER_FILES if (source / name).is_file()}
-    return save_state(config, moe_state, out_dir, dtype=next(iter(state.values())).dtype, extra_files=tokenizer)
+    with output_directory(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+        save_state(config, moe_state, tmp, dtype=next(iter(state.values())).dtype, extra_files=tokenizer)
+    return Path(out_dir)

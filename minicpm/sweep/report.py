@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
+from minicpm.plots import figure, log_axis, png_bytes
 
 FIXED_COLUMNS = ("number", "state")
 TAIL_COLUMNS = ("run_dir", "error")
@@ -97,10 +97,8 @@ def _direction(path: Path) -> str:
 def sweep_plot(table: SweepTable) -> bytes:
     """The metric against each parameter: one panel per parameter, the best trial starred, a failed trial an x at
     the panel's top."""
-    from matplotlib.figure import Figure
-
     keys = table.keys or ["number"]
-    fig = Figure(figsize=(3.6 * len(keys) + 0.6, 3.6), dpi=100, layout="constrained")
+    fig = figure(3.6 * len(keys) + 0.6, 3.6, dpi=100)
     axes = fig.subplots(1, len(keys), squeeze=False, sharey=True)[0]
     done = table.complete()
     for ax, key in zip(axes, keys):
@@ -125,9 +123,7 @@ def sweep_plot(table: SweepTable) -> bytes:
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel(table.metric)
     axes[0].legend(fontsize=7)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def _html_table(head, rows) -> str:
@@ -180,17 +176,3 @@ table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;paddi
 """
     written.append(write_atomic(out / "report.html", page))
     return written
-
-
-def log_axis(ax, which: str = "x", ticks=None) -> None:
-    """A log axis labelled as plain numbers, at `ticks` when given (the values a sweep tried), else at 1, 2 and 5
-    times each power of ten: matplotlib's default labels some minor ticks in scientific notation, which run into
-    each other on a narrow panel."""
-    from matplotlib import ticker
-
-    axis = ax.xaxis if which == "x" else ax.yaxis
-    (ax.set_xscale if which == "x" else ax.set_yscale)("log")
-    axis.set_major_locator(ticker.FixedLocator(sorted(ticks)) if ticks is not None else
-                           ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-    axis.set_minor_formatter(ticker.NullFormatter())

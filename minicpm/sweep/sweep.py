@@ -1,8 +1,9 @@
 """`minicpm sweep`: hyper-parameter sweeps where every trial is an ordinary run directory (paper §3, App. A).
 
     DIR/study.journal        the Optuna study (embedded store), unless --storage URL names a database
-    DIR/runs/trial_0003/     one training run per trial, trained by `minicpm train` in its own process
-    DIR/runs/trial_0003/trial.log   that process's output
+    DIR/runs/trial_0003/     one training run per trial, trained by `minicpm train` in its own process (a job of
+                             minicpm.jobs: a local child, or a torchrun job with trial_launcher: torchrun)
+    DIR/runs/trial_0003/job.log     that process's output
     DIR/trials.csv           number, state, the parameters by dotted key, the metric, the run directory, the error
 
 The study store. By default a JournalStorage on a file in DIR: Optuna's own advice for several processes on one
@@ -31,9 +32,7 @@ import io
 import itertools
 import os
 import random
-import signal
 import socket
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -41,16 +40,17 @@ from pathlib import Path
 from typing import Any
 
 from minicpm.errors import MiniCPMError
-from minicpm.sweep.spec import SweepSpec, build_pruner, load_spec, overrides_for, require_optuna
-from minicpm.files import read_json_lines, write_atomic
+from minicpm.files import write_atomic
+from minicpm.jobs.job import Job
+from minicpm.jobs.launchers import LauncherConfig, build_launcher
+from minicpm.jobs.pool import POLL_S
 from minicpm.rundir import RunDir
+from minicpm.sweep.spec import SweepSpec, build_pruner, load_spec, overrides_for, require_optuna
 
 STUDY_FILE = "study.journal"
 RUNS_DIR = "runs"
 TRIALS_CSV = "trials.csv"
-TRIAL_LOG = "trial.log"
 HEARTBEAT_S = 10.0
-POLL_S = 0.5
 SETUP_WAIT_S = 30.0
 
 
@@ -269,6 +269,9 @@ class Sweep:
         self.storage = open_storage(self.out, storage_url)
         self.study = open_study(spec, self.storage, worker_seed=worker_seed)
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
+        # the spec's trial_launcher: process (a local child) or torchrun
+        launcher = LauncherConfig("torchrun" if spec.trial_launcher == "torchrun" else "local", spec.nproc_per_node)
+        self.launcher = build_launcher(launcher, threads=spec.threads, folder=self.out / "slurm")
         self._ask_lock = threading.Lock()
         self._csv_lock = threading.Lock()
         self._stop = threading.Event()
@@ -362,11 +365,10 @@ class Sweep:
         reported: set[int] = set()
         last_beat = time.time()
         pruned = False
-        process = self._trial_process(trial.number, overrides, run_dir)
-        process.start()
+        process = self.launcher.start(Job(f"trial-{trial.number}", run_dir, {
+            "config": str(self.spec.config), "overrides": overrides, "run_dir": str(run_dir)}))
         try:
-            while process.exitcode is None:
-                process.join(timeout=POLL_S)
+            while process.wait(POLL_S) is None:
                 if self._stop.is_set():
                     return  # left RUNNING: the next sweep finds it interrupted and re-runs it
                 if self.spec.pruner and self._report(trial, run_dir, reported) and trial.should_prune():
@@ -376,14 +378,14 @@ class Sweep:
                     trial.set_user_attr("heartbeat", time.time())
                     last_beat = time.time()
         finally:
-            if process.exitcode is None:
-                _end(process)
+            if process.poll() is None:
+                process.stop()
         if pruned:
             self.study.tell(trial, state=TrialState.PRUNED)
             self.echo(f"trial {trial.number}: pruned")
             return
-        if process.exitcode != 0:
-            return self._fail(trial, _failure_line(run_dir / TRIAL_LOG, process.exitcode))
+        if process.poll() != 0:
+            return self._fail(trial, process.failure())
         if self.spec.pruner:
             self._report(trial, run_dir, reported)
         value = last_metric(run_dir, self.spec.metric)
@@ -395,16 +397,6 @@ class Sweep:
         except optuna.exceptions.UpdateFinishedTrialError:
             return  # another worker judged this trial interrupted meanwhile; its retry gives the same result
         self.echo(f"trial {trial.number}: {self.spec.metric} {value:.6g}")
-
-    def _trial_process(self, number: int, overrides: list[str], run_dir: Path):
-        """The trial's process: forked from the fork server, or a torchrun job (trial_launcher: torchrun)."""
-        if self.spec.trial_launcher == "torchrun":
-            from minicpm.jobs.torchrun import TorchrunTrial
-
-            return TorchrunTrial(str(self.spec.config), overrides, str(run_dir), self.spec.threads,
-                                 self.spec.nproc_per_node, run_dir / TRIAL_LOG)
-        return _context().Process(target=train_trial, name=f"minicpm-trial-{number}",
-                                  args=(str(self.spec.config), overrides, str(run_dir), self.spec.threads))
 
     def _report(self, trial, run_dir: Path, reported: set[int]) -> bool:
         """Report the evaluations logged since the last call (intermediate values for the pruner)."""
@@ -431,15 +423,23 @@ class Sweep:
 
         states = {TrialState.COMPLETE: "complete", TrialState.FAIL: "failed", TrialState.PRUNED: "pruned",
                   TrialState.RUNNING: "running"}
+        trials = self.study.get_trials(deepcopy=False)
+        replaces = {t.number: t.user_attrs.get("retry_of") for t in trials}
+
+        def number(n: int) -> int:  # a retry is listed as the trial it replaces, as if never interrupted
+            while replaces.get(n) is not None:
+                n = replaces[n]
+            return n
+
         rows = []
-        for t in self.study.get_trials(deepcopy=False):
+        for t in trials:
             if t.state == TrialState.WAITING or is_skipped(t) or is_superseded(t):
                 continue
-            rows.append({"number": t.number, "state": states[t.state], "params": dict(t.params),
+            rows.append({"number": number(t.number), "state": states[t.state], "params": dict(t.params),
                          "value": t.value if t.state == TrialState.COMPLETE else None,
                          "run_dir": str(self.out / RUNS_DIR / t.user_attrs.get("run", f"trial_{t.number:04d}")),
                          "error": t.user_attrs.get("error", "")})
-        return rows
+        return sorted(rows, key=lambda row: row["number"])
 
     def result(self) -> SweepResult:
         rows = self.rows()
@@ -478,100 +478,10 @@ def last_metric(run_dir: str | Path, key: str) -> float | None:
     """The last value of `key` in a run's metrics.jsonl (None when it never logged it, or it is not finite)."""
     import math
 
-    values = [r[key] for r in read_json_lines(RunDir(run_dir).metrics_file) if isinstance(r.get(key), (int, float))]
-    if not values or not math.isfinite(values[-1]):
+    record = RunDir(run_dir).last_eval(key)
+    if record is None or not math.isfinite(record[key]):
         return None
-    return float(values[-1])
-
-
-def _context():
-    """Trials are forked from a fork server that imported the training library once: each trial is its own
-    process (a crash or an out-of-memory kill ends it alone) without paying torch's import per trial, and the
-    server is single-threaded, unlike the sweep process whose worker threads hold storage locks."""
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["minicpm.train.loop", "minicpm.train.launch"])
-    return context
-
-
-def train_trial(config: str, overrides: list[str], run_dir: str, threads: int) -> None:
-    """One trial, in its own process: `minicpm train CONFIG OVERRIDES --out RUN --resume` (resume: a retried
-    trial continues its own checkpoint; a fresh one starts at step 0), its output appended to RUN/trial.log."""
-    if sys.platform == "linux":
-        _die_with_parent()
-    _release_fork_server()
-    log = open(Path(run_dir) / TRIAL_LOG, "ab", buffering=0)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    import torch
-
-    from minicpm.train.launch import launch_config
-    from minicpm.train.loop import train
-
-    torch.set_num_threads(threads)
-    print(f"$ minicpm train {config} {' '.join(overrides)} --out {run_dir} --resume", flush=True)
-    try:
-        result = train(launch_config(config, overrides, out=run_dir, resume=True), resume=True)
-        print(result.summary(), flush=True)
-    except MiniCPMError as e:
-        print(f"minicpm train: error: {e}", flush=True)
-        sys.stdout.flush()
-        os._exit(2)
-    except KeyboardInterrupt:
-        os._exit(130)
-    sys.stdout.flush()
-    sys.stderr.flush()
-
-
-def _die_with_parent() -> None:
-    """Linux: the trial gets SIGKILL when its parent (the fork server, which ends with the sweep) dies, so no
-    orphan keeps writing its run directory, or holding its lock, when the sweep is killed and re-run."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-def _release_fork_server() -> None:
-    """Close this trial's copy of the fork server's "alive" pipe. The fork server exits when every copy of that pipe
-    is closed; multiprocessing hands one to each child it forks (so that children may fork through it too), so
-    with trials holding theirs a killed sweep left the server, and through it the trials, running for ever."""
-    from multiprocessing import forkserver
-
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        forkserver._forkserver._forkserver_alive_fd = None
-
-
-def _end(process) -> None:
-    process.terminate()
-    process.join(timeout=10)
-    if process.exitcode is None:
-        process.kill()
-        process.join()
-
-
-def _failure_line(log: Path, returncode: int) -> str:
-    """The one line that says why a trial failed: the CLI's `error:` line, a traceback's last line, or the
-    signal that killed it (SIGKILL is what the kernel's out-of-memory killer sends)."""
-    if returncode < 0:
-        name = signal.Signals(-returncode).name
-        hint = " (out of memory?)" if -returncode == signal.SIGKILL else ""
-        return f"killed by {name}{hint}"
-    try:
-        lines = [line.strip() for line in log.read_text(encoding="utf-8", errors="replace").splitlines()
-                 if line.strip(" =-")]  # not the rules of a torchrun failure banner
-    except OSError:
-        lines = []
-    for line in reversed(lines[-200:]):  # a torchrun job ends on its agent's long traceback
-        if ": error: " in line:
-            return line.split(": error: ", 1)[1]
-    return lines[-1] if lines else f"exit status {returncode}"
+    return float(record[key])
 
 
 # ---------------------------------------------------------------- the entry point

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, found again after a crash, loaded without unpickling anything.
+"""Training checkpoints: written atomically, found again after a crash, loaded without unpickling anything.
 
 RUN/checkpoints/step_00001000/ holds, from one process,
   model.safetensors + config.json   the official MiniCPM HF layout (minicpm.interop.hf.save_model)
@@ -9,8 +9,9 @@ or, from several (FSDP2-sharded) processes,
                                     key names) and of the optimizer moments, with dcp/.metadata
   trainer_state.json                the same trainer state
 and RUN/checkpoints/latest names the newest complete one (the layout is minicpm/rundir.py's). Either format
-resumes on any number of processes (load_training_state); consolidate() turns either, or an official HF model
-directory, into the official layout's full state dict, which a weights-only start loads (load_weights_only).
+resumes on any number of processes (load_training_state); minicpm/checkpoints/ finds the newest that verifies
+(verify.py) and turns either, or an official HF model directory, into the official layout's full state dict
+(weights.py), which a weights-only start loads (load_weights_only).
 A checkpoint is written into a hidden temporary directory and renamed into place when complete, so a process killed
 mid-save leaves the previous checkpoint as the newest complete one; trainer_state.json is written last and marks a
 directory as complete.
@@ -30,97 +31,24 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
+from minicpm.checkpoints.integrity import file_digests, sealed_state
+from minicpm.checkpoints.safe_dcp import load_dcp
+from minicpm.checkpoints.weights import consolidate
 from minicpm.errors import MiniCPMError
-from minicpm.files import publish_directory, read_json_object, temporary_directory_for, write_atomic
+from minicpm.files import publish_directory, temporary_directory_for, write_atomic
 from minicpm.model.config import ModelConfig
-from minicpm.model.transformer import MiniCPM
-from minicpm.rundir import (MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, WEIGHTS_FILE, RunDir,
-                            checkpoint_step, is_complete, is_sharded)
+from minicpm.model.moe import stacked_state
+from minicpm.rundir import MODEL_CONFIG_FILE, OPTIMIZER_FILE, SHARDS_DIR, STATE_FILE, RunDir, is_sharded
 from minicpm.train.distributed import fsdp_applied
-from minicpm.checkpoints.integrity import file_digests, verify_digests
-from minicpm.checkpoints.safe_dcp import load_dcp, read_dcp_metadata
-from minicpm.checkpoints.state_schema import check_trainer_state
-
-
-def read_trainer_state(checkpoint: str | Path) -> dict[str, Any]:
-    """trainer_state.json, checked field by field (state_schema); its file manifest is not verified here."""
-    path = Path(checkpoint) / STATE_FILE
-    return check_trainer_state(read_json_object(path, missing="; not a complete checkpoint"), path)
-
-
-def verify_checkpoint(checkpoint: str | Path) -> dict[str, Any]:
-    """The checked trainer state of a checkpoint whose every file matches the SHA-256 manifest in it (`files`,
-    written last); the first problem is one MiniCPMError naming the file. A checkpoint written before manifests
-    existed is only checked for completeness."""
-    checkpoint = Path(checkpoint)
-    state = read_trainer_state(checkpoint)
-    if "files" in state:
-        verify_digests(checkpoint, state["files"], source=f"{checkpoint / STATE_FILE}: files")
-    if not is_complete(checkpoint):
-        raise MiniCPMError(f"{checkpoint}: incomplete (no {WEIGHTS_FILE} or {SHARDS_DIR}/.metadata)")
-    return state
-
-
-def newest_verified(run: RunDir, warn=None) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint a resume (or a branch from a run directory) starts from: the one `latest` names if it
-    verifies, else the newest that does. Each one skipped is reported through warn(message); (None, None) if the
-    run has no checkpoint directories at all; one MiniCPMError if it has some and none verifies."""
-    warn = warn or (lambda message: None)
-    pointed, problem = run.latest_pointer()
-    if problem:
-        warn(f"{problem}; looking for the newest checkpoint that verifies")
-    candidates = [pointed] if pointed else []
-    candidates += [p for p in run.step_directories() if p != pointed]
-    failures = []
-    for checkpoint in candidates:
-        try:
-            return checkpoint, verify_checkpoint(checkpoint)
-        except MiniCPMError as e:
-            failures.append(str(e))
-            warn(f"skipping checkpoint {checkpoint.name}: {e}")
-    if failures:
-        raise MiniCPMError(f"{run.checkpoints_dir}: none of its {len(failures)} checkpoint(s) verifies "
-                           f"(newest: {failures[0]})")
-    return None, None
-
-
-def resolve_verified(path: str | Path, warn=None) -> tuple[Path, dict[str, Any]]:
-    """A checkpoint named on the command line (`--from`): a checkpoint directory must verify itself (no fallback to
-    another step); a run directory gives its newest checkpoint that verifies."""
-    from minicpm.rundir import resolve_checkpoint
-
-    path = Path(path)
-    if checkpoint_step(path) is not None or (path / STATE_FILE).exists():
-        if not path.is_dir():
-            raise MiniCPMError(f"{path}: no such checkpoint directory")
-        return path, verify_checkpoint(path)
-    if RunDir(path).checkpoints_dir.is_dir():
-        checkpoint, state = newest_verified(RunDir(path), warn)
-        if checkpoint is None:
-            raise MiniCPMError(f"{path}: the run has no complete checkpoint")
-        return checkpoint, state
-    checkpoint = resolve_checkpoint(path)  # its one-line errors for anything else
-    return checkpoint, verify_checkpoint(checkpoint)
-
-
-def resolve_verified_weights(path: str | Path, warn=None) -> Path:
-    """The source of a weights-only start: a run directory gives its newest checkpoint that verifies; anything else
-    resolves as resolve_weights does (consolidate then verifies our checkpoints against their manifests)."""
-    from minicpm.rundir import has_weights, resolve_weights
-
-    path = Path(path)
-    if RunDir(path).checkpoints_dir.is_dir() and not has_weights(path):
-        return resolve_verified(path, warn)[0]
-    return resolve_weights(path)
 
 
 def _with_manifest(trainer_state: dict[str, Any], directory: Path) -> dict[str, Any]:
-    """trainer_state plus `files`: SHA-256 and size of everything written into the checkpoint before it."""
-    return {**trainer_state, "files": file_digests(directory, exclude=(STATE_FILE,))}
+    """trainer_state plus `files` (SHA-256 and size of everything written into the checkpoint before it) and the
+    digest of the whole (state_sha256), which covers the trainer state itself."""
+    return sealed_state({**trainer_state, "files": file_digests(directory, exclude=(STATE_FILE,))})
 
 
 def save_checkpoint(run: RunDir, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -172,12 +100,12 @@ def _tokenizer_files(tokenizer: str | Path) -> dict[str, Path]:
 
 def load_model_weights(checkpoint: str | Path, model: torch.nn.Module) -> None:
     """Copy a checkpoint's weights into `model`; its architecture must equal the model's."""
-    from minicpm.interop.hf import read_checkpoint
+    from minicpm.interop.hf import official_state, read_checkpoint
 
     saved_config, state = read_checkpoint(checkpoint)
     _check_architecture(checkpoint, saved_config, model.config)
     with torch.no_grad():
-        for name, tensor in model.state_dict().items():
+        for name, tensor in official_state(model).items():  # an MoE's experts as views into its stacks
             if name not in state:
                 raise MiniCPMError(f"{checkpoint}: model.safetensors lacks {name}")
             tensor.copy_(state[name])
@@ -273,47 +201,12 @@ def load_training_state(checkpoint: str | Path, model: torch.nn.Module, optimize
         load_optimizer(checkpoint, optimizer)
 
 
-def consolidate(checkpoint: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Config and full state dict (official key names) of a checkpoint of either format, read in one process
-    without building a model: what `minicpm export` writes out in the official layout."""
-    from minicpm.interop.hf import read_checkpoint
-
-    checkpoint = Path(checkpoint)
-    if (checkpoint / STATE_FILE).is_file():  # one of our training checkpoints: its files must match its manifest
-        verify_checkpoint(checkpoint)
-    if not is_sharded(checkpoint):
-        return read_checkpoint(checkpoint)
-    config = ModelConfig.load(checkpoint / MODEL_CONFIG_FILE)
-    shards = checkpoint / SHARDS_DIR
-    stored = read_dcp_metadata(shards).state_dict_metadata  # allow-list unpickler: a crafted file runs nothing
-    with torch.device("meta"):
-        expected = MiniCPM(config).state_dict()
-    sizes = {key.removeprefix("model."): meta for key, meta in stored.items()
-             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
-    for name, tensor in expected.items():  # checked before anything is allocated
-        if name not in sizes:
-            raise MiniCPMError(f"{shards}: no shards of {name}")
-        if tuple(sizes[name].size) != tuple(tensor.shape):
-            raise MiniCPMError(f"{shards}: {name} has shape {tuple(sizes[name].size)}, config.json implies "
-                               f"{tuple(tensor.shape)}")
-    state = {name: torch.empty(sizes[name].size, dtype=sizes[name].properties.dtype) for name in expected}
-    _dcp_load({"model": state}, shards, no_dist=True)
-    return config, {name: state[name] for name in expected}
-
-
-def source_model_config(source: str | Path) -> ModelConfig:
-    """The architecture of a weights directory of any layout (ours, sharded, official HF)."""
-    from minicpm.interop.hf import checkpoint_config
-
-    source = Path(source)
-    return ModelConfig.load(source / MODEL_CONFIG_FILE) if is_sharded(source) else checkpoint_config(source)
-
-
 def load_weights_only(source: str | Path, model: torch.nn.Module) -> None:
     """A weights-only start: the weights of `source` (one of our checkpoints, a sharded one, or an official HF
     model directory) into a plain or FSDP2-sharded model of the same shapes. Nothing else of the source is read —
     no optimizer state, step or data position."""
     _, state = consolidate(source)
+    state = stacked_state(state)  # an MoE's experts as the model holds them
     ours = model.state_dict()
     for name, tensor in ours.items():
         if name not in state:
@@ -334,19 +227,10 @@ def load_weights_only(source: str | Path, model: torch.nn.Module) -> None:
             tensor.copy_(state[name])
 
 
-def consolidated_model(checkpoint: str | Path) -> MiniCPM:
-    """A plain MiniCPM holding a checkpoint's full weights (either format)."""
-    config, state = consolidate(checkpoint)
-    with torch.device("meta"):
-        model = MiniCPM(config)
-    model.load_state_dict(state, assign=True)
-    return model
-
-
 def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what DCP saves and loads, the optimizer's state dict): weights and optimizer moments keyed by official
     parameter names. Only tensors go into the shards, and DCP's own .metadata (a pickle torch writes) is read by the
-    allow-list unpickler of train/safe_dcp.py; the param_groups stay out, as a resumed run keeps the current
+    allow-list unpickler of checkpoints/safe_dcp.py; the param_groups stay out, as a resumed run keeps the current
     config's."""
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optim_state["state"]}, optim_state
@@ -354,14 +238,10 @@ def _dcp_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tupl
 
 def _load_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     state, optim_state = _dcp_state(model, optimizer)
-    _dcp_load(state, checkpoint / SHARDS_DIR, no_dist=not dist.is_initialized())
+    # through the allow-list reader: neither .metadata nor a "bytes" entry is ever unpickled
+    load_dcp(state, checkpoint / SHARDS_DIR, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict={**optim_state, "state": state["optimizer"]})
-
-
-def _dcp_load(state: dict[str, Any], shards: Path, *, no_dist: bool) -> None:
-    # through the allow-list reader: neither .metadata nor a "bytes" entry is ever unpickled
-    load_dcp(state, shards, no_dist=no_dist)
 
 
 def _load_whole_into_shards(checkpoint: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -370,6 +250,7 @@ def _load_whole_into_shards(checkpoint: Path, model: torch.nn.Module, optimizer:
 
     saved_config, weights = read_checkpoint(checkpoint)
     _check_architecture(checkpoint, saved_config, model.config)
+    weights = stacked_state(weights)
     path = checkpoint / OPTIMIZER_FILE
     saved = _read_optimizer_state(path)
     if len(saved["param_groups"]) != len(optimizer.param_groups):

@@ -1,9 +1,8 @@
 """Training configuration: typed dataclasses, YAML recipes, dotted overrides, one-line errors.
 
-A config is data; the trainer builds objects from it in one place. OmegaConf gives YAML loading, `a.b=c`
-overrides and type/unknown-key checking against these dataclasses; every OmegaConf error is turned into a
-one-line MiniCPMError naming the file or override and the key. Each field's docstring is its help text
-(shown by `minicpm train --help`).
+A config is data; the trainer builds objects from it in one place. minicpm/typed_config.py fills these dataclasses
+from YAML and `a.b=c` overrides (OmegaConf's type and unknown-key checks, one-line errors); validate() adds the
+checks across fields. Each field's docstring is its help text (shown by `minicpm train --help`).
 """
 
 from __future__ import annotations
@@ -17,15 +16,13 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
-
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from typing import Any, Dict, List, Optional, Union
 
 from minicpm.errors import MiniCPMError
 from minicpm.files import write_atomic
 from minicpm.model.config import ModelConfig, preset
 from minicpm.optim.schedule import Schedule, resolve_schedule
+from minicpm.typed_config import field_docs, load_typed, to_yaml
 
 
 def _model_section_type() -> type:
@@ -81,6 +78,10 @@ class OptimConfig:
     mup_lr_scaling: bool = True
     """muP learning rates: true gives 2-D hidden weights lr/m; false gives every parameter the plain optim.lr
     (fine-tuning without muP groups: the paper's DPO, lr 1e-5)."""
+    lr_from_source: bool = False
+    """With run.init_weights_from one of our runs: set lr to the LR its last update was taken at (its optim.lr x its
+    schedule at that checkpoint), so fine-tuning starts where the decay ended (the authors' SFT, OpenBMB/MiniCPM#40);
+    from other weights (official HF) lr stays as given."""
 
 
 @dataclass
@@ -160,6 +161,9 @@ class RunConfig:
     CPUs with native bf16 kernels (AVX-512, AMX), fp32 on others (AVX2 has none: bf16 there is ~60x slower)."""
     max_bad_steps: int = 5
     """Stop after this many consecutive steps with a NaN/Inf loss or gradient (each is skipped)."""
+    strict_checkpoints: bool = False
+    """Refuse a checkpoint whose trainer_state.json holds no SHA-256 manifest or digest (written before them, or
+    stripped of them) instead of trusting it with a warning; also `train --strict`."""
     tensorboard: bool = False
     """Also write TensorBoard events to RUN/tensorboard (needs the tensorboard extra)."""
     wandb: bool = False
@@ -177,6 +181,9 @@ class RunConfig:
     """Weights-only start: a checkpoint, run directory or official HF model directory whose weights the run starts
     from, at step 0 with a fresh optimizer and this run's own data, schedule and objective (SFT, DPO, upcycled MoE
     and context extension start this way). Null model.* fields are taken from its config.json."""
+    prediction: Optional[str] = None
+    """A plan's prediction (PLAN.yaml of `minicpm plan`, or its PLAN.prediction.json) carried while training: every
+    evaluation logs the predicted loss and band at its tokens (eval/prediction/*) and warns on leaving the band."""
     plugins: List[str] = field(default_factory=list)
     """Python modules (dotted names, or .py files) imported before the run is built, to register objectives and
     evaluators of your own."""
@@ -186,8 +193,9 @@ class RunConfig:
 class ParallelConfig:
     """Performance and parallelism switches, applied to the model from outside it."""
 
-    compile: bool = False
-    """torch.compile each decoder block (pays on GPU; costs ~30 s of compilation first)."""
+    compile: Union[bool, str] = "auto"
+    """torch.compile each decoder block: true | false | auto (compile when the run is long enough to earn back the
+    compile time on this device, train/distributed.py's COMPILE_COSTS; `minicpm train` says which and why)."""
     activation_checkpointing: str = "none"
     """none | block (recompute each decoder block in the backward) | selective (keep matmul and attention outputs,
     recompute the pointwise ops between them)."""
@@ -239,74 +247,42 @@ class TrainConfig:
 
 # ------------------------------------------------------------------------------------------ load / save
 
-def _first_line(e: OmegaConfBaseException) -> str:
-    msg = getattr(e, "msg", None) or str(e)
-    return msg.strip().splitlines()[0]
-
-
-def _omegaconf_error(source: str, e: OmegaConfBaseException) -> MiniCPMError:
-    key = getattr(e, "full_key", None)
-    return MiniCPMError(f"{source}: {key + ': ' if key else ''}{_first_line(e)}")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
     """A TrainConfig from an optional YAML file plus `key=value` overrides, checked and validated."""
-    merged = OmegaConf.structured(TrainConfig)
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise MiniCPMError(f"{path}: no such config file")
-        try:
-            loaded = OmegaConf.load(path)
-        except Exception as e:  # yaml.YAMLError: its first line names the line and column
-            raise MiniCPMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(loaded, DictConfig):
-            raise MiniCPMError(f"{path}: expected a mapping of config sections (data:, model:, optim:, ...), "
-                               f"got a list")
-        try:
-            merged = OmegaConf.merge(merged, loaded)
-        except OmegaConfBaseException as e:
-            raise _omegaconf_error(str(path), e) from None
-        except (TypeError, ValueError) as e:  # OmegaConf: a list where a mapping belongs, e.g. data.stable
-            raise MiniCPMError(f"{path}: {_list_for_mapping(merged, loaded) or 'a value'} is a list where the "
-                               f"config expects a mapping ({str(e).splitlines()[0]})") from None
-    for item in overrides:
-        if "=" not in item:
-            raise MiniCPMError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
-        try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
-        except OmegaConfBaseException as e:
-            raise _omegaconf_error(f"override {item!r}", e) from None
-    try:
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(str(path or "config"), e) from None
+    cfg = load_typed(TrainConfig, path, overrides, sections="config sections (data:, model:, optim:, ...)")
     validate(cfg)
     return cfg
 
 
-def _list_for_mapping(default, loaded, prefix: str = "") -> str | None:
-    """The dotted key at which `loaded` holds a list where `default` holds a mapping (OmegaConf's TypeError names
-    none)."""
-    for key, value in loaded.items_ex(resolve=False) if isinstance(loaded, DictConfig) else ():
-        name = f"{prefix}{key}"
-        known = default.get(key) if isinstance(default, DictConfig) and key in default else None
-        if isinstance(known, DictConfig) or (known is None and isinstance(default, DictConfig)
-                                             and OmegaConf.get_type(default, str(key)) is dict):
-            if not isinstance(value, DictConfig):
-                return name
-            if (inner := _list_for_mapping(known, value, name + ".")) is not None:
-                return inner
-    return None
-
-
 def config_to_yaml(cfg: TrainConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    return to_yaml(cfg)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the config as YAML, atomically."""
     write_atomic(path, config_to_yaml(cfg))
+
+
+RESUME_FREE_KEYS = frozenset({
+    "run.out_dir", "run.progress", "run.keep_last", "run.checkpoint_every", "run.tensorboard", "run.wandb",
+    "run.strict_checkpoints", "run.prediction",  # how a run reports and what it keeps: no number it computes
+    "run.init_from", "run.init_weights_from",  # read at the first start only; a resume loads its own checkpoint
+})
+
+
+def config_differences(recorded: TrainConfig, current: TrainConfig) -> dict[str, tuple[Any, Any]]:
+    """{section.key: (recorded value, current value)} for every setting a resumed run would change (a section that
+    is a list, as evaluators, compares whole); the keys of RESUME_FREE_KEYS change nothing a run computes."""
+    old, new = dataclasses.asdict(recorded), dataclasses.asdict(current)
+    changes = {}
+    for section in new:
+        before, after = old.get(section), new[section]
+        if isinstance(before, dict) and isinstance(after, dict):
+            pairs = {f"{section}.{key}": (before.get(key), after.get(key)) for key in sorted({*before, *after})}
+        else:
+            pairs = {section: (before, after)}
+        changes.update({key: pair for key, pair in pairs.items() if pair[0] != pair[1] and key not in RESUME_FREE_KEYS})
+    return changes
 
 
 # ------------------------------------------------------------------------------------------ plugins and options
@@ -337,16 +313,6 @@ def import_plugins(plugins: list[str]) -> None:
             raise MiniCPMError(f"run.plugins: cannot import {plugin!r} ({e})") from None
 
 
-def typed_options(cls: type, values: dict[str, Any] | None, where: str) -> Any:
-    """A dataclass of a registered kind's options from a config mapping, type-checked by OmegaConf; an unknown key
-    or a wrong type is a one-line error naming `where` (e.g. "evaluators[1]") and the key."""
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(cls), values or {})
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _omegaconf_error(where, e) from None
-
-
 # ------------------------------------------------------------------------------------------ validation
 
 def _check(ok: bool, message: str) -> None:
@@ -361,10 +327,15 @@ def validate(cfg: TrainConfig) -> None:
         if mix is None:
             continue
         for name, weight in mix.items():
-            _check(weight > 0, f"data.{stage}: weight of {name!r} must be positive, got {weight}")
+            _check(weight > 0 and math.isfinite(weight),
+                   f"data.{stage}: weight of {name!r} must be a positive number, got {weight}")
     _check(cfg.data.packing in ("concat", "document"),
            f"data.packing: expected concat or document, got {cfg.data.packing!r}")
     _check(cfg.data.eval_sequences >= 0, f"data.eval_sequences must be >= 0, got {cfg.data.eval_sequences}")
+    for section in ("optim", "schedule"):  # .inf or .nan passes every comparison below, or fails steps later
+        for name, value in dataclasses.asdict(getattr(cfg, section)).items():
+            _check(not isinstance(value, float) or math.isfinite(value),
+                   f"{section}.{name} must be a finite number, got {value}")
     o = cfg.optim
     _check(o.lr > 0, f"optim.lr must be positive, got {o.lr}")
     _check(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, f"optim.beta1/beta2 must be in [0, 1), got {o.beta1}, {o.beta2}")
@@ -391,6 +362,7 @@ def validate(cfg: TrainConfig) -> None:
            f"run.device: expected auto, cpu or cuda, got {r.device!r}")
     _check(r.dtype in ("auto", "bf16", "fp32"), f"run.dtype: expected auto, bf16 or fp32, got {r.dtype!r}")
     p = cfg.parallel
+    _check(p.compile in (True, False, "auto"), f"parallel.compile: expected true, false or auto, got {p.compile!r}")
     _check(p.activation_checkpointing in ("none", "block", "selective"),
            f"parallel.activation_checkpointing: expected none, block or selective, got {p.activation_checkpointing!r}")
     _check(p.loss_chunk_size is None or p.loss_chunk_size > 0,
@@ -478,18 +450,6 @@ def batch_plan(batch: BatchConfig, world_size: int) -> BatchPlan:
 
 
 # ------------------------------------------------------------------------------------------ help text
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring written under each dataclass field (litgpt-style attribute docstrings, read by
-    docstring_parser), whitespace folded to one line."""
-    import docstring_parser
-
-    try:
-        parsed = docstring_parser.parse_from_object(cls)
-    except (OSError, TypeError):  # no source (e.g. a dataclass made at run time)
-        return {}
-    return {p.arg_name: " ".join((p.description or "").split()) for p in parsed.params}
-
 
 def describe_fields() -> str:
     """Every config key with its type, default and help, for `minicpm train --help`."""

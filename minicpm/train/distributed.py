@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from minicpm.errors import MiniCPMError
+from minicpm.model.compiling import CompileChoice, CompileCosts, choose_compile
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,22 @@ def has_fast_bf16(device: torch.device) -> bool:
     return False
 
 
+AUTO_DTYPE_ENV = "MINICPM_AUTO_DTYPE"
+"""bf16 | fp32: what `auto` resolves to on every device, e.g. to run the test suite on an AVX2 CPU as it runs where
+bf16 is native (`MINICPM_AUTO_DTYPE=bf16 python -m pytest -m auto_dtype`); unset: by the device."""
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
-    """run.dtype for this device: `auto` becomes bf16 where bf16 is fast, else fp32; bf16 and fp32 stay."""
-    if dtype == "auto":
-        return "bf16" if has_fast_bf16(device) else "fp32"
-    return dtype
+    """run.dtype for this device: `auto` becomes bf16 where bf16 is fast, else fp32 (or what MINICPM_AUTO_DTYPE
+    says); bf16 and fp32 stay."""
+    if dtype != "auto":
+        return dtype
+    forced = os.environ.get(AUTO_DTYPE_ENV, "")
+    if forced:
+        if forced not in ("bf16", "fp32"):
+            raise MiniCPMError(f"{AUTO_DTYPE_ENV}={forced!r}: expected bf16 or fp32 (or unset: by the device)")
+        return forced
+    return "bf16" if has_fast_bf16(device) else "fp32"
 
 
 GLOO_EXIT_GRACE_S = 0.25
@@ -129,7 +141,7 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-# ---------------------------------------------------------------- torch.compile
+# ---------------------------------------------------------------- torch.compile, where it pays
 
 def apply_compile(model: nn.Module) -> nn.Module:
     """torch.compile each decoder block in place (nn.Module.compile keeps the parameter names).
@@ -139,6 +151,54 @@ def apply_compile(model: nn.Module) -> nn.Module:
     for layer in _decoder_layers(model):
         layer.compile()
     return model
+
+
+COMPILE_COSTS = {
+    # measured on a 2-core AVX-512-BF16 CPU, shared, with benchmarks/train_step.py (quickstart shapes, bf16
+    # autocast, benchmarks/README.md): first step 59.7 s cold and 12.2 s from a warm cache against ~3.5 s eager;
+    # 1.125 -> 0.862 CPU-s per step; eager MFU 32% of the measured matmul peak
+    "cpu": CompileCosts(compile_seconds=50.0, cached_compile_seconds=9.0, speedup=1.3, eager_mfu=0.3),
+    # not measured here (no GPU in the session that wrote this): torch.compile of Llama blocks as torchtitan
+    # reports it; benchmarks/gpu_throughput.py prints the measured figures on a GPU
+    "cuda": CompileCosts(compile_seconds=60.0, cached_compile_seconds=15.0, speedup=1.3, eager_mfu=0.35),
+}
+
+
+def compile_choice(setting: bool | str, *, step_flops: float, steps: int, device: torch.device, dtype: torch.dtype,
+                   cache_dir: str | os.PathLike | None = None) -> CompileChoice:
+    """choose_compile on this device: the eager step time estimated from its FLOPs, the device's peak
+    (train/metrics.py) and COMPILE_COSTS; cache_dir is where a compiled run keeps its graphs (found on a resume)."""
+    costs = COMPILE_COSTS.get(device.type)
+    step_seconds = 0.0
+    if setting == "auto" and costs is not None:
+        from minicpm.train.metrics import device_peak_flops
+
+        step_seconds = step_flops / (device_peak_flops(device, dtype) * costs.eager_mfu)
+    cached = cache_dir is not None and os.path.isdir(cache_dir) and any(os.scandir(cache_dir))
+    return choose_compile(setting, steps=steps, step_seconds=step_seconds, costs=costs, cached=cached)
+
+
+def run_compile_choice(cfg, model_config, dist_info: DistInfo) -> CompileChoice:
+    """compile_choice for a training run (a TrainConfig with run.dtype resolved): one process's share of each step's
+    tokens, schedule.total_steps steps, the cache in RUN/compile_cache (kept there when the run compiles)."""
+    cache = os.path.join(cfg.run.out_dir, "compile_cache")
+    tokens = cfg.batch.tokens_per_step / dist_info.world_size
+    choice = compile_choice(cfg.parallel.compile, step_flops=model_config.flops_per_token(cfg.batch.seq_len) * tokens,
+                            steps=cfg.schedule.total_steps, device=dist_info.device,
+                            dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32, cache_dir=cache)
+    if choice.compile:
+        keep_compile_cache(cache)
+    return choice
+
+
+_USER_COMPILE_CACHE = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+
+
+def keep_compile_cache(directory: str | os.PathLike) -> None:
+    """Inductor's on-disk cache (FX graphs, AOTAutograd, kernels) in `directory` (the run's), so that a resumed
+    run reuses the compiled graphs instead of compiling again; a TORCHINDUCTOR_CACHE_DIR set by the user wins."""
+    if _USER_COMPILE_CACHE is None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(directory)
 
 
 # ---------------------------------------------------------------- FSDP2

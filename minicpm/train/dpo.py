@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.errors import MiniCPMError
-from minicpm.train.losses import IGNORE_INDEX
 from minicpm.train.objectives import Metric, add_aux_losses, register_objective
 
 LOSSES = ("sigmoid", "ipo")
@@ -191,7 +191,9 @@ def pairs_directory(cfg) -> Path:
 def reference_model(source: str | Path, device: torch.device) -> torch.nn.Module:
     """The reference as the train module builds its frozen one: fp32 weights, eval mode, no gradients."""
     from minicpm.model.build import build_model
-    from minicpm.train.checkpoint import load_weights_only, resolve_verified_weights, source_model_config
+    from minicpm.checkpoints.verify import resolve_verified_weights
+    from minicpm.checkpoints.weights import source_model_config
+    from minicpm.train.checkpoint import load_weights_only
 
     root = resolve_verified_weights(source)
     model = build_model(source_model_config(root), device=device)
@@ -207,6 +209,10 @@ def precompute_reference(source: str | Path, data: str | Path, *, batch_size: in
     from minicpm.data.pairs import PreparedPairs, pair_rows, reference_fingerprint, write_reference
     from minicpm.train.distributed import init_distributed, resolve_dtype
 
+    if batch_size < 1:
+        raise MiniCPMError(f"--batch-size {batch_size}: must be at least 1")
+    if dtype not in ("auto", "bf16", "fp32"):
+        raise MiniCPMError(f"--dtype {dtype!r}: expected auto, bf16 or fp32 (the DPO run's run.dtype)")
     device_ = init_distributed(device).device
     dtype = resolve_dtype(dtype, device_)
     prepared = PreparedPairs(data)

@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from minicpm.train.config import TrainConfig, load_config, validate
+from minicpm.checkpoints.verify import resolve_verified
 from minicpm.errors import MiniCPMError
 from minicpm.rundir import RunDir, run_of
-from minicpm.train.checkpoint import resolve_verified
+from minicpm.train.config import TrainConfig, load_config, validate
 
 
 def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
@@ -30,18 +30,20 @@ def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]
 
 def launch_config(config: str | Path | None, overrides: list[str], *, out: str | None = None, resume: bool = False,
                   init_from: str | Path | None = None, decay_steps: int | None = None, decay: str | None = None,
-                  half_life: float | None = None) -> TrainConfig:
+                  half_life: float | None = None, strict: bool = False) -> TrainConfig:
     """The config of the run to start.
 
     config: a YAML recipe. Without one, a resumed run reads RUN/config.yaml and a run started --from a checkpoint
     reads its source run's config.yaml. overrides (key=value) apply on top. init_from with decay_steps M branches
     a decay: the new run continues the checkpoint's step N with a WSD schedule whose decay takes steps N..N+M.
+    strict: refuse checkpoints without a manifest (run.strict_checkpoints).
     """
     if decay_steps is not None and init_from is None:
         raise MiniCPMError("--decay-steps branches a decay from a checkpoint: give --from RUN/checkpoints/step_N "
                            "(or set schedule.decay_steps for a run's own decay)")
     if init_from is not None:
-        source, state = resolve_verified(init_from, _warn)  # a named checkpoint must verify; a run: its newest that does
+        # a named checkpoint must verify; a run: its newest that does
+        source, state = resolve_verified(init_from, _warn, strict=strict)
         if not out:
             raise MiniCPMError("--from needs --out NEW_RUN: a branch or continuation gets its own run directory")
         source_run = run_of(source).path
@@ -70,6 +72,8 @@ def launch_config(config: str | Path | None, overrides: list[str], *, out: str |
         cfg = load_config(config, overrides)
     if out:
         cfg.run.out_dir = str(out)
+    if strict:
+        cfg.run.strict_checkpoints = True
     if decay is not None:
         cfg.schedule.decay = decay
     if half_life is not None:

@@ -24,17 +24,22 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from minicpm.train.config import TrainConfig, batch_plan, import_plugins, model_config, save_config, with_model
+from minicpm.checkpoints.verify import newest_verified, resolve_verified, resolve_verified_weights
+from minicpm.checkpoints.weights import source_model_config
+from minicpm.train.config import (TrainConfig, batch_plan, config_differences, import_plugins, load_config,
+                                  model_config, save_config, with_model)
 from minicpm.data.pretrain import DataSource, PretrainData, tokenizer_facts
 from minicpm.data.prepare_chat import training_template
 from minicpm.errors import MiniCPMError
 from minicpm.eval.evaluators import EvalSetup, Evaluator, build_evaluators
-from minicpm.rundir import RunDir
+from minicpm.rundir import LOCK_FILE, RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.batch_ramp import batch_ramp
 from minicpm.train.distributed import DistInfo, has_fast_bf16, init_distributed, resolve_dtype
 from minicpm.train.metrics import IntervalStats, MetricsWriter, Progress, Throughput, device_peak_flops, format_record
 from minicpm.train.module import TrainModule
+from minicpm.train.prediction import LivePrediction, load_plan_prediction
+from minicpm.train.start_lr import lr_where_source_ended
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Trainer:
         # the run records the precision it trains in (auto resolved for this device)
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=resolve_dtype(cfg.run.dtype,
                                                                                               self.dist.device)))
-        self.cfg = cfg
+        self.cfg = cfg = self._start_lr(cfg)
         self.run = RunDir(cfg.run.out_dir)
         self.schedule = cfg.schedule.resolve()
         self.plan = batch_plan(cfg.batch, self.dist.world_size)
@@ -97,10 +102,26 @@ class Trainer:
                 self._warn(f"{name}: {n} conversation(s) longer than batch.seq_len + 1 = {cfg.batch.seq_len + 1} "
                            f"tokens are skipped (no row holds them whole)")
         self.evaluators: list[Evaluator] = build_evaluators(cfg.evaluators, EvalSetup(cfg, self.tokenizer_hash))
+        self.prediction = LivePrediction(load_plan_prediction(cfg.run.prediction)) if cfg.run.prediction else None
         self.step = 0
         self.tokens = 0
         self.interval = IntervalStats()
         self.bad_steps = 0
+
+    def _start_lr(self, cfg: TrainConfig) -> TrainConfig:
+        """optim.lr_from_source: the LR where the weights' source run ended (train/start_lr.py)."""
+        if not (cfg.optim.lr_from_source and cfg.run.init_weights_from):
+            return cfg
+        source = resolve_verified_weights(cfg.run.init_weights_from, strict=cfg.run.strict_checkpoints)
+        found = lr_where_source_ended(source)
+        if found is None:
+            self._warn(f"optim.lr_from_source: {source} is not a checkpoint of one of our runs (no schedule to read); "
+                       f"starting at optim.lr {cfg.optim.lr:g}")
+            return cfg
+        lr, how = found
+        if self.dist.is_main:
+            print(f"optim.lr {lr:.4g}: where the source's schedule ended ({how})", flush=True)
+        return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
 
     def _weights_source_config(self):
         """For a weights-only start whose config names no model: the source's own architecture."""
@@ -108,23 +129,32 @@ class Trainer:
         if not source or any(getattr(self.cfg.model, f.name) is not None
                              for f in dataclasses.fields(self.cfg.model)):
             return None
-        return ckpt.source_model_config(ckpt.resolve_verified_weights(source))
+        return source_model_config(resolve_verified_weights(source, strict=self.cfg.run.strict_checkpoints))
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
-        """Train to schedule.total_steps; resume=True continues the run directory's latest checkpoint."""
+    def fit(self, *, resume: bool = False, allow_config_change: bool = False) -> TrainResult:
+        """Train to schedule.total_steps; resume=True continues the run directory's latest checkpoint, with the
+        config it recorded (a changed one is refused unless allow_config_change, which records the change)."""
         lock = self.run.lock() if self.dist.is_main else None
+        was_there = {"directory_was_there": self.run.path.is_dir(),
+                     "lock_file_was_there": (self.run.path / LOCK_FILE).exists()}
         if lock is not None:
             lock.acquire()
+        self._started = False
         try:
-            return self._fit(resume)
+            return self._fit(resume, allow_config_change)
+        except BaseException:
+            if lock is not None and not self._started:  # refused before it began: nothing left behind
+                lock.release_leaving_nothing(**was_there)
+            raise
         finally:
             if lock is not None:
                 lock.release()
 
-    def _fit(self, resume: bool) -> TrainResult:
-        self._start(resume)
+    def _fit(self, resume: bool, allow_config_change: bool) -> TrainResult:
+        self._start(resume, allow_config_change)
+        self._started = True
         cfg, total = self.cfg, self.schedule.total_steps
         main = self.dist.is_main
         writer = MetricsWriter(self.run, tensorboard=cfg.run.tensorboard, wandb=cfg.run.wandb) if main else None
@@ -160,9 +190,15 @@ class Trainer:
                 evaluation = self._evaluate(final=self.step == total)
                 if evaluation:
                     last_eval = {"step": self.step, "tokens": self.tokens, **evaluation}
+                    predicted, shown, warning = (self.prediction.evaluate(self.tokens, evaluation) if self.prediction
+                                                 else ({}, "", None))
+                    last_eval.update(predicted)
                     if main:
                         writer.write(last_eval)
-                        progress.print(format_record(last_eval))
+                        progress.print(format_record(last_eval) + (f"  {shown}" if shown else ""))
+                        progress.show(predicted=shown)
+                        if warning:
+                            progress.print(f"warning: step {self.step}: {warning}")
                 if (_due(self.step, cfg.run.checkpoint_every) or self.step == total) and not self.bad_steps:
                     # never during a run of skipped steps: the newest checkpoint stays the last good one
                     saved = self.module.save(self.run, self.step, self.trainer_state(), keep_last=cfg.run.keep_last,
@@ -235,7 +271,7 @@ class Trainer:
         self.interval = IntervalStats.from_state(state["interval"])
         self.bad_steps = int(state["bad_steps"])
 
-    def _start(self, resume: bool) -> None:
+    def _start(self, resume: bool, allow_config_change: bool = False) -> None:
         """Decide where the run starts (its own checkpoint, a branch's source, a weights-only source, or nothing)
         and record its config."""
         run, cfg = self.run, self.cfg
@@ -247,14 +283,16 @@ class Trainer:
             run.remove_incomplete()
         announce = "starting at step 0"
         # a checkpoint is used only once its files match the SHA-256 manifest in its trainer_state.json
-        own, own_state = ckpt.newest_verified(run, self._warn) if resume else (None, None)
+        strict = cfg.run.strict_checkpoints
+        own, own_state = newest_verified(run, self._warn, strict=strict) if resume else (None, None)
+        changes = self._config_changes(allow_config_change) if own is not None else {}
         if own is not None:
             self._load(own, own_state)
             announce = f"resuming {own} at step {self.step}"
             if self.dist.is_main and run.latest_pointer()[0] != own:
                 run.set_latest(own)  # a damaged newer checkpoint or a bad pointer: `latest` names what verified
         elif cfg.run.init_from:
-            source, state = ckpt.resolve_verified(cfg.run.init_from, self._warn)
+            source, state = resolve_verified(cfg.run.init_from, self._warn, strict=strict)
             if _inside(source, run.path):
                 raise MiniCPMError(f"run.init_from {source} lies inside the run directory {run.path}; "
                                    f"branch into a new --out")
@@ -265,15 +303,29 @@ class Trainer:
                                    f"pass --decay-steps)")
             announce = f"resuming {source} at step {self.step}"
         elif cfg.run.init_weights_from:
-            source = ckpt.resolve_verified_weights(cfg.run.init_weights_from, self._warn)
+            source = resolve_verified_weights(cfg.run.init_weights_from, self._warn, strict=strict)
             self.module.load_weights(source)
             announce = f"starting at step 0 from the weights of {source}"
         if self.dist.is_main:
             run.truncate_metrics(self.step if own is not None else -1)
+            if changes:
+                run.record_config_change(self.step, changes)
+                announce += f"; config changed from this step: {', '.join(changes)} (in {run.config_changes_file})"
             save_config(self.resolved_config(), run.config_file)
             self._announce(announce)
         if self.dist.distributed:
             dist.barrier()
+
+    def _config_changes(self, allowed: bool) -> dict[str, tuple[Any, Any]]:
+        """What this resume changes in the config the run recorded; any change is refused unless `allowed`."""
+        if not self.run.config_file.is_file():
+            return {}
+        changes = config_differences(load_config(self.run.config_file), self.resolved_config())
+        if changes and not allowed:
+            listed = "; ".join(f"{key} {before!r} -> {after!r}" for key, (before, after) in changes.items())
+            raise MiniCPMError(f"{self.run.config_file}: resuming with a changed config ({listed}); resume with the "
+                               f"recorded config, or pass --allow-config-change to record the change and go on")
+        return changes
 
     def _warn(self, message: str) -> None:
         if self.dist.is_main:
@@ -302,16 +354,17 @@ class Trainer:
               f"  objective: {cfg.objective.kind}; evaluators: "
               f"{', '.join(e.name for e in self.evaluators) or 'none'}\n"
               f"  schedule: {self.schedule.describe()}; lr {cfg.optim.lr:g}\n"
-              f"  device: {self.dist.device}, {cfg.run.dtype}", flush=True)
+              f"  device: {self.dist.device}, {cfg.run.dtype}; blocks {self.module.compile_choice.reason}", flush=True)
         if cfg.run.dtype == "bf16" and not has_fast_bf16(self.dist.device):
             print(f"  warning: this {self.dist.device.type} has no native bf16 kernels; bf16 runs far slower than "
                   f"fp32 here (run.dtype=auto picks fp32)", flush=True)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, data: DataSource | None = None) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, data: DataSource | None = None,
+          allow_config_change: bool = False) -> TrainResult:
     """Run (or resume, or branch) a training run described by cfg; under torchrun, on all its processes."""
     trainer = Trainer(cfg, data=data)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, allow_config_change=allow_config_change)
     if trainer.dist.distributed and dist.is_initialized():
         dist.barrier()  # no rank tears the group down while another is still in a collective
         dist.destroy_process_group()  # the run's process group ends with it (NCCL warns if left open)

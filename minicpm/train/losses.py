@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from minicpm.data import IGNORE_INDEX
 
 
 def lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, labels: torch.Tensor,
@@ -57,12 +57,17 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             target = torch.where(valid, y, 0)
             # the same ops as the plain path: matmul in the input (or autocast) dtype, softmax math in fp32
             logits = F.linear(h, weight).float()
-            lse = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, target[:, None]).squeeze(1)
+            # logsumexp as torch computes it (max + log Σ exp(x - max)), keeping exp(x - max) in place of the logits
+            # for the softmax: one pass of exp over the (chunk x vocab) block instead of two
+            peak = logits.amax(dim=-1, keepdim=True)
+            exps = logits.sub_(peak).exp_()
+            sums = exps.sum(dim=-1, keepdim=True)
+            lse = (peak + sums.log()).squeeze(1)
             total += torch.where(valid, lse - target_logit, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
                 continue
-            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs = exps.div_(sums)  # softmax, in place of the logits
             probs[torch.arange(len(y), device=y.device), target] -= valid.to(probs.dtype)
             grad_logits = probs.mul_(valid[:, None]).to(compute_dtype)
             if grad_hidden is not None:

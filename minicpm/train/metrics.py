@@ -146,6 +146,8 @@ class Progress:
     def __init__(self, *, start: int, total: int, enabled: bool):
         self.enabled = enabled
         self._bar = None
+        self._shown: dict[str, str] = {}
+        """Fields kept on the bar between updates (the prediction at the last evaluation)."""
         if enabled:
             from tqdm import tqdm
 
@@ -159,7 +161,13 @@ class Progress:
                 # as format_record: per-layer metrics (moe/layer3/load_max) stay in metrics.jsonl
                 shown = {key: f"{value:.4g}" for key, value in record.items()
                          if key not in _NOT_IN_BAR and isinstance(value, float) and key.count("/") <= 1}
-                self._bar.set_postfix(lr=f"{record['lr']:.2e}", **shown, refresh=False)
+                self._bar.set_postfix(lr=f"{record['lr']:.2e}", **shown, **self._shown, refresh=False)
+
+    def show(self, **fields: str) -> None:
+        """Keep these fields on the bar (an empty value removes one)."""
+        self._shown.update({k: v for k, v in fields.items() if v})
+        for key in [k for k, v in fields.items() if not v]:
+            self._shown.pop(key, None)
 
     def print(self, line: str) -> None:
         if self._bar is not None:

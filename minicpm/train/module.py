@@ -30,7 +30,7 @@ from minicpm.optim.mup import param_groups
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.distributed import (DistInfo, apply_activation_checkpointing, apply_compile, apply_fsdp,
-                                       clip_grad_norm, fused_adamw_supported, resolve_dtype)
+                                       clip_grad_norm, fused_adamw_supported, resolve_dtype, run_compile_choice)
 from minicpm.train.objectives import Objective, build_objective
 
 
@@ -44,6 +44,8 @@ class TrainModule:
         self.reference = reference
         self.config = config
         self._eval_objectives: dict[str, Objective] = {}
+        self.compile_choice = None
+        """Whether the blocks were compiled and why (a distributed.CompileChoice; set by build)."""
         self.dynamics = None
         if getattr(config.run, "dynamics", False):  # paper §4.4 diagnostics (train/dynamics.py)
             from minicpm.train.dynamics import DecayDynamics
@@ -59,20 +61,24 @@ class TrainModule:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dtype=resolve_dtype(cfg.run.dtype,
                                                                                               dist_info.device)))
         objective = build_objective(cfg.objective)
-        model = _wrapped_model(cfg, model_config, dist_info)
+        # parallel.compile resolved (auto: where the run earns the compile time back); `minicpm train` prints why
+        compiled = run_compile_choice(cfg, model_config, dist_info)
+        model = _wrapped_model(cfg, model_config, dist_info, compiled=compiled.compile)
         reference = None
         if objective.needs_reference:
             if not cfg.run.init_weights_from:
                 raise MiniCPMError(f"objective.kind {cfg.objective.kind} needs a reference model: set "
                                    f"run.init_weights_from to the checkpoint it starts from")
-            reference = _wrapped_model(cfg, model_config, dist_info, frozen=True)
+            reference = _wrapped_model(cfg, model_config, dist_info, frozen=True, compiled=compiled.compile)
             ckpt.load_weights_only(cfg.run.init_weights_from, reference)
         o = cfg.optim
         groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, embedding_in_2d_group=o.embedding_in_2d_group,
                               mup_lr_scaling=o.mup_lr_scaling)
         fused = fused_adamw_supported(dist_info.device)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
-        return cls(model, optimizer, objective, dist_info, config=cfg, reference=reference)
+        module = cls(model, optimizer, objective, dist_info, config=cfg, reference=reference)
+        module.compile_choice = compiled
+        return module
 
     # --- what evaluators see -----------------------------------------------------------------------------------
 
@@ -232,7 +238,8 @@ class TrainModule:
         ckpt.load_weights_only(source, self.model)
 
 
-def _wrapped_model(cfg, model_config: ModelConfig, dist_info: DistInfo, *, frozen: bool = False) -> torch.nn.Module:
+def _wrapped_model(cfg, model_config: ModelConfig, dist_info: DistInfo, *, frozen: bool = False,
+                   compiled: bool = False) -> torch.nn.Module:
     """fp32 master weights (bf16 only inside autocast); the same seed on every rank gives identical replicas."""
     model = build_model(model_config, device=dist_info.device, seed=cfg.run.seed,
                         embedding_in_2d_group=cfg.optim.embedding_in_2d_group)
@@ -244,7 +251,7 @@ def _wrapped_model(cfg, model_config: ModelConfig, dist_info: DistInfo, *, froze
     # torchtitan's order: checkpointing inside compile inside FSDP's per-block hooks
     if not frozen:
         apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
-    if cfg.parallel.compile:
+    if compiled:
         apply_compile(model)
     if dist_info.distributed:
         apply_fsdp(model, dist_info, param_dtype=_fsdp_param_dtype(cfg, dist_info), reduce_dtype=torch.float32)

@@ -23,9 +23,10 @@ from typing import Protocol
 
 import torch
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.errors import MiniCPMError
 from minicpm.registry import Registry
-from minicpm.train.losses import IGNORE_INDEX, lm_loss
+from minicpm.train.losses import lm_loss
 
 Metric = tuple[torch.Tensor, torch.Tensor]
 """(sum, count) of a named metric over a micro-batch."""
@@ -45,7 +46,7 @@ class Objective(Protocol):
         """The summed loss of a micro-batch and its named metrics."""
 
 
-OBJECTIVES = Registry("objective", "objective.kind")
+OBJECTIVES = Registry("objective", "objective.kind", builtin=("minicpm.train.dpo",))
 register_objective = OBJECTIVES.register
 """Class decorator: `@register_objective("kind", options=OptionsDataclass)` makes an objective buildable as
 `objective.kind: <kind>`, its options filled from objective.options."""
@@ -115,6 +116,3 @@ class SupervisedFineTuning(NextToken):
     Which tokens are answers comes with the data: chat shards (`minicpm prepare --format chat`) carry a loss mask,
     and the batch's labels are IGNORE_INDEX everywhere else. Run it with data.packing: document, so that packed
     conversations do not see each other (configs/sft.yaml)."""
-
-
-import minicpm.train.dpo  # noqa: E402,F401  (registers "dpo"; it imports this module's registry)

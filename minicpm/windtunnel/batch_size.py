@@ -18,7 +18,9 @@ from typing import Sequence
 import numpy as np
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic, write_figure
+from minicpm.files import write_atomic
+from minicpm.plots import figure, log_axis, save_png
+from minicpm.laws import BOOTSTRAP_RESAMPLES
 from minicpm.rundir import RunDir
 
 
@@ -111,7 +113,7 @@ class BatchSizeResult:
 
 
 def batch_size_law(paths: Sequence[str | Path], *, targets: Sequence[float] | None = None, count: int = 6,
-                   loss_key: str = "eval_loss", out: str | Path | None = None, bootstrap: int = 200,
+                   loss_key: str = "eval_loss", out: str | Path | None = None, bootstrap: int = BOOTSTRAP_RESAMPLES,
                    seed: int = 0) -> BatchSizeResult:
     from minicpm.laws.chinchilla import fit_batch_size_law
 
@@ -146,15 +148,8 @@ def batch_size_law(paths: Sequence[str | Path], *, targets: Sequence[float] | No
 
 
 def plot_batch_size(points, fit, loss_key: str, path: Path) -> Path:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from minicpm.sweep.report import log_axis
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = figure(10, 4, dpi=90)
+    left, right = fig.subplots(1, 2)
     for p in points:
         line, = left.plot(p["batches"], p["tokens"], marker="o", label=f"L = {p['target']:.3f}")
         left.axvline(p["optimal_batch"], color=line.get_color(), linestyle=":", alpha=0.7)
@@ -169,7 +164,4 @@ def plot_batch_size(points, fit, loss_key: str, path: Path) -> Path:
     log_axis(right, "y")
     right.set(xlabel=loss_key, ylabel="batch size (tokens)", title="optimal batch size law")
     right.legend(fontsize=8)
-    fig.tight_layout()
-    written = write_figure(fig, path, dpi=90)
-    plt.close(fig)
-    return written
+    return save_png(fig, path)

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Sequence
 
 from minicpm.errors import MiniCPMError
-from minicpm.files import write_atomic, write_figure
+from minicpm.files import write_atomic
+from minicpm.model.shapes import WidthRule
+from minicpm.plots import figure, save_png
 
 KINDS = ("embedding", "attn", "mlp", "residual", "logits")
 PARAMETRISATIONS = {"mup": "μP", "sp": "SP"}
@@ -80,12 +82,7 @@ def run_coordcheck(widths: Sequence[int], *, steps: int = 4, lr: float = 0.01, l
                    out: str | Path | None = None) -> CoordCheckResult:
     from minicpm.optim.mup import coord_check
 
-    widths = sorted(set(widths))
-    if len(widths) < 2:
-        raise MiniCPMError(f"--widths: give at least two widths, got {widths}")
-    for width in widths:
-        if width <= 0 or width % head_dim:
-            raise MiniCPMError(f"--widths: {width} is not a positive multiple of the head size {head_dim}")
+    widths = WidthRule(head_dim=head_dim).widths_to_compare(widths)
     if steps < 1:
         raise MiniCPMError(f"--steps must be positive, got {steps}")
     if not lr > 0:
@@ -113,15 +110,9 @@ def run_coordcheck(widths: Sequence[int], *, steps: int = 4, lr: float = 0.01, l
 def plot_coordcheck(kinds, widths, steps, verdicts, path: Path) -> Path:
     """One row per parametrisation, one column per step shown (init, after one step, the last): mean |x| against
     width, log-log, a line per layer kind. Flat lines are what μP promises."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     shown = sorted({0, 1, steps})
-    fig, axes = plt.subplots(len(kinds), len(shown), figsize=(4 * len(shown), 3.2 * len(kinds)), squeeze=False,
-                             sharex=True)
+    fig = figure(4 * len(shown), 3.2 * len(kinds), dpi=90)
+    axes = fig.subplots(len(kinds), len(shown), squeeze=False, sharex=True)
     for row, (name, per_width) in enumerate(kinds.items()):
         for col, t in enumerate(shown):
             ax = axes[row][col]
@@ -137,7 +128,4 @@ def plot_coordcheck(kinds, widths, steps, verdicts, path: Path) -> Path:
                 ax.set_xlabel("width")
         axes[row][0].legend(fontsize=7)
     fig.suptitle("coordinate check: " + "; ".join(v.line() for v in verdicts.values()), fontsize=9)
-    fig.tight_layout()
-    written = write_figure(fig, path, dpi=90)
-    plt.close(fig)
-    return written
+    return save_png(fig, path)

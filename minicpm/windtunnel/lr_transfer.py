@@ -23,16 +23,16 @@ from pathlib import Path
 from typing import Sequence
 
 from minicpm.errors import MiniCPMError
+from minicpm.model.shapes import WidthRule
 from minicpm.sweep.spec import Param, SweepSpec
-from minicpm.files import write_atomic, write_figure
+from minicpm.files import write_atomic
+from minicpm.plots import figure, save_png
 
 LABELS = {"mup": "μP", "sp": "SP"}
 
 
 def width_overrides(width: int, *, head_dim: int, base_width: int, parametrisation: str) -> list[str]:
-    heads = width // head_dim
-    return [f"model.hidden_size={width}", f"model.intermediate_size={width * 5 // 2}",
-            f"model.num_attention_heads={heads}", f"model.num_key_value_heads={heads}",
+    return [*WidthRule(head_dim=head_dim).overrides(width),
             f"model.dim_model_base={base_width if parametrisation == 'mup' else width}"]
 
 
@@ -101,12 +101,7 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
     recipe = Path(recipe)
     if not recipe.is_file():
         raise MiniCPMError(f"{recipe}: no such config file")
-    widths = sorted(set(widths))
-    if len(widths) < 2:
-        raise MiniCPMError(f"--widths: give at least two widths, got {widths}")
-    for width in widths:
-        if width <= 0 or width % head_dim:
-            raise MiniCPMError(f"--widths: {width} is not a positive multiple of --head-dim {head_dim}")
+    widths = WidthRule(head_dim=head_dim).widths_to_compare(widths)
     if not log2_lrs:
         raise MiniCPMError("--log2-lr: give at least one exponent")
     base_width = base_width or widths[0]
@@ -144,13 +139,8 @@ def lr_transfer(recipe: str | Path, overrides: Sequence[str], *, widths: Sequenc
 
 
 def plot_lr_transfer(losses, optima, metric: str, path: Path) -> Path:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(losses), figsize=(5 * len(losses), 3.8), squeeze=False, sharey=True)
+    fig = figure(5 * len(losses), 3.8, dpi=90)
+    axes = fig.subplots(1, len(losses), squeeze=False, sharey=True)
     for ax, (name, by_width) in zip(axes[0], losses.items()):
         for width in sorted(by_width):
             points = sorted((lr, v) for lr, v in by_width[width].items() if v is not None and math.isfinite(v))
@@ -165,7 +155,4 @@ def plot_lr_transfer(losses, optima, metric: str, path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel(metric)
-    fig.tight_layout()
-    written = write_figure(fig, path, dpi=90)
-    plt.close(fig)
-    return written
+    return save_png(fig, path)

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 from minicpm.errors import MiniCPMError
 from minicpm.sweep.spec import Param, SweepSpec
-from minicpm.files import write_atomic, write_figure
+from minicpm.files import write_atomic
+from minicpm.plots import figure, log_axis, save_png
 
 # name shown -> (config key, low, high); all searched on a log scale around the paper's optimum
 DEFAULT_SPACE: dict[str, tuple[str, float, float]] = {
@@ -152,15 +153,8 @@ def param_importances(study, space: dict[str, Param]) -> dict[str, float]:
 
 
 def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: str, best, path: Path) -> Path:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from minicpm.sweep.report import log_axis
-
-    fig, axes = plt.subplots(1, len(space), figsize=(3.6 * len(space), 3.4), squeeze=False, sharey=True)
+    fig = figure(3.6 * len(space), 3.4, dpi=90)
+    axes = fig.subplots(1, len(space), squeeze=False, sharey=True)
     values = [r["value"] for r in rows]
     for ax, key in zip(axes[0], space):
         ax.scatter([r["params"][key] for r in rows], values, s=18, c=range(len(rows)), cmap="viridis")
@@ -172,25 +166,14 @@ def plot_search(rows, space: dict[str, Param], names: dict[str, str], metric: st
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(metric)
     fig.suptitle("TPE search on the proxy (colour: trial order; star: best; dotted: the paper's value)", fontsize=9)
-    fig.tight_layout()
-    written = write_figure(fig, path, dpi=90)
-    plt.close(fig)
-    return written
+    return save_png(fig, path)
 
 
 def plot_importances(importances: dict[str, float], path: Path) -> Path:
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = sorted(importances, key=importances.get)
-    fig, ax = plt.subplots(figsize=(5, 0.5 * len(names) + 1.2))
+    fig = figure(5, 0.5 * len(names) + 1.2, dpi=90)
+    ax = fig.subplots()
     ax.barh(names, [importances[n] for n in names])
     ax.set_xlabel("importance (fANOVA, share of the metric's variance)")
     ax.set_xlim(0, 1)
-    fig.tight_layout()
-    written = write_figure(fig, path, dpi=90)
-    plt.close(fig)
-    return written
+    return save_png(fig, path)

@@ -87,6 +87,7 @@ def assert_one_line(error, *parts):
         assert part in message
 
 
+@pytest.mark.slow
 def test_a_real_dcp_checkpoint_loads_through_the_safe_reader_with_identical_tensors(shards):
     directory, saved_model, saved_optimizer = shards
     saved = dcp_state(saved_model, saved_optimizer)[0]

@@ -1,4 +1,4 @@
-"""The model commands, driven through the real `minicpm` entry point in a subprocess."""
+"""The model commands, driven through the `minicpm` entry point (main, in this process)."""
 
 import json
 
@@ -12,37 +12,37 @@ from minicpm.interop.hf import WEIGHTS, load_model
 
 
 @pytest.mark.slow
-def test_init_info_generate_export_import_end_to_end(tmp_path, minicpm):
-    init = minicpm("init", "--preset", "tiny", "--seed", "3", tmp_path / "fresh", "num_hidden_layers=3")
+def test_init_info_generate_export_import_end_to_end(tmp_path, cli):
+    init = cli("init", "--preset", "tiny", "--seed", "3", tmp_path / "fresh", "num_hidden_layers=3")
     assert init.returncode == 0, init.stderr
     assert sorted(p.name for p in (tmp_path / "fresh").iterdir()) == ["config.json", WEIGHTS, "tokenizer.json"]
     assert json.loads((tmp_path / "fresh" / "config.json").read_text())["num_hidden_layers"] == 3
 
-    info = minicpm("info", tmp_path / "fresh")
+    info = cli("info", tmp_path / "fresh")
     assert info.returncode == 0, info.stderr
     assert "non-embedding (N)" in info.stdout and "training FLOPs per token" in info.stdout
     assert "F32, model.safetensors" in info.stdout
 
-    gen = minicpm("generate", tmp_path / "fresh", "--prompt", "Hello", "--max-new-tokens", "8", "--seed", "0")
+    gen = cli("generate", tmp_path / "fresh", "--prompt", "Hello", "--max-new-tokens", "8", "--seed", "0")
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.endswith("\n")
 
-    export = minicpm("export", tmp_path / "fresh", tmp_path / "llama", "--to", "llama", "--dtype", "bf16")
+    export = cli("export", tmp_path / "fresh", tmp_path / "llama", "--to", "llama", "--dtype", "bf16")
     assert export.returncode == 0, export.stderr
     transformers = pytest.importorskip("transformers")
     llama = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "llama")
     assert llama.config.num_hidden_layers == 3 and llama.dtype == torch.bfloat16
 
-    imported = minicpm("import", tmp_path / "fresh", tmp_path / "copy", "--dtype", "bf16", "--max-shard-size", "100KB")
+    imported = cli("import", tmp_path / "fresh", tmp_path / "copy", "--dtype", "bf16", "--max-shard-size", "100KB")
     assert imported.returncode == 0, imported.stderr
     assert (tmp_path / "copy" / "model.safetensors.index.json").exists()
     assert load_model(tmp_path / "copy").head_weight.dtype == torch.bfloat16
 
 
-def test_broken_checkpoint_exits_nonzero_with_one_line_naming_the_file(tmp_path, minicpm):
+def test_broken_checkpoint_exits_nonzero_with_one_line_naming_the_file(tmp_path, cli):
     assert main(["init", "--preset", "tiny", str(tmp_path / "ckpt")]) == 0
     (tmp_path / "ckpt" / WEIGHTS).write_bytes(b"not a safetensors file at all")
-    result = minicpm("generate", tmp_path / "ckpt", "--prompt", "hi")
+    result = cli("generate", tmp_path / "ckpt", "--prompt", "hi")
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0
     assert f"{tmp_path / 'ckpt' / WEIGHTS}: not a safetensors file" in result.stderr

@@ -1,8 +1,6 @@
 """Bad MoE configurations through the command line: one line on stderr naming the field, exit status 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -10,10 +8,6 @@ from minicpm.interop.hf import save_model
 from minicpm.stages.upcycle import upcycle
 from minicpm.model.build import build_model
 from minicpm.model.config import preset
-
-
-def minicpm(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], capture_output=True, text=True, cwd=cwd)
 
 
 def assert_one_line_error(result, *fragments):
@@ -42,23 +36,23 @@ def edit_config(checkpoint, tmp_path, **fields):
     return copy
 
 
-def test_top_k_above_the_experts_in_a_checkpoint_config(moe_checkpoint, tmp_path):
+def test_top_k_above_the_experts_in_a_checkpoint_config(moe_checkpoint, tmp_path, cli):
     bad = edit_config(moe_checkpoint, tmp_path, num_experts_per_tok=3)
-    assert_one_line_error(minicpm("info", bad), "num_experts_per_tok must be an integer in 1..num_experts, got 3")
-    assert_one_line_error(minicpm("export", bad, tmp_path / "out", "--to", "mixtral"), "num_experts_per_tok")
+    assert_one_line_error(cli("info", bad), "num_experts_per_tok must be an integer in 1..num_experts, got 3")
+    assert_one_line_error(cli("export", bad, tmp_path / "out", "--to", "mixtral"), "num_experts_per_tok")
 
 
-def test_an_moe_checkpoint_whose_config_says_zero_experts(moe_checkpoint, tmp_path):
+def test_an_moe_checkpoint_whose_config_says_zero_experts(moe_checkpoint, tmp_path, cli):
     bad = edit_config(moe_checkpoint, tmp_path, num_experts=0)  # the expert tensors have no place in a dense model
-    assert_one_line_error(minicpm("export", bad, tmp_path / "out", "--to", "minicpm"), "model.layers.0.mlp")
+    assert_one_line_error(cli("export", bad, tmp_path / "out", "--to", "minicpm"), "model.layers.0.mlp")
 
 
-def test_top_k_above_the_experts_and_zero_experts_in_a_training_config(moe_checkpoint, tmp_path):
+def test_top_k_above_the_experts_and_zero_experts_in_a_training_config(moe_checkpoint, tmp_path, cli):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("model:\n  preset: tiny\n")
-    result = minicpm("train", recipe, "model.num_experts=2", "model.num_experts_per_tok=3", "--out", tmp_path / "run")
+    result = cli("train", recipe, "model.num_experts=2", "model.num_experts_per_tok=3", "--out", tmp_path / "run")
     assert_one_line_error(result, "num_experts_per_tok must be an integer in 1..num_experts, got 3")
-    assert_one_line_error(minicpm("train", recipe, "model.num_experts=-1", "--out", tmp_path / "run"), "num_experts")
-    assert_one_line_error(minicpm("upcycle", moe_checkpoint.parent / "dense", "--experts", "0", "--out",
-                                  tmp_path / "zero"), "--experts must be an integer >= 1")
+    assert_one_line_error(cli("train", recipe, "model.num_experts=-1", "--out", tmp_path / "run"), "num_experts")
+    assert_one_line_error(cli("upcycle", moe_checkpoint.parent / "dense", "--experts", "0", "--out",
+                              tmp_path / "zero"), "--experts must be an integer >= 1")
     assert not (tmp_path / "run").exists() and not (tmp_path / "zero").exists()

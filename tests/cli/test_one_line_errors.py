@@ -4,11 +4,7 @@ CLI where the mapping matters, through the library where the check lives."""
 from __future__ import annotations
 
 import errno
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,16 +13,6 @@ from train_helpers import PatternData, make_datasets, tiny_config
 
 from minicpm import cli
 from minicpm.errors import MiniCPMError
-
-TESTS = Path(__file__).resolve().parents[1]
-
-
-def minicpm(*args, cwd, env=None):
-    path = os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
-    return subprocess.run([sys.executable, "-m", "minicpm", *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
 
 def assert_one_line(result, *fragments, code=2):
     assert result.returncode == code, (result.returncode, result.stderr[-2000:])
@@ -55,19 +41,19 @@ def recipe(tmp_path, datasets, extra=""):
 
 # ------------------------------------------------------------------------------------------ through the CLI
 
-def test_a_yaml_whose_top_level_is_a_list_is_one_line(tmp_path):
+def test_a_yaml_whose_top_level_is_a_list_is_one_line(tmp_path, cli):
     (tmp_path / "c.yaml").write_text("- model\n- data\n")
-    assert_one_line(minicpm("train", "c.yaml", "--out", "run", cwd=tmp_path), "c.yaml", "mapping")
+    assert_one_line(cli("train", "c.yaml", "--out", "run", cwd=tmp_path), "c.yaml", "mapping")
 
 
-def test_a_non_utf8_table_is_one_line(tmp_path):
+def test_a_non_utf8_table_is_one_line(tmp_path, cli):
     (tmp_path / "runs.csv").write_bytes(b"params,tokens,loss\n1e6,2e7,3.\xff\n")
-    assert_one_line(minicpm("scaling", "fit", "runs.csv", cwd=tmp_path), "runs.csv: not UTF-8 text (byte 29)")
+    assert_one_line(cli("scaling", "fit", "runs.csv", cwd=tmp_path), "runs.csv: not UTF-8 text (byte 29)")
 
 
-def test_out_naming_an_existing_file_is_one_line(tmp_path, datasets):
+def test_out_naming_an_existing_file_is_one_line(tmp_path, datasets, cli):
     (tmp_path / "taken").write_text("a file")
-    assert_one_line(minicpm("train", recipe(tmp_path, datasets), "--out", "taken", cwd=tmp_path), "taken")
+    assert_one_line(cli("train", recipe(tmp_path, datasets), "--out", "taken", cwd=tmp_path), "taken")
 
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_only_on_request(tmp_path, monkeypatch, capsys):
@@ -178,6 +164,7 @@ def test_enospc_while_saving_is_one_line_keeps_the_previous_checkpoint_and_resum
         tmp_path, no_peak, monkeypatch):
     from safetensors.torch import load_file
 
+    from minicpm.checkpoints.verify import verify_checkpoint
     from minicpm.rundir import RunDir
     from minicpm.train import checkpoint as ckpt
     from minicpm.train.loop import train
@@ -202,7 +189,7 @@ def test_enospc_while_saving_is_one_line_keeps_the_previous_checkpoint_and_resum
     run = RunDir(tmp_path / "run")
     assert [p.name for p in run.checkpoints_dir.iterdir() if p.name.startswith(".")] == []  # no half checkpoint
     assert run.latest_checkpoint().name == "step_00000003"
-    ckpt.verify_checkpoint(run.latest_checkpoint())  # intact
+    verify_checkpoint(run.latest_checkpoint())  # intact
     monkeypatch.setattr(ckpt.torch, "save", real_save)  # space freed
     resumed = train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
     a = load_file(reference.checkpoint / "model.safetensors")

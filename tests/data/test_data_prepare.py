@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import subprocess
-import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -155,11 +153,9 @@ def test_bad_input_is_one_line_naming_file_and_line_and_leaves_no_output(tmp_pat
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def test_unreadable_file_fails_in_the_real_command_with_a_non_zero_exit(tmp_path, tokenizer):
+def test_unreadable_file_fails_in_the_command_with_a_non_zero_exit(tmp_path, tokenizer, cli):
     (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere")
-    proc = subprocess.run([sys.executable, "-m", "minicpm", "prepare", f"text:{tmp_path / 'gone.txt'}",
-                           "--tokenizer", str(tokenizer), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+    proc = cli("prepare", f"text:{tmp_path / 'gone.txt'}", "--tokenizer", tokenizer, "--out", tmp_path / "out")
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "gone.txt: cannot read" in lines[0], proc.stderr

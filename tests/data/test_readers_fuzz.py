@@ -242,6 +242,7 @@ def config_documents(draw):
 @example("optim:\n  lr: .nan\n")
 @example("optim:\n  eps: .inf\n")
 @example("schedule:\n  total_steps: -5\n")
+@pytest.mark.slow
 def test_load_config_raises_only_minicpm_errors(scratch, text):
     from minicpm.train.config import load_config
 
@@ -359,6 +360,7 @@ def _real_trainer_state():
 @FAST
 @given(st.sampled_from(["step", "tokens", "data", "rng", "interval", "bad_steps", "world_size", "schedule", "files"]),
        json_values)
+@pytest.mark.slow
 def test_trainer_state_check_raises_only_minicpm_errors(field, value):
     from minicpm.checkpoints.state_schema import check_trainer_state
 

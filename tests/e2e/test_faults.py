@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from minicpm.checkpoints.verify import newest_verified, resolve_verified
 from minicpm.errors import MiniCPMError
 from minicpm.rundir import RunDir
-from minicpm.train import checkpoint as ckpt
 
-pytestmark = pytest.mark.faults  # runs by default (and in CI); `-m "not faults"` leaves it out
+# runs by default (and in CI); `-m "not faults"` leaves it out, and so does the fast subset (`-m "not slow"`)
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks/faults.py"
 _spec = importlib.util.spec_from_file_location("minicpm_faults_benchmark", BENCHMARK)
@@ -53,11 +54,11 @@ def test_every_file_of_a_damaged_checkpoint_is_caught_and_the_previous_one_used(
         damaged = Path(shutil.copytree(run, tmp_path / f"case-{name}"))
         faults.DAMAGE[how](damaged / "checkpoints" / newest.name / name)
         warnings = []
-        used, state = ckpt.newest_verified(RunDir(damaged), warnings.append)
+        used, state = newest_verified(RunDir(damaged), warnings.append)
         assert used.name != newest.name and state["step"] == faults.TOTAL_STEPS - 2, name
         assert any(newest.name in w for w in warnings), (name, warnings)
         with pytest.raises(MiniCPMError) as error:  # named explicitly (--from): refused, no fallback
-            ckpt.resolve_verified(damaged / "checkpoints" / newest.name)
+            resolve_verified(damaged / "checkpoints" / newest.name)
         assert "\n" not in str(error.value)
 
 
@@ -88,8 +89,38 @@ def test_a_sweep_killed_with_its_trials_resumes_to_the_same_trials_and_runs(suit
     faults.minicpm(tally, "sweep", spec, "--out", "sweep_ref", cwd=work, check=True)
     reference = faults.sweep_outcome(work / "sweep_ref")
     assert sorted(reference) == sorted(map(str, grid))
-    assert {state for state, *_ in reference.values()} == {"complete"}
+    assert {state for _, state, *_ in reference.values()} == {"complete"}
     assert all(fingerprint for *_, fingerprint in reference.values())
     faults.kill_sweep(work, recipe, 1, FirstTrial(), tally, reference, grid)
     assert tally.sweeps_interrupted == 1  # the kill hit a trial mid-run, and the resume re-ran it
     assert tally.kills["sweep (process group)"] == [True] and tally.tracebacks == 0
+
+
+def test_tampering_with_what_a_resume_trusts_is_caught(suite, tmp_path):
+    work, recipe, reference = suite
+    tally = faults.Tally()
+    faults.tampering(tmp_path, recipe, work / "ref", tally, reference)
+    assert tally.tampering == {
+        "trainer_state.json: step - 1": "fallback",
+        "trainer_state.json: tokens + 1": "fallback",
+        "trainer_state.json: manifest removed": "fallback",
+        "trainer_state.json: manifest and digest removed, weights flipped": "warned",
+        "trainer_state.json: manifest and digest removed, weights flipped (--strict)": "fallback",
+        "config.yaml: optim.lr changed on --resume": "one line"}
+    assert tally.tracebacks == 0
+
+
+def test_no_command_writes_onto_its_input_or_a_directory_that_holds_something(suite):
+    work, _, _ = suite
+    tally = faults.Tally()
+    faults.outputs(work, work / "ref", tally)
+    assert tally.outputs and {outcome for outcome in tally.outputs.values()} == {"one line"}, tally.outputs
+    assert tally.tracebacks == 0
+
+
+def test_the_last_bad_inputs_are_one_line_and_leave_nothing_behind(suite):
+    work, recipe, _ = suite
+    tally = faults.Tally()
+    faults.bad_input(work, recipe, work / "ref", tally)
+    assert tally.bad_input and {outcome for outcome in tally.bad_input.values()} == {"one line"}, tally.bad_input
+    assert tally.tracebacks == 0

@@ -19,6 +19,7 @@ def _run(script: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess
                           timeout=300, env=env)
 
 
+@pytest.mark.slow
 def test_gpu_throughput_tiny_runs_on_cpu_and_reports_mfu(tmp_path):
     out = tmp_path / "result.json"
     proc = _run("gpu_throughput.py", "--tiny", "--compile", "off", "--steps", "2", "--json", str(out),
@@ -38,6 +39,7 @@ def test_gpu_throughput_tiny_with_compile(tmp_path):
     assert "tiny" in proc.stdout and "error" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_memory_benchmark_runs_at_toy_shapes(tmp_path):
     pytest.importorskip("transformers")
     proc = _run("memory.py", "--vocab", "3000", "--seq", "128", "--width", "128", "--chunk", "32", "--device", "cpu",

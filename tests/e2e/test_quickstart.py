@@ -3,6 +3,7 @@
 import json
 from fractions import Fraction
 
+import pytest
 
 from minicpm.data.prepare import is_held_out
 from minicpm.data.stdlib_corpus import holdout_order, split_into_pieces
@@ -16,6 +17,7 @@ SMALL = Recipe(vocab_size=400, decay_steps=2, file_stride=40, overrides=(
     "data.eval_sequences=4"))
 
 
+@pytest.mark.slow
 def test_quickstart_runs_every_step_and_reports_the_decay(tmp_path, capsys):
     summary = run_quickstart(tmp_path / "qs", device="cpu", recipe=SMALL)
     out = capsys.readouterr().out

@@ -32,7 +32,8 @@ def extended_checkpoint(path, scaling: dict, max_positions: int):
 
 
 @pytest.mark.parametrize("scaling,max_positions", [
-    ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256}, 2048),
+    pytest.param({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 256}, 2048,
+                 marks=pytest.mark.slow),
     ({"rope_type": "dynamic", "factor": 8.0}, 256),
 ])
 def test_eval_loss_per_token_equals_transformers_on_the_llama_export(tmp_path, capsys, scaling, max_positions):

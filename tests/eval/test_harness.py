@@ -135,6 +135,7 @@ def test_generate_until_matches_greedy_decoding_and_stops_at_the_stop_string(lm)
     assert stop in lm.tok_decode(tokens) and stop not in lm.tok_decode(tokens[:-1])  # it stopped right there
 
 
+@pytest.mark.slow
 def test_stdlib_task_runs_offline_through_simple_evaluate(checkpoint, tmp_path, monkeypatch):
     datasets = pytest.importorskip("datasets")
     # what HF_DATASETS_OFFLINE=1 / HF_HUB_OFFLINE=1 set when datasets is imported (here it may already be)

@@ -222,7 +222,38 @@ def test_bad_settings_are_one_line_errors(model, setting, message):
 @pytest.mark.slow
 def test_compiled_decode_step_generates_what_the_eager_one_does(model):
     pytest.importorskip("torch._inductor")
-    assert greedy(model, PROMPTS, n=6, compile=True) == greedy(model, PROMPTS, n=6)
+    assert greedy(model, PROMPTS, n=6, compile=True) == greedy(model, PROMPTS, n=6, compile=False)
+
+
+def decode_greedily(model, prompts, n, **options):
+    """The Decoder's own greedy loop: (tokens (B, n), the decoder)."""
+    longest = max(map(len, prompts))
+    pads = [longest - len(p) for p in prompts]
+    decoder = Decoder(model, pads, longest + n, **options)
+    tokens = [decoder.prefill(left_padded(prompts)[0]).argmax(-1)]
+    for _ in range(n - 1):
+        tokens.append(decoder.step(tokens[-1]).argmax(-1))
+    return torch.stack(tokens, 1), decoder
+
+
+def test_auto_compile_decodes_eagerly_where_compiling_would_not_pay(model):
+    tokens, decoder = decode_greedily(model, PROMPTS, 12)
+    assert decoder.compile_choice is not None and not decoder.compile_choice.compile
+    assert decoder.compile_choice.reason.startswith("eager (auto:")
+    assert torch.equal(tokens, decode_greedily(model, PROMPTS, 12, compile=False)[0])
+
+
+@pytest.mark.slow
+def test_auto_compile_switches_to_the_static_compiled_step_where_it_pays(model, monkeypatch):
+    # a fake device cost: compiling free and twice as fast, so that the rule compiles after its timed steps
+    from minicpm.infer import decoder as decoding
+    from minicpm.model.compiling import CompileCosts
+
+    pytest.importorskip("torch._inductor")
+    monkeypatch.setitem(decoding.DECODE_COMPILE_COSTS, "cpu", CompileCosts(0.0, 0.0, speedup=2.0))
+    tokens, decoder = decode_greedily(model, PROMPTS, 12)
+    assert decoder.compile_choice.compile
+    assert torch.equal(tokens, decode_greedily(model, PROMPTS, 12, compile=False)[0])
 
 
 @pytest.mark.parametrize("rope_scaling", [

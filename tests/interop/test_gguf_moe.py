@@ -8,7 +8,6 @@ import torch
 
 from minicpm.interop.hf import read_checkpoint
 from minicpm.interop.mixtral import fold_mup_moe
-from minicpm.model.build import build_model
 
 gguf = pytest.importorskip("gguf")
 from minicpm.interop.gguf import export_gguf  # noqa: E402  (after the skip: it needs gguf)
@@ -62,9 +61,10 @@ def test_the_gguf_experts_compute_our_moe_layer(moe_checkpoint, tmp_path):
     """llama.cpp's MoE FFN from the read-back tensors (softmax → top-k → renormalise, SwiGLU of the stacked
     experts) on the same inputs gives our layer's output: the stacks are in the order llama.cpp indexes them."""
     _, tensors = read_gguf(export_gguf(moe_checkpoint, tmp_path / "moe.gguf", arch="minicpm", dtype="f32"))
-    config, state = read_checkpoint(moe_checkpoint)
-    model = build_model(config, seed=0)
-    model.load_state_dict(state)
+    from minicpm.interop.hf import load_model
+
+    model = load_model(moe_checkpoint)
+    config = model.config
     moe = model.model.layers[1].mlp
     x = torch.randn(6, config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -84,13 +84,9 @@ def test_the_gguf_experts_compute_our_moe_layer(moe_checkpoint, tmp_path):
     np.testing.assert_allclose(ours, out, rtol=1e-4, atol=1e-5)
 
 
-def test_minicpm_export_to_gguf_writes_an_moe(moe_checkpoint, tmp_path):
-    import subprocess
-    import sys
-
+def test_minicpm_export_to_gguf_writes_an_moe(moe_checkpoint, tmp_path, cli):
     out = tmp_path / "moe.gguf"
-    result = subprocess.run([sys.executable, "-m", "minicpm", "export", str(moe_checkpoint), str(out), "--to", "gguf",
-                             "--gguf-type", "f32"], capture_output=True, text=True)
+    result = cli("export", moe_checkpoint, out, "--to", "gguf", "--gguf-type", "f32")
     assert result.returncode == 0, result.stderr
     fields, tensors = read_gguf(out)
     assert fields["minicpm.expert_count"] == EXPERTS

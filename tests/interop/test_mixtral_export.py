@@ -1,8 +1,5 @@
 """`minicpm export --to mixtral`: an MoE model as transformers' MixtralForCausalLM, μP folded in, equal logits."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from transformers import MixtralForCausalLM
@@ -22,11 +19,10 @@ def tiny_moe(**overrides):
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_mixtral_export_matches_our_logits(tmp_path, tied):
+def test_mixtral_export_matches_our_logits(tmp_path, tied, cli):
     model = build_model(tiny_moe(tie_word_embeddings=tied), seed=3).eval()
     save_model(model, tmp_path / "moe")
-    result = subprocess.run([sys.executable, "-m", "minicpm", "export", str(tmp_path / "moe"), str(tmp_path / "mx"),
-                             "--to", "mixtral"], capture_output=True, text=True)
+    result = cli("export", tmp_path / "moe", tmp_path / "mx", "--to", "mixtral")
     assert result.returncode == 0, result.stderr
     reference = MixtralForCausalLM.from_pretrained(tmp_path / "mx", dtype=torch.float32).eval()
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))

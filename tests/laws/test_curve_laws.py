@@ -51,6 +51,7 @@ def noisy_curve(name: str, lr: np.ndarray, law: dict, rng: np.random.Generator) 
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_multi_power_fit_reaches_its_optimum_and_predicts_held_out_schedules(seed):
     truth = published_range_law(seed)
     rng = np.random.default_rng(100 + seed)

@@ -1,4 +1,4 @@
-"""`minicpm scaling fit | fit-curve | predict-curve` end to end, in a subprocess, on files made by the test."""
+"""`minicpm scaling fit | fit-curve | predict-curve` end to end through the command line, on files made by the test."""
 
 from __future__ import annotations
 
@@ -33,11 +33,11 @@ def table(tmp_path):
     return path
 
 
-def test_scaling_fit_json(table, tmp_path, minicpm):
-    r = minicpm("scaling", "fit", table, "--json", cwd=tmp_path)
+def test_scaling_fit_json(table, tmp_path, cli):
+    r = cli("scaling", "fit", table, "--json", "--law", "chinchilla", cwd=tmp_path)  # the truth has alpha != beta
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert set(doc["params"]) == set(PARAMS)
+    assert set(doc["params"]) == set(PARAMS) and doc["fit"]["variant"] == "chinchilla"
     for p in PARAMS:
         lo, hi = doc["intervals"][p]
         assert lo <= doc["params"][p] <= hi
@@ -45,9 +45,10 @@ def test_scaling_fit_json(table, tmp_path, minicpm):
     assert len(doc["compute_optimal"]["budgets"]) == 4 and len(doc["residuals"]) == 30
 
 
-def test_scaling_fit_table_plan_and_plots(table, tmp_path, minicpm):
-    r = minicpm("scaling", "fit", table, "--budget", "1e21", "1e22", "--predict", "2e9:4e10", "--bootstrap", "50",
-                "--plot", tmp_path / "plots", "--out", tmp_path / "fit.json", cwd=tmp_path)
+@pytest.mark.slow
+def test_scaling_fit_table_plan_and_plots(table, tmp_path, cli):
+    r = cli("scaling", "fit", table, "--budget", "1e21", "1e22", "--predict", "2e9:4e10", "--bootstrap", "50",
+            "--plot", tmp_path / "plots", "--out", tmp_path / "fit.json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "Compute-optimal allocation" in r.stdout and "held out largest size" in r.stdout
     plan = [line for line in r.stdout.splitlines() if line.strip().startswith(("1e+21", "1e+22"))]
@@ -57,25 +58,25 @@ def test_scaling_fit_table_plan_and_plots(table, tmp_path, minicpm):
     assert json.loads((tmp_path / "fit.json").read_text())["predictions"][0]["params"] == 2e9
 
 
-def test_scaling_fit_bad_input_is_one_line_and_nonzero(tmp_path, minicpm):
+def test_scaling_fit_bad_input_is_one_line_and_nonzero(tmp_path, cli):
     (tmp_path / "t.csv").write_text("params,loss\n1e8,3.0\n")
-    r = minicpm("scaling", "fit", tmp_path / "t.csv", cwd=tmp_path)
+    r = cli("scaling", "fit", tmp_path / "t.csv", cwd=tmp_path)
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "missing column 'tokens'" in r.stderr
 
 
-def test_scaling_fit_batch_size_law(tmp_path, minicpm):
+def test_scaling_fit_batch_size_law(tmp_path, cli):
     loss = np.linspace(2.2, 3.8, 12)
     rows = ["loss,batch_tokens"] + [f"{l},{1.21e9 / l ** 6.24:.0f}" for l in loss]
     (tmp_path / "bs.csv").write_text("\n".join(rows) + "\n")
-    r = minicpm("scaling", "fit", tmp_path / "bs.csv", "--form", "batch", "--json", "--at-loss", "2.5", cwd=tmp_path)
+    r = cli("scaling", "fit", tmp_path / "bs.csv", "--form", "batch", "--json", "--at-loss", "2.5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["params"]["b"] == pytest.approx(6.24, rel=1e-3)
     assert doc["predictions"][0]["batch_tokens"] == pytest.approx(1.21e9 / 2.5 ** 6.24, rel=1e-3)
 
 
-def test_fit_curve_then_predict_curve(tmp_path, minicpm):
+def test_fit_curve_then_predict_curve(tmp_path, cli):
     truth = {"L0": 3.0, "A": 1.0, "alpha": 0.5, "C": 0.08, "lambda": 0.995}
     steps = np.arange(1001)
     curves = {"constant": lr_of(constant_schedule, 1000, warmup_steps=20),
@@ -85,7 +86,7 @@ def test_fit_curve_then_predict_curve(tmp_path, minicpm):
         loss = predict_loss("tissue", truth, lr, logged)
         rows = ["step,lr,loss"] + [f"{s},{lr[s]:.8g},{y:.6f}" for s, y in zip(logged, loss)]
         (tmp_path / f"{name}.csv").write_text("\n".join(rows) + "\n")
-    r = minicpm("scaling", "fit-curve", "constant.csv", "wsd.csv", "--law", "tissue", "--json", cwd=tmp_path)
+    r = cli("scaling", "fit-curve", "constant.csv", "wsd.csv", "--law", "tissue", "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     fit = json.loads(r.stdout)
     assert set(fit["params"]) == {"L0", "A", "alpha", "C", "lambda"}
@@ -93,7 +94,7 @@ def test_fit_curve_then_predict_curve(tmp_path, minicpm):
 
     (tmp_path / "wsd.yaml").write_text(yaml.safe_dump({"lr": 0.01, "warmup_steps": 20, "total_steps": 1000,
                                                        "decay_steps": 300, "decay": "exp", "half_life": 60}))
-    r = minicpm("scaling", "predict-curve", "fit.json", "wsd.yaml", "--every", "100", "--plot", "plots", cwd=tmp_path)
+    r = cli("scaling", "predict-curve", "fit.json", "wsd.yaml", "--every", "100", "--plot", "plots", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader(io.StringIO(r.stdout)))
     assert list(rows[0]) == ["step", "lr", "predicted_loss"]
@@ -104,5 +105,5 @@ def test_fit_curve_then_predict_curve(tmp_path, minicpm):
     assert (tmp_path / "plots" / "predicted_curve.png").exists()
 
     (tmp_path / "bad.json").write_text(json.dumps({"law": "tissue", "params": {"L0": 3.0}}))
-    r = minicpm("scaling", "predict-curve", "bad.json", "wsd.yaml", cwd=tmp_path)
+    r = cli("scaling", "predict-curve", "bad.json", "wsd.yaml", cwd=tmp_path)
     assert r.returncode != 0 and "params.A must be a finite number" in r.stderr

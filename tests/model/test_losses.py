@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.model.config import preset
 from minicpm.model.transformer import MiniCPM
-from minicpm.train.losses import IGNORE_INDEX, lm_loss
+from minicpm.train.losses import lm_loss
 
 
 def _problem(tokens: int = 37, d: int = 16, vocab: int = 101, seed: int = 0):

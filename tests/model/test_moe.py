@@ -1,5 +1,6 @@
-"""MiniCPM-MoE layers: routing order, dropless dispatch, the balance loss as transformers pools it, the router
-z-loss, the statistics the layers report, μP roles and the preset's parameter counts."""
+"""MiniCPM-MoE layers: routing order, dropless dispatch, the stacked experts against the per-expert layer they
+replaced and the official per-expert layout, the balance loss as transformers pools it, the router z-loss, the
+statistics the layers report, μP roles and the preset's parameter counts."""
 
 import math
 
@@ -10,7 +11,7 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 from minicpm.errors import MiniCPMError
 from minicpm.model.build import build_model
 from minicpm.model.config import ModelConfig, preset
-from minicpm.model.moe import pool_router_losses
+from minicpm.model.moe import grouped_mm_serves, per_expert_state, pool_router_losses, stacked_state
 from minicpm.optim.mup import param_groups
 from minicpm.train.objectives import add_aux_losses
 
@@ -20,6 +21,13 @@ def moe_config(**overrides):
     fields = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, num_experts=4, num_experts_per_tok=2)
     return ModelConfig(**(fields | overrides))
+
+
+def expert(moe, e, x):
+    """Expert e of an MoE layer from its official matrices: w2(silu(w1 x) · w3 x)."""
+    official = per_expert_state({"mlp.experts.gate_up": moe.experts.gate_up, "mlp.experts.down": moe.experts.down})
+    w1, w2, w3 = (official[f"mlp.experts.{e}.{name}.weight"] for name in ("w1", "w2", "w3"))
+    return w2 @ (torch.nn.functional.silu(w1 @ x) * (w3 @ x))
 
 
 def router_logits(model, ids):
@@ -47,7 +55,7 @@ def test_moe_output_is_the_renormalised_top_k_mix_of_its_experts():
     for t in range(tokens.shape[0]):  # one token at a time, straight from the formula
         top = probs[t].topk(2)
         for w, e in zip(top.values / top.values.sum(), top.indices):
-            expected[t] += w * moe.experts[int(e)](tokens[t])
+            expected[t] += w * expert(moe, int(e), tokens[t])
     torch.testing.assert_close(out.reshape(-1, 64), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -121,13 +129,14 @@ def test_mup_roles_of_the_moe_router_and_experts():
     model = build_model(config, seed=7)
     groups = {g["name"]: g for g in param_groups(model, lr=0.01, weight_decay=0.1)}
     gate = model.model.layers[0].mlp.gate.weight
-    w1 = model.model.layers[0].mlp.experts[0].w1.weight
+    experts = model.model.layers[0].mlp.experts
     assert any(p is gate for p in groups["router"]["params"]) and groups["router"]["lr"] == pytest.approx(0.02)
-    assert any(p is w1 for p in groups["matrices"]["params"]) and groups["matrices"]["lr"] == pytest.approx(0.02)
+    for stack in (experts.gate_up, experts.down):
+        assert any(p is stack for p in groups["matrices"]["params"]) and groups["matrices"]["lr"] == pytest.approx(0.02)
     big = build_model(moe_config(hidden_size=1024, num_attention_heads=16, num_key_value_heads=16,
                                  intermediate_size=256), seed=7)  # m = 4: hidden std 0.05, router std 0.1
     assert big.model.layers[0].mlp.gate.weight.std().item() == pytest.approx(0.1, rel=0.05)
-    assert big.model.layers[0].mlp.experts[0].w1.weight.std().item() == pytest.approx(0.05, rel=0.05)
+    assert big.model.layers[0].mlp.experts.gate_up.std().item() == pytest.approx(0.05, rel=0.05)
 
 
 def test_moe_preset_counts_are_the_papers():
@@ -149,23 +158,88 @@ def test_bad_moe_configs_are_one_line_errors(fields, message):
     assert "\n" not in str(error.value)
 
 
-def test_grouped_matmul_and_the_loop_over_experts_agree_forward_and_backward():
-    from minicpm.model.moe import grouped_mm_dtype
+class PerExpertMoE(torch.nn.Module):
+    """The layer the stacked experts replaced, as it was: one nn.Linear per expert matrix (official names), tokens
+    sorted by expert and each expert run on its own rows in a loop, the weighted rows added back with index_add_."""
 
-    model = build_model(moe_config(), seed=8)
-    moe = model.model.layers[0].mlp
-    x = torch.randn(2, 16, 64)
-    if grouped_mm_dtype(x.reshape(-1, 64), 96) is None:
+    def __init__(self, moe):
+        super().__init__()
+        self.gate, self.top_k, self.route = moe.gate, moe.top_k, moe.route
+        E, two_i, d = moe.experts.gate_up.shape
+        self.experts = torch.nn.ModuleList(torch.nn.ModuleDict(
+            {name: torch.nn.Linear(*shape, bias=False) for name, shape in
+             (("w1", (d, two_i // 2)), ("w2", (two_i // 2, d)), ("w3", (d, two_i // 2)))}) for _ in range(E))
+        official = per_expert_state({"mlp.experts.gate_up": moe.experts.gate_up, "mlp.experts.down": moe.experts.down})
+        with torch.no_grad():
+            for key, tensor in official.items():
+                self.get_parameter(key.removeprefix("mlp.")).copy_(tensor)
+
+    def forward(self, x):
+        shape, x = x.shape, x.reshape(-1, x.shape[-1])
+        _, _, weights, chosen = self.route(x)
+        flat = chosen.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        token = order // self.top_k
+        parts = x[token].split(torch.bincount(flat, minlength=len(self.experts)).tolist())
+        rows = torch.cat([e["w2"](torch.nn.functional.silu(e["w1"](part)) * e["w3"](part))
+                          for e, part in zip(self.experts, parts)])
+        rows = (rows.float() * weights.reshape(-1)[order, None]).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token, rows).view(shape)
+
+
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped_mm", "loop"])
+def test_stacked_experts_equal_the_per_expert_layer_in_outputs_and_gradients(grouped):
+    if grouped and not grouped_mm_serves(torch.device("cpu"), torch.float32, 64, 96):
         pytest.skip("this torch has no grouped matmul for CPU fp32")
+    moe = build_model(moe_config(), seed=8).model.layers[0].mlp
+    moe.experts.grouped_mm = grouped
+    reference = PerExpertMoE(moe)
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    probe = torch.linspace(-1, 1, x.numel()).view_as(x)
     results = []
-    for grouped in (True, False):
-        moe.grouped_mm = grouped
-        moe.zero_grad(set_to_none=True)
-        out = moe(x)
-        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        results.append((out.detach(), moe.experts[1].w2.weight.grad.clone(), moe.gate.weight.grad.clone()))
-    for got, want in zip(*results):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for layer in (moe, reference):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = layer(x)
+        (out * probe).sum().backward()
+        grads = {"mlp.experts.gate_up": moe.experts.gate_up.grad, "mlp.experts.down": moe.experts.down.grad}
+        if layer is reference:  # the per-expert matrices' gradients under the official keys
+            grads = {f"mlp.experts.{name}": p.grad for name, p in reference.experts.named_parameters()}
+        else:
+            grads = per_expert_state(grads)
+        results.append({"out": out.detach(), "x": x.grad.clone(), "gate": moe.gate.weight.grad.clone(), **grads})
+    ours, want = results
+    assert set(ours) == set(want)
+    assert all((ours[k] != 0).any() for k in ("out", "x", "gate", "mlp.experts.0.w1.weight"))
+    for key in want:  # fp32 rounding only: within 1e-6 of each tensor's scale (the sums run in another order)
+        error = (ours[key] - want[key]).abs().max() / want[key].abs().max()
+        assert error <= 1e-6, f"{key}: relative difference {error:.1e}"
+
+
+def test_official_layout_round_trip_is_bit_exact(tmp_path):
+    from minicpm.interop.hf import load_model, official_state, read_checkpoint, save_model
+
+    model = build_model(moe_config(), seed=10)
+    state = model.state_dict()
+    official = per_expert_state(state)
+    assert {k for k in official if ".experts." in k} == {
+        f"model.layers.{i}.mlp.experts.{e}.{m}.weight" for i in (0, 1) for e in range(4) for m in ("w1", "w2", "w3")}
+    assert official["model.layers.1.mlp.experts.2.w3.weight"].shape == (96, 64)
+    back = stacked_state(official)
+    assert list(back) == list(state) and all(torch.equal(back[k], state[k]) for k in state)
+    _, saved = read_checkpoint(save_model(model, tmp_path / "moe"))
+    assert set(saved) == set(official) and all(torch.equal(saved[k], official[k]) for k in official)
+    loaded = load_model(tmp_path / "moe").state_dict()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+    assert list(official_state(model)) == list(official)
+
+
+def test_a_missing_expert_matrix_is_a_one_line_error():
+    official = per_expert_state(build_model(moe_config(), seed=11).state_dict())
+    del official["model.layers.0.mlp.experts.3.w2.weight"]
+    with pytest.raises(MiniCPMError, match="missing tensor model.layers.0.mlp.experts.3.w2.weight") as error:
+        stacked_state(official)
+    assert "\n" not in str(error.value)
 
 
 def test_step_balance_sums_the_processes_counts_inside_the_forward_into_the_whole_batchs_loss():

@@ -94,6 +94,7 @@ def run_check(**kwargs):
     return coord_check(WIDTHS, steps=STEPS, **{"mup": True, "embedding_in_2d_group": False, **kwargs})
 
 
+@pytest.mark.slow
 def test_coord_check_is_flat_under_mup_and_drifts_under_standard_parametrisation():
     mu = run_check()
     assert set(mu) == set(WIDTHS) and len(mu[64]["logits"]) == STEPS + 1
@@ -102,6 +103,7 @@ def test_coord_check_is_flat_under_mup_and_drifts_under_standard_parametrisation
     assert width_spread(standard, "layers.1", -1) > 4.0
 
 
+@pytest.mark.slow
 def test_coord_check_fails_when_the_2d_learning_rate_is_not_divided_by_width(monkeypatch):
     def unscaled(model, **kwargs):
         groups = param_groups(model, **kwargs)

@@ -6,10 +6,7 @@ config accepts."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -194,15 +191,12 @@ def test_static_ntk_is_exported_as_the_rope_theta_it_means(tmp_path):
     ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}, "rope_scaling type 'yarn'"),
     ({"rope_type": "dynamic", "factor": 1.0}, "rope_scaling factor 1.0 must be > 1"),
 ])
-def test_export_to_minicpm_refuses_other_rope_types_in_one_line(tmp_path, scaling, fragment):
+def test_export_to_minicpm_refuses_other_rope_types_in_one_line(tmp_path, scaling, fragment, cli):
     src = rope_checkpoint(tmp_path, scaling)
     with pytest.raises(MiniCPMError, match=fragment):
         export_checkpoint(src, tmp_path / "out", to="minicpm")
     assert not (tmp_path / "out").exists()
-    env = dict(os.environ, OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-m", "minicpm", "export", str(src), str(tmp_path / "out"), "--to",
-                             "minicpm"], capture_output=True, text=True, env=env, timeout=300)
+    result = cli("export", src, tmp_path / "out", "--to", "minicpm")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and fragment in result.stderr, result.stderr
     # import keeps what our layout computes
     imported = import_checkpoint(src, tmp_path / "imported")

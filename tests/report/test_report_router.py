@@ -2,8 +2,6 @@
 the kind for a dense run."""
 
 import json
-import subprocess
-import sys
 
 from minicpm.report.run import write_report
 
@@ -40,9 +38,9 @@ def test_an_moe_run_gets_the_router_plot_and_its_per_layer_table(tmp_path):
     assert "<td>dense</td>" not in page.split("MoE router")[1].split("</table>")[0]
 
 
-def test_a_dense_run_has_no_router_section(tmp_path):
+def test_a_dense_run_has_no_router_section(tmp_path, cli):
     dense = write_metrics(tmp_path / "dense", [{"step": 1, "tokens": 256, "lr": 0.01, "loss": 5.0}])
-    result = subprocess.run([sys.executable, "-m", "minicpm", "report", str(dense)], capture_output=True, text=True)
+    result = cli("report", dense)
     assert result.returncode == 0, result.stderr
     assert not (dense / "router.png").exists()
     assert "MoE router" not in (dense / "report.html").read_text()

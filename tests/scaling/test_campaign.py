@@ -1,15 +1,21 @@
-"""The WSD scaling campaign (experiments/campaign.py), the least-squares fit (fit.fit_lsq), the schedule comparison
-(experiments/schedules.py) and the one-line errors of bad specs and tables."""
+"""The WSD scaling campaign (scaling/campaign.py): trained in this process, killed with SIGKILL and resumed, its runs
+as Slurm jobs (submitit's local executor); the least-squares fit (laws.chinchilla.fit_lsq), the schedule comparison
+(scaling/schedules.py) and the one-line errors of bad specs and tables."""
 
 from __future__ import annotations
 
 import csv
 import math
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from process_helpers import left_running, wait_for
 
 from minicpm.errors import MiniCPMError
 from minicpm.scaling.campaign import CSV_COLUMNS, plan_campaign, run_campaign
@@ -17,7 +23,6 @@ from minicpm.scaling.spec import load_campaign_spec
 from minicpm.laws.chinchilla import PARAMS, ScalingLaw, bootstrap_chinchilla, fit_chinchilla, fit_lsq
 from minicpm.laws.tables import RunTable, load_table, run_dir_row
 from minicpm.laws.report import analyse_table, report_json
-from minicpm.jobs.pool import run_job
 from minicpm.scaling.schedules import compare_schedules
 
 PAPER_LIKE = ScalingLaw(E=1.2, A=60.0, B=90.0, alpha=0.29, beta=0.23)
@@ -128,11 +133,11 @@ def write_spec(directory: Path, name: str = "spec.yaml", **fields) -> Path:
 
 @pytest.mark.parametrize("fields, message", [
     ({"decay_points": [10]}, "decay_points: one point per size"),
-    ({"decay_points": [0, 10]}, "decay_points: expected positive multiples of N"),
+    ({"decay_points": [0, 10]}, r"decay_points\[0\]: expected a positive multiple of N"),
     ({"decay_points": [10, 20], "stable_until": 15}, "decay_points: 20N lies beyond the stable run"),
     ({"decay_fraction": 1.5}, "decay_fraction: expected a fraction"),
     ({"sizes": [{"name": "odd", "width": 40, "depth": 1}]}, r"sizes\[0\].width: 40 is not a multiple"),
-    ({"sizes": ["proxy-1t"]}, r"sizes\[0\]: unknown preset"),
+    ({"sizes": ["proxy-1t"]}, r"sizes\[0\]: expected a model preset \(tiny, proxy-9m, "),
     ({"tokens": [10]}, "tokens: unknown key"),
 ])
 def test_bad_specs_are_one_line_errors(tmp_path, recipe, fields, message):
@@ -212,12 +217,79 @@ def test_a_campaign_interrupted_and_resumed_writes_the_uninterrupted_table(campa
     jobs = {j.name: j for j in plan.jobs}
     stable, first_branch = jobs["w32/stable"], jobs["w32/decay-2N"]
     # killed after the first stable stage and the first branch: the rest is left to the resumed campaign
-    run_job("stable", str(stable.run_dir), {**stable.args, "stages": stable.args["stages"][:1]})
-    run_job("branch", str(first_branch.run_dir), first_branch.args)
+    stable.work(**{**stable.kwargs, "stages": stable.kwargs["stages"][:1]})
+    first_branch.run()
     resumed = run_campaign(spec, tmp_path / "cut", fit=False, echo=lambda line: None)
     assert read_csv(resumed.csv) == read_csv(full.csv)
     again = run_campaign(spec, tmp_path / "cut", fit=False, echo=lambda line: None)
     assert read_csv(again.csv) == read_csv(full.csv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("whom", ["the campaign", "its process group"])
+def test_a_campaign_killed_with_sigkill_leaves_no_run_behind_and_resumes_to_the_same_table(campaign, datasets,
+                                                                                          tmp_path, whom):
+    _, full = campaign
+    write_recipe(tmp_path, datasets)
+    spec = write_spec(tmp_path, workers=2)
+    command = [sys.executable, "-m", "minicpm", "scaling", "campaign", str(spec), "--out", "camp", "--no-fit"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+    owners = [tmp_path / "camp/runs" / size / "stable/.lock.owner" for size in ("w32", "w16")]
+    wait_for(owners[0].is_file, 120, "the largest stable run never started")
+    # frozen, a run cannot end on its own before the check below: only the death of its campaign can end it
+    for owner in owners:
+        try:
+            os.kill(int(owner.read_text().split()[1]), signal.SIGSTOP)
+        except (OSError, ProcessLookupError):
+            pass  # the smaller run finished meanwhile
+    if whom == "the campaign":
+        launcher.kill()
+    else:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    left = left_running(tmp_path, timeout=15)
+    assert not left, f"still running after {whom} was killed: {left}"  # a run, the fork server
+
+    rerun = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert read_csv(tmp_path / "camp/campaign.csv") == read_csv(full.csv)
+
+
+@pytest.mark.slow
+def test_a_campaign_with_launcher_slurm_submits_every_run_through_submitit(campaign, datasets, tmp_path):
+    """submitit's local executor runs each submitted job as a process here, as Slurm would on a node."""
+    _, full = campaign
+    write_recipe(tmp_path, datasets)
+    spec = write_spec(tmp_path, workers=2, launcher="slurm", slurm={"time": 10, "cpus": 1})
+    lines = []
+    result = run_campaign(spec, tmp_path / "camp", launcher={"cluster": "local"}, fit=False, echo=lines.append)
+    assert read_csv(result.csv) == read_csv(full.csv)
+    submitted = [line for line in lines if ": training " in line]
+    assert len(submitted) == 6 and all("(slurm job " in line for line in submitted), lines
+    assert len(list((tmp_path / "camp/slurm").glob("*/*_submitted.pkl"))) == 6  # submitit's record of each job
+    log = (tmp_path / "camp/runs/w32/decay-4N/job.log").read_text()
+    assert log.startswith("$ minicpm.scaling.decay:branch_decay(") and "minicpm train:" in log
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"launcher": "mpirun"}, "launcher: expected local | torchrun | slurm, got 'mpirun'"),
+    ({"nproc_per_node": 2}, "nproc_per_node: 2 processes per run need launcher: torchrun"),
+    ({"launcher": "slurm", "slurm": {"gpu": 1}}, "slurm.gpu: unknown key"),
+    ({"launcher": "slurm", "slurm": {"time": 0}}, "slurm.time: expected an integer >= 1, got 0"),
+])
+def test_bad_launcher_keys_are_one_line_errors(tmp_path, recipe, fields, message):
+    with pytest.raises(MiniCPMError, match=message) as e:
+        load_campaign_spec(write_spec(tmp_path, **fields))
+    assert "spec.yaml" in str(e.value)
+
+
+def test_a_launcher_other_than_local_cannot_train_in_this_process(tmp_path, recipe):
+    spec = write_spec(tmp_path, launcher="torchrun", nproc_per_node=2, workers=0)
+    with pytest.raises(MiniCPMError, match="workers: 0 trains every run in this process, which launcher torchrun"):
+        run_campaign(spec, tmp_path / "out", fit=False, echo=lambda line: None)
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_different_spec_in_the_same_directory_is_refused(campaign):

@@ -13,10 +13,11 @@ import yaml
 
 from minicpm.train.config import load_config
 from minicpm.laws.curves import predict_loss
-from minicpm.scaling.planner import PAPER_BATCH_LAW, make_plan, prediction_path, snap_shape, write_plan
+from minicpm.model.shapes import snap_shape
+from minicpm.scaling.planner import PAPER_BATCH_LAW, make_plan, prediction_path, write_plan
 from minicpm.scaling.prediction import against_prediction
 from minicpm.report.run import load_run, write_report
-from planner_helpers import BATCH, LR, SEQ, TRUTH, budget_for, make_campaign, mpl_of, write_metrics, \
+from planner_helpers import BATCH, LR, SEQ, TRUTH, budget_for, make_campaign, mpl_of, trainer_lr, write_metrics, \
     write_windtunnel
 
 
@@ -97,7 +98,7 @@ def test_predicted_curve_comes_from_the_campaigns_curves_and_ends_at_the_law(pla
     decay_start = plan.d * 0.9
     assert loss[-1] < np.interp(decay_start, tokens, loss) - 0.05  # the WSD decay shows in the predicted curve
     # the fitted law reproduces the campaign's curves (the largest size's multi-power parameters)
-    lr = LR * np.minimum(1.0, (np.arange(401) + 1) / 10)
+    lr = trainer_lr(lambda s: min(1.0, (s + 1) / 10), 400)
     truth = mpl_of(plan.family.base.non_embedding_params())
     steps = np.arange(50, 401, 25)
     assert predict_loss("mpl", curve["params"], lr, steps) == pytest.approx(predict_loss("mpl", truth, lr, steps),

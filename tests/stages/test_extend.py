@@ -125,6 +125,7 @@ def _final_weights(run_dir: Path) -> dict:
     return load_file(str(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_curriculum_runs_stages_in_order_and_resumes_bitwise_across_a_boundary(source, data, tmp_path):
     _, code, prose = data
     overrides = ["evaluators=[]", "run.device=cpu", "run.dtype=fp32", "run.progress=false",
@@ -136,8 +137,7 @@ def test_curriculum_runs_stages_in_order_and_resumes_bitwise_across_a_boundary(s
                                    synthetic_documents=24)
         if interrupted:  # stage 1 alone, as if the curriculum stopped at the boundary
             data_file, stages = curriculum_stages(result.curriculum)
-            raw = yaml.safe_load(result.curriculum.read_text())
-            train(stage_config(result.curriculum, raw, stages[0], result.model, overrides))
+            train(stage_config(result.curriculum, data_file, stages[0], result.model, overrides))
         results = run_curriculum(result.curriculum, overrides)
         assert len(results) == (1 if interrupted else 2)
         runs = sorted((tmp_path / name / "runs").iterdir())
@@ -148,3 +148,42 @@ def test_curriculum_runs_stages_in_order_and_resumes_bitwise_across_a_boundary(s
         assert run_curriculum(result.curriculum, overrides) == []  # finished: nothing left to train
     assert finals[0].keys() == finals[1].keys()
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+
+
+def test_abf_ntk_writes_abf_stages_then_ntk_stages(source, data, tmp_path):
+    """MiniCPM-128K's path in one call: ABF (default base 50 x theta, Xiong et al.'s 10,000 -> 500,000) to M = N/4,
+    then NTK by N/M on the ABF base, each through its own curriculum stages."""
+    _, code, prose = data
+    result = extend_checkpoint(source, tmp_path / "ext", to_length=512, method="abf-ntk", steps_per_stage=3,
+                               tokens_per_step=512, short_data={str(code): 1.0, str(prose): 1.0},
+                               synthetic_documents=24)
+    written = json.loads((result.model / "config.json").read_text())
+    assert written["rope_theta"] == 50 * tiny_config().rope_theta and written.get("rope_scaling") is None
+    assert written["max_position_embeddings"] == 128  # the ABF step: 32 -> 512 / 4
+    data_file, stages = curriculum_stages(result.curriculum)
+    assert [s.seq_len for s in stages] == [64, 128, 256, 512]  # ABF 32 -> 64 -> 128, then NTK 128 -> 256 -> 512
+    configs = [stage_config(result.curriculum, data_file, s, result.model) for s in stages]
+    for cfg in configs[:2]:
+        assert cfg.model.rope_scaling is None and cfg.model.max_position_embeddings == 128
+    for cfg in configs[2:]:
+        assert cfg.model.rope_scaling == {"rope_type": "ntk", "factor": 4.0}
+        assert cfg.model.max_position_embeddings == 512
+    whole = yaml.safe_load(result.train_config.read_text())  # the one run at N: NTK on the ABF weights
+    assert whole["model"] == {"rope_scaling": {"rope_type": "ntk", "factor": 4.0}, "max_position_embeddings": 512}
+
+
+def test_abf_defaults_to_xiong_et_al_base_ratio(source, data, tmp_path):
+    _, code, _ = data
+    result = extend_checkpoint(source, tmp_path / "ext", to_length=64, method="abf", steps_per_stage=3,
+                               tokens_per_step=512, short_data={str(code): 1.0}, synthetic_documents=12)
+    assert result.config.rope_theta == 50 * tiny_config().rope_theta
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"method": "abf-ntk", "abf_length": 512}, "--abf-length 512: the ABF step must end between"),
+    ({"method": "yarn", "abf_length": 128}, "--abf-length is for --method abf-ntk"),
+    ({"method": "abf-ntk", "factor": 4.0}, "abf-ntk's NTK factor is --to-length / --abf-length"),
+])
+def test_bad_abf_ntk_input_is_one_line(source, tmp_path, kwargs, message):
+    with pytest.raises(MiniCPMError, match=message):
+        extend_checkpoint(source, tmp_path / "ext", to_length=512, **kwargs)

@@ -1,9 +1,6 @@
 """Sparse upcycling: a dense checkpoint → an MoE one whose logits at step 0 are the dense model's; the remedies for
 the flat start; the command line; and training on from the upcycled weights (a weights-only start)."""
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from train_helpers import PatternData, metrics_without_timing, tiny_config
@@ -83,26 +80,23 @@ def test_bad_upcycle_arguments_are_one_line_errors(dense, tmp_path, kwargs, mess
         upcycle(dense[1], tmp_path / "moe", **kwargs)
 
 
-def test_an_moe_checkpoint_with_a_missing_expert_tensor_is_a_one_line_error_of_the_cli(dense, tmp_path):
+def test_an_moe_checkpoint_with_a_missing_expert_tensor_is_a_one_line_error_of_the_cli(dense, tmp_path, cli):
     from safetensors.torch import load_file, save_file
 
     moe = upcycle(dense[1], tmp_path / "moe", experts=2, top_k=1)
     tensors = load_file(moe / "model.safetensors")
     del tensors["model.layers.1.mlp.experts.1.w3.weight"]
     save_file(tensors, moe / "model.safetensors")
-    result = subprocess.run([sys.executable, "-m", "minicpm", "export", str(moe), str(tmp_path / "x"), "--to",
-                             "minicpm"], capture_output=True, text=True)
+    result = cli("export", moe, tmp_path / "x", "--to", "minicpm")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "missing tensor model.layers.1.mlp.experts.1.w3.weight" in result.stderr
 
 
-def test_upcycle_command_then_training_continues_and_logs_the_router(dense, tmp_path):
+def test_upcycle_command_then_training_continues_and_logs_the_router(dense, tmp_path, cli):
     _, path = dense
-    result = subprocess.run([sys.executable, "-m", "minicpm", "upcycle", str(path), "--experts", "4", "--top-k", "2",
-                             "--out", str(tmp_path / "moe")], capture_output=True, text=True)
+    result = cli("upcycle", path, "--experts", "4", "--top-k", "2", "--out", tmp_path / "moe")
     assert result.returncode == 0, result.stderr
-    bad = subprocess.run([sys.executable, "-m", "minicpm", "upcycle", str(path), "--experts", "2", "--top-k", "3",
-                          "--out", str(tmp_path / "bad")], capture_output=True, text=True)
+    bad = cli("upcycle", path, "--experts", "2", "--top-k", "3", "--out", tmp_path / "bad")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1
 
     cfg = tiny_config(tmp_path / "run", "model.num_experts=4", "model.num_experts_per_tok=2",

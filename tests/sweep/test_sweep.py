@@ -114,6 +114,9 @@ def test_a_sweep_killed_mid_way_resumes_to_the_same_results(grid_sweep):
     rows = read_trials_csv(out / "trials.csv")
     assert len(rows) == 6 and {r["state"] for r in rows} == {"complete", "failed"}
     assert finished(rows) == finished(reference_rows)  # the same losses, to the last bit
+    # and the same table: a retry is listed under the number of the trial it replaces, in its run directory
+    assert [(r["number"], r["optim.lr"], Path(r["run_dir"]).name) for r in rows] == \
+        [(r["number"], r["optim.lr"], Path(r["run_dir"]).name) for r in reference_rows]
     again = sweep_command(spec, "--out", out)  # a finished sweep runs nothing more
     output, _ = again.communicate(timeout=600)
     assert again.returncode == 0 and "trial " not in output.split("sweep ")[0], output
@@ -154,11 +157,11 @@ pruner: {kind: median, n_startup_trials: 1}
 
 @pytest.mark.parametrize("text, message", [
     ("space: {optim.lr: [0.01]}\nsamplr: grid\n", "samplr: unknown key"),
-    ("space: {}\n", "space: empty"),
-    ("space: {optim.lr: []}\n", "space.optim.lr: empty list of choices"),
+    ("space: {}\n", "space: expected dotted config keys, each with a list of choices"),
+    ("space: {optim.lr: []}\n", "space.optim.lr: expected a non-empty list of choices, got []"),
     ("space: {optim.lr: {low: 0.1, high: 0.01}}\n", "space.optim.lr: low 0.1 > high 0.01"),
     ("space: {optim.lr: {low: 0, high: 0.01, log: true}}\n", "space.optim.lr: log scale needs low > 0"),
-    ("space: {optim.lr: [0.01]}\nsampler: bayes\n", "sampler: unknown sampler 'bayes'"),
+    ("space: {optim.lr: [0.01]}\nsampler: bayes\n", "sampler: expected grid | random | tpe, got 'bayes'"),
     ("space: {optim.lr: {low: 0.001, high: 0.01}}\nsampler: grid\n", "space.optim.lr: the grid sampler needs"),
     ("space: {optim.lrr: [0.01]}\n", "space.optim.lrr: override 'optim.lrr=0.01'"),
     ("space: {optim.lr: [0.01]}\ntrials: 0\n", "trials: expected a positive integer"),
@@ -255,12 +258,13 @@ def test_slurm_job_script_names_the_worker_and_its_resources(recipe, tmp_path):
 @pytest.mark.slow
 def test_slurm_launcher_runs_its_workers_through_submitit(recipe, tmp_path):
     """submitit's local executor runs the same job as a process here: the worker finishes a 2-point grid."""
-    from minicpm.jobs.slurm import SlurmOptions, submit_workers
+    from minicpm.jobs.slurm import SlurmOptions
+    from minicpm.sweep.workers import submit_workers
 
     spec = write_spec(tmp_path, recipe, "space: {optim.lr: [0.01, 0.02]}\nsampler: grid\nworkers: 1\n")
-    jobs = submit_workers(spec, tmp_path / "sw", SlurmOptions(jobs=1), cluster="local")
-    outputs = [job.result() for job in jobs]  # CommandFunction returns the worker's output
-    assert len(jobs) == 1 and outputs[0].count(" -> ") == 2
+    jobs = submit_workers(spec, tmp_path / "sw", SlurmOptions(), jobs=1, cluster="local")
+    assert len(jobs) == 1 and jobs[0].result() == 0  # the worker's exit status
+    assert jobs[0].stdout().count(" -> ") == 2  # it ran both trials
     summary = sweep_command(spec, "--out", tmp_path / "sw")
     output, _ = summary.communicate(timeout=300)
     rows = read_trials_csv(tmp_path / "sw/trials.csv")

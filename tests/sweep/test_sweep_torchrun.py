@@ -60,5 +60,5 @@ def test_each_trial_is_a_two_process_torchrun_job(recipe, tmp_path):
     assert rows[-1.0]["error"] == "optim.lr must be positive, got -1.0"  # the rank's error, not torchrun's banner
     state = json.loads((out / "runs/trial_0000/checkpoints/step_00000002/trainer_state.json").read_text())
     assert state["world_size"] == 2
-    log = (out / "runs/trial_0000/trial.log").read_text()
+    log = (out / "runs/trial_0000/job.log").read_text()
     assert log.startswith("$ torchrun --standalone --nproc_per_node 2 -m minicpm train ")

@@ -4,10 +4,10 @@ ramp's boundary that is bitwise the uninterrupted run."""
 import pytest
 from train_helpers import PatternData, metrics_without_timing, tiny_config
 
+from minicpm.checkpoints.verify import read_trainer_state
 from minicpm.cli import main
 from minicpm.train.config import load_config
 from minicpm.errors import MiniCPMError
-from minicpm.train import checkpoint as ckpt
 from minicpm.train.batch_ramp import batch_ramp
 from minicpm.train.loop import train
 
@@ -95,7 +95,7 @@ def test_resume_across_the_ramp_boundary_is_bitwise_the_uninterrupted_run(tmp_pa
         train(cfg, data=CrashingData(cfg.schedule.resolve(), crash_step))
     resumed = train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
     assert metrics_without_timing(tmp_path / "run") == metrics_without_timing(tmp_path / "ref")
-    a, b = ckpt.read_trainer_state(reference.checkpoint), ckpt.read_trainer_state(resumed.checkpoint)
+    a, b = read_trainer_state(reference.checkpoint), read_trainer_state(resumed.checkpoint)
     assert (a["step"], a["tokens"], a["data"]) == (b["step"], b["tokens"], b["data"]) == (
         12, 5 * 128 + 7 * 256, a["data"])
     assert (reference.checkpoint / "model.safetensors").read_bytes() == \

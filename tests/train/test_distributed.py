@@ -15,12 +15,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.errors import MiniCPMError
 from minicpm.model.config import preset
 from minicpm.model.transformer import MiniCPM
 from minicpm.train import distributed
 from minicpm.train.distributed import apply_activation_checkpointing, apply_compile
-from minicpm.train.losses import IGNORE_INDEX, lm_loss
+from minicpm.train.losses import lm_loss
 
 
 def _batch(vocab: int, rows: int = 4, seq: int = 16, seed: int = 1):
@@ -115,6 +116,7 @@ def test_compiled_blocks_give_eager_loss_and_gradients(tiny):
 
 # ---------------------------------------------------------------- FSDP2 with 2 gloo processes
 
+@pytest.mark.slow
 def test_fsdp_two_processes_equal_one_process(tmp_path):
     """FSDP2 + selective checkpointing + chunked loss + fused AdamW on 2 ranks == plain model on the whole batch."""
     out = tmp_path / "result.json"
@@ -183,3 +185,16 @@ def _fsdp_worker(out: str) -> None:
 
 if __name__ == "__main__":
     _fsdp_worker(sys.argv[1])
+
+
+@pytest.mark.parametrize("switch, expected", [("bf16", "bf16"), ("fp32", "fp32")])
+def test_auto_dtype_resolves_as_the_environment_switch_says_and_explicit_dtypes_stay(monkeypatch, switch, expected):
+    monkeypatch.setenv("MINICPM_AUTO_DTYPE", switch)
+    cpu = torch.device("cpu")
+    assert distributed.resolve_dtype("auto", cpu) == expected
+    assert (distributed.resolve_dtype("fp32", cpu), distributed.resolve_dtype("bf16", cpu)) == ("fp32", "bf16")
+    monkeypatch.setenv("MINICPM_AUTO_DTYPE", "fp7")
+    with pytest.raises(MiniCPMError, match="MINICPM_AUTO_DTYPE='fp7': expected bf16 or fp32"):
+        distributed.resolve_dtype("auto", cpu)
+    monkeypatch.delenv("MINICPM_AUTO_DTYPE")
+    assert distributed.resolve_dtype("auto", cpu) == ("bf16" if distributed.has_fast_bf16(cpu) else "fp32")

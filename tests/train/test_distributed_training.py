@@ -19,11 +19,14 @@ import pytest
 import torch
 from train_helpers import PatternData, tiny_config
 
+from minicpm.checkpoints.verify import read_trainer_state
+from minicpm.checkpoints.weights import consolidate
 from minicpm.model.transformer import MiniCPM
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
 from minicpm.train.loop import Trainer, train
 
+pytestmark = pytest.mark.slow  # every test reads the runs of a two-process torchrun
 
 # 8 sequences of 32 tokens per step: 2 processes x 2 micro-batches of 2, or 1 process x 4 micro-batches of 2
 SETTINGS = ("run.dtype=fp32", "schedule.total_steps=6", "schedule.decay_start=4", "run.log_every=1", "run.checkpoint_every=3",
@@ -56,10 +59,13 @@ class HangingData(PatternData):
 def torchrun(out_dir, *args, processes=2, wait=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            __file__, str(out_dir), *args]
+    # the ranks run this file as a script: put tests/ on their path for train_helpers
+    tests = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+                                start_new_session=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -110,7 +116,7 @@ def test_a_sharded_checkpoint_holds_each_rank_shards_and_the_same_trainer_state(
     assert ckpt.is_sharded(two) and not ckpt.is_sharded(one)
     assert sorted(p.name for p in (two / "dcp").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert not (two / "model.safetensors").exists()
-    state_one, state_two = ckpt.read_trainer_state(one), ckpt.read_trainer_state(two)
+    state_one, state_two = read_trainer_state(one), read_trainer_state(two)
     assert state_one.keys() == state_two.keys()
     assert (state_two["world_size"], state_one["world_size"]) == (2, 1)
     for key in ("step", "tokens", "data", "interval", "bad_steps", "schedule"):
@@ -156,11 +162,11 @@ def test_a_killed_two_process_run_resumes(runs, tmp_path):
     assert_same_steps(step_records(tmp_path / "run"), step_records(runs[1]), range(1, 7))
 
 
-def test_export_writes_a_sharded_checkpoint_in_the_official_layout(runs, tmp_path):
+def test_export_writes_a_sharded_checkpoint_in_the_official_layout(runs, tmp_path, cli):
     from minicpm.interop.hf import load_model
 
     sharded = runs[1] / STEP3
-    model_config, state = ckpt.consolidate(sharded)
+    model_config, state = consolidate(sharded)
     with torch.device("meta"):
         assert state.keys() == MiniCPM(model_config).state_dict().keys()
     # the weights a one-process resume loads from the same shards
@@ -169,8 +175,7 @@ def test_export_writes_a_sharded_checkpoint_in_the_official_layout(runs, tmp_pat
     ckpt.load_training_state(sharded, trainer.module.model, trainer.module.optimizer)
     for name, tensor in trainer.module.model.state_dict().items():
         assert torch.equal(tensor, state[name]), name
-    proc = subprocess.run([sys.executable, "-m", "minicpm", "export", str(sharded), str(tmp_path / "official"),
-                           "--to", "minicpm"], capture_output=True, text=True, timeout=120)
+    proc = cli("export", sharded, tmp_path / "official", "--to", "minicpm")
     assert proc.returncode == 0, proc.stderr
     exported = load_model(tmp_path / "official").state_dict()
     assert exported.keys() == state.keys()

@@ -100,13 +100,15 @@ def test_the_balance_loss_and_the_step_are_the_same_for_one_and_four_micro_batch
 def torchrun(out_dir, *args):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
            str(out_dir), *args]
-    # the processes import this checkout's package, whichever one is installed
-    root = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    # the processes import this checkout's package, whichever one is installed, and the tests' helpers
+    here = Path(__file__).resolve()
+    paths = [str(here.parents[2]), str(here.parents[1]), os.environ.get("PYTHONPATH")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
+@pytest.mark.slow
 def test_two_processes_train_an_moe_like_one_and_their_checkpoint_resumes_in_one(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from minicpm.data import IGNORE_INDEX
 from minicpm.data.pretrain import rows_to_batch
 from minicpm.model.build import build_model
 from minicpm.model.config import preset
 from minicpm.model.packing import DocumentMask, document_positions
-from minicpm.train.losses import IGNORE_INDEX
 
 
 def tiny_model(vocab=64, kv_heads=2, seed=0):
@@ -351,20 +351,23 @@ def test_after_sft_stages_get_the_sft_model(align_demo, datasets, monkeypatch):
     assert again["answer_loss_after_sft"] == summary["answer_loss_after_sft"]
 
 
-def test_chat_and_generate_chat_use_the_checkpoints_template(align_demo, minicpm):
+@pytest.mark.slow
+def test_chat_and_generate_chat_use_the_checkpoints_template(align_demo, cli, minicpm):
     from minicpm.infer.chat import checkpoint_template
 
     _, summary = align_demo
     ckpt = summary["sft_checkpoint"]
     assert checkpoint_template(ckpt).name == "minicpm"  # from the run's chat data, not the tokenizer's ChatML
-    done = minicpm("generate", ckpt, "--chat", "--prompt", "What does os.walk(top) do?", "--max-new-tokens", "8",
-                   "--temperature", "0")
+    done = cli("generate", ckpt, "--chat", "--prompt", "What does os.walk(top) do?", "--max-new-tokens", "8",
+               "--temperature", "0")
     assert done.returncode == 0, done.stderr
+    # a terminal session on stdin: its own process
     talk = minicpm("chat", ckpt, "--max-new-tokens", "6", "--seed", "0", input="hello\nagain\n/quit\n")
     assert talk.returncode == 0, talk.stderr
     assert "template: minicpm" in talk.stdout and talk.stdout.count("ai> ") == 2
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_the_chat_template_so_chat_works_after_the_data_is_deleted(datasets, tmp_path, minicpm):
     import shutil
 
@@ -434,11 +437,11 @@ def test_chat_session_keeps_history_and_stops_at_the_end_of_turn(align_demo):
     assert tok.decode(prompt, skip_special_tokens=False).startswith("<s><用户>one<AI>")
 
 
-def test_prepare_chat_cli_bad_line_is_one_line_exit_2(datasets, tmp_path, minicpm):
+def test_prepare_chat_cli_bad_line_is_one_line_exit_2(datasets, tmp_path, cli):
     src = tmp_path / "c.jsonl"
     src.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n" +
                    json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
-    done = minicpm("prepare", "--format", "chat", src, "--tokenizer", datasets[0], "--out", tmp_path / "out")
+    done = cli("prepare", "--format", "chat", src, "--tokenizer", datasets[0], "--out", tmp_path / "out")
     assert done.returncode == 2 and done.stderr.count("\n") == 1
     assert f"{src}:2: messages[0].role 'wizard' is unknown" in done.stderr
     assert not (tmp_path / "out").exists()

@@ -13,6 +13,7 @@ import pytest
 import torch
 from train_helpers import PatternData, metrics_without_timing, tiny_config
 
+from minicpm.checkpoints.integrity import sealed_state
 from minicpm.errors import MiniCPMError
 from minicpm.interop.hf import load_model, save_model
 from minicpm.model import transformer
@@ -31,7 +32,7 @@ PLUGIN = textwrap.dedent('''
 
     from minicpm.eval.evaluators import register_evaluator
     from minicpm.eval.loss import split_rows
-    from minicpm.train.losses import IGNORE_INDEX
+    from minicpm.data import IGNORE_INDEX
     from minicpm.train.objectives import count_labels, register_objective
 
 
@@ -208,7 +209,7 @@ def test_a_weights_only_start_begins_at_step_0_with_a_fresh_optimizer_and_its_ow
     # the source's data state is never used: make it one no data source accepts (still of the checked shape)
     state = json.loads((source.checkpoint / "trainer_state.json").read_text())
     state["data"] = {"not a data state": -1}
-    (source.checkpoint / "trainer_state.json").write_text(json.dumps(state))
+    (source.checkpoint / "trainer_state.json").write_text(json.dumps(sealed_state(state)))  # digest of the edit
 
     cfg = tiny_config(tmp_path / "sft", "run.dtype=fp32", "run.log_every=1", "schedule.total_steps=3",
                       "schedule.decay_start=2", f"run.init_weights_from={source.run_dir}", "run.seed=5")
@@ -270,7 +271,7 @@ HELD_RUN = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, datasets, minicpm):
+def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_unharmed(tmp_path, datasets, cli):
     tests = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]))
     release = tmp_path / "release"
@@ -283,7 +284,7 @@ def test_a_second_trainer_on_the_same_run_directory_is_refused_and_the_first_is_
             assert first.poll() is None, first.stderr.read()[-2000:]
             assert time.monotonic() < deadline, "the first trainer never took the lock"
             time.sleep(0.05)
-        second = minicpm("train", recipe(tmp_path, datasets), "--out", "run", "--resume", cwd=tmp_path)
+        second = cli("train", recipe(tmp_path, datasets), "--out", "run", "--resume", cwd=tmp_path)
         assert second.returncode == 2
         assert second.stderr.count("\n") == 1 and f"pid {first.pid}" in second.stderr, second.stderr
         assert "is writing this run directory" in second.stderr

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from train_helpers import PatternData, tiny_config
 
+from minicpm.checkpoints.verify import newest_verified, resolve_verified, resolve_verified_weights, verify_checkpoint
+from minicpm.checkpoints.weights import consolidate, source_model_config
 from minicpm.errors import MiniCPMError
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
@@ -52,7 +54,7 @@ def test_the_trainer_state_records_sha256_of_every_other_file(finished_run):
     files = json.loads((checkpoint / "trainer_state.json").read_text())["files"]
     assert set(files) >= {"model.safetensors", "config.json", "optimizer.pt"}
     assert "trainer_state.json" not in files
-    assert ckpt.verify_checkpoint(checkpoint)["step"] == 6
+    assert verify_checkpoint(checkpoint)["step"] == 6
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_and_resumes_bit_identically(run_copy, capsys):
@@ -80,15 +82,15 @@ def test_an_explicitly_named_checkpoint_that_fails_is_one_line_without_fallback(
     named = run_copy / "checkpoints/step_00000006"
     (named / "config.json").unlink()
     with pytest.raises(MiniCPMError, match="config.json: missing"):
-        ckpt.resolve_verified(named)
+        resolve_verified(named)
     # the run directory (not a named checkpoint) falls back to step 3
-    assert ckpt.resolve_verified(run_copy)[0].name == "step_00000003"
+    assert resolve_verified(run_copy)[0].name == "step_00000003"
 
 
 def test_a_bad_latest_pointer_is_reported_and_the_newest_verifying_checkpoint_used(run_copy):
     (run_copy / "checkpoints/latest").write_bytes(b"\xff\xfe../../etc")
     warnings = []
-    checkpoint, state = ckpt.newest_verified(RunDir(run_copy), warnings.append)
+    checkpoint, state = newest_verified(RunDir(run_copy), warnings.append)
     assert checkpoint.name == "step_00000006" and state["step"] == 6
     assert len(warnings) == 1 and "latest" in warnings[0]
 
@@ -117,7 +119,7 @@ def test_a_trainer_state_of_the_wrong_type_or_range_is_one_line(run_copy, field,
     state[field] = value
     (checkpoint / "trainer_state.json").write_text(json.dumps(state))
     with pytest.raises(MiniCPMError, match=expected):
-        ckpt.resolve_verified(checkpoint)
+        resolve_verified(checkpoint)
 
 
 def test_a_weights_only_start_or_an_export_of_a_damaged_checkpoint_is_one_line(run_copy):
@@ -125,10 +127,99 @@ def test_a_weights_only_start_or_an_export_of_a_damaged_checkpoint_is_one_line(r
 
     named = run_copy / "checkpoints/step_00000006"
     flip_byte(named / "model.safetensors")
-    model = MiniCPM(ckpt.source_model_config(named))
+    model = MiniCPM(source_model_config(named))
     with pytest.raises(MiniCPMError, match="model.safetensors: SHA-256 differs"):
         ckpt.load_weights_only(named, model)
     with pytest.raises(MiniCPMError, match="SHA-256 differs"):
-        ckpt.consolidate(named)
+        consolidate(named)
     # a weights-only start from the run directory takes its newest checkpoint that verifies
-    assert ckpt.resolve_verified_weights(run_copy).name == "step_00000003"
+    assert resolve_verified_weights(run_copy).name == "step_00000003"
+
+
+def edit_state(checkpoint, **changes):
+    """Rewrite trainer_state.json with `changes` (a key set to None is deleted), as a hand edit would."""
+    path = checkpoint / "trainer_state.json"
+    state = json.loads(path.read_text())
+    state.update(changes)
+    path.write_text(json.dumps({k: v for k, v in state.items() if v is not None}, indent=1))
+
+
+def test_an_edited_step_in_the_trainer_state_is_caught_and_the_resume_ends_bit_identically(run_copy, capsys):
+    expected = {k: v.clone() for k, v in load_file(run_copy / "checkpoints/step_00000006/model.safetensors").items()}
+    newest = run_copy / "checkpoints/step_00000006"
+    edit_state(newest, step=5)  # the manifest still matches every other file: only the state's digest sees this
+    with pytest.raises(MiniCPMError, match="differ from its state_sha256") as error:
+        resolve_verified(newest)
+    assert "\n" not in str(error.value)
+    cfg = tiny_config(run_copy, *SIX_STEPS)
+    result = train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
+    err = capsys.readouterr().err
+    assert "skipping checkpoint step_00000006" in err and "state_sha256" in err
+    assert result.step == 6  # resumed at step 3, not at the edited 5: no extra or missing step
+    resumed = load_file(run_copy / "checkpoints/step_00000006/model.safetensors")
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_without_its_manifest_is_a_warning_naming_it_and_strict_refuses_it(run_copy):
+    newest = run_copy / "checkpoints/step_00000006"
+    edit_state(newest, files=None, state_sha256=None)
+    flip_byte(newest / "model.safetensors")
+    warnings = []
+    used, _ = newest_verified(RunDir(run_copy), warnings.append)
+    assert used == newest  # trusted, as a checkpoint from before manifests is...
+    assert len(warnings) == 1 and str(newest / "trainer_state.json") in warnings[0]  # ...but never silently
+    assert "no file manifest" in warnings[0] and "--strict" in warnings[0]
+    with pytest.raises(MiniCPMError, match="no file manifest.*refused") as error:
+        resolve_verified(newest, strict=True)
+    assert "\n" not in str(error.value)
+    warnings.clear()
+    used, state = newest_verified(RunDir(run_copy), warnings.append, strict=True)  # the previous one verifies
+    assert used.name == "step_00000003" and state["step"] == 3
+    assert any("skipping checkpoint step_00000006" in w and "refused" in w for w in warnings)
+
+
+def test_a_checkpoint_written_before_state_digests_warns_that_its_state_is_not_verified(run_copy):
+    newest = run_copy / "checkpoints/step_00000006"
+    edit_state(newest, state_sha256=None)  # files still listed: the weights are checked, the state cannot be
+    warnings = []
+    assert verify_checkpoint(newest, warn=warnings.append)["step"] == 6
+    assert len(warnings) == 1 and "no digest (state_sha256)" in warnings[0] and "trainer state" in warnings[0]
+    flip_byte(newest / "model.safetensors")
+    with pytest.raises(MiniCPMError, match="SHA-256 differs"):
+        verify_checkpoint(newest, warn=warnings.append)
+
+
+def test_strict_training_resumes_from_the_newest_checkpoint_with_a_manifest(run_copy, capsys):
+    edit_state(run_copy / "checkpoints/step_00000006", files=None, state_sha256=None)
+    cfg = tiny_config(run_copy, *SIX_STEPS, "run.strict_checkpoints=true")
+    result = train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
+    assert "resuming" in capsys.readouterr().out and result.step == 6
+    assert "state_sha256" in (run_copy / "checkpoints/step_00000006/trainer_state.json").read_text()  # rewritten
+
+
+def test_resuming_with_a_changed_config_is_refused_naming_the_keys(run_copy):
+    import shutil as sh
+
+    sh.rmtree(run_copy / "checkpoints/step_00000006")  # resume at step 3
+    recorded = (run_copy / "config.yaml").read_bytes()
+    cfg = tiny_config(run_copy, *SIX_STEPS, "optim.lr=0.02", "optim.beta2=0.9")
+    with pytest.raises(MiniCPMError, match=r"optim.beta2 0.95 -> 0.9; optim.lr 0.01 -> 0.02.*--allow-config-change") \
+            as error:
+        train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()))
+    assert "\n" not in str(error.value)
+    assert (run_copy / "config.yaml").read_bytes() == recorded  # nothing rewritten
+    assert not (run_copy / "config_changes.jsonl").exists()
+    # settings that change no number the run computes may change on a resume
+    cfg = tiny_config(run_copy, *SIX_STEPS, "run.keep_last=1", "run.checkpoint_every=2")
+    assert train(cfg, resume=True, data=PatternData(cfg.schedule.resolve())).step == 6
+
+
+def test_an_allowed_config_change_is_recorded_with_the_step_it_took_effect(run_copy):
+    import shutil as sh
+
+    sh.rmtree(run_copy / "checkpoints/step_00000006")
+    cfg = tiny_config(run_copy, *SIX_STEPS, "optim.lr=0.02")
+    train(cfg, resume=True, data=PatternData(cfg.schedule.resolve()), allow_config_change=True)
+    changes = [json.loads(line) for line in (run_copy / "config_changes.jsonl").read_text().splitlines()]
+    assert changes == [{"step": 3, "changes": {"optim.lr": {"from": 0.01, "to": 0.02}}}]
+    assert "lr: 0.02" in (run_copy / "config.yaml").read_text()

@@ -11,6 +11,7 @@ from minicpm.optim import mup
 WIDTHS = ["32", "64", "128", "256"]
 
 
+@pytest.mark.slow
 def test_coordcheck_passes_mup_fails_sp_and_draws_the_plot(tmp_path, capsys):
     assert main(["coordcheck", "--widths", *WIDTHS, "--steps", "3", "--out", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
