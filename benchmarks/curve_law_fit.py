@@ -66,7 +66,7 @@ def main() -> None:
         at_truth = fit_objective("mpl", curves, truth, max_points=1000)
         for label, starts in (("multi-start", 4), ("one start", 1)):
             t0 = time.perf_counter()
-            fit = fit_curve_law("mpl", curves, max_points=1000, n_starts=starts)
+            fit = fit_curve_law("mpl", curves, max_points=1000, n_starts=starts, method="optimum")
             seconds = time.perf_counter() - t0
             errors = []
             for lr in held.values():

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from machine import describe as describe_machine
+
 
 def make_pairs(n: int, vocab: int, seed: int = 0) -> list[dict]:
     """Pre-tokenized pairs with prompts of 32-96 tokens and answers of 16-64."""
@@ -173,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name].append(time.perf_counter() - began)
 
     median = {k: statistics.median(v) for k, v in times.items()}
+    print(describe_machine())
     print(f"model: {config.total_params() / 1e6:.2f}M parameters (peer {peer_params / 1e6:.2f}M; d={config.hidden_size}, "
           f"L={config.num_hidden_layers}, vocab {config.vocab_size}); {args.pairs_per_step} pairs/step, prompts 32-96 "
           f"and answers 16-64 tokens; {args.dtype} on {device} ({torch.get_num_threads()} threads); {args.steps} "

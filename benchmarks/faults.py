@@ -2,7 +2,10 @@
 of a `minicpm sweep` (its whole process group: the sweep, its fork server and the trials training), each resumed or
 rerun and compared byte for byte with an uninterrupted reference; every checkpoint file corrupted in
 every way (truncate, flip bytes, delete, garbage JSON) plus a bad `latest` pointer, each classified as a fallback to
-an older checkpoint, a one-line refusal, or silent; a full disk (ENOSPC injected into the checkpoint writer) and a
+an older checkpoint, a one-line refusal, or silent; what a resume trusts edited by hand (issue 26: the trainer
+state's step, tokens and manifest, the run's config); every command that writes a directory pointed at its own
+input or at a directory holding something, and the last bad inputs, each counted as refused in one line, an input
+destroyed, an internal error, or a leftover; a full disk (ENOSPC injected into the checkpoint writer) and a
 second trainer on the same run directory. Every command is the real CLI (a subprocess where it is killed; resumes and
 corruption cases call cli.main in this process, which saves an interpreter start each), on one thread, so that a resumed run can
 match bitwise; a Python traceback (or the CLI's `internal error` line) anywhere is counted.
@@ -591,12 +594,12 @@ def report(tally: Tally, seed: int, seconds: float) -> None:
         print(f"{'full disk (ENOSPC injected): ' + check:<60} {'yes' if ok else 'NO':>12}")
     print(f"{'second trainer on one run directory refused':<60} {'yes' if tally.second_writer_refused else 'NO':>12}")
     tamper = list(tally.tampering.values())
-    print(f"{'trainer state / config tampering caught (fallback or one line)':<60} "
+    print(f"{'state or config tampering caught (fallback or one line)':<60} "
           f"{sum(o in ('fallback', 'one line') for o in tamper):>5} of {len(tamper):<4}")
-    print(f"{'  of which: no manifest, trusted with a warning naming it':<60} {tamper.count('warned'):>5}")
+    print(f"{'  of which: no manifest: trusted, with a warning naming it':<60} {tamper.count('warned'):>5}")
     print(f"{'silent corruptions (corruption and tampering)':<60} {(outcomes + tamper).count('silent'):>12}")
     refused = [*tally.outputs.values(), *tally.bad_input.values()]
-    print(f"{'outputs onto an input or a non-empty directory refused in one line':<60} "
+    print(f"{'outputs onto an input or a full directory refused (1 line)':<60} "
           f"{list(tally.outputs.values()).count('one line'):>5} of {len(tally.outputs):<4}")
     print(f"{'bad inputs (issue 26) refused in one line':<60} "
           f"{list(tally.bad_input.values()).count('one line'):>5} of {len(tally.bad_input):<4}")

@@ -32,6 +32,8 @@ import warnings
 
 import torch
 
+from machine import describe as describe_machine
+
 
 def build_pair(preset: str, vocab: int, dtype: torch.dtype):
     """(our MiniCPM, transformers' LlamaForCausalLM of its μP-folded export), both in eval mode."""
@@ -122,6 +124,7 @@ def main() -> None:
     import transformers
 
     params = sum(p.numel() for p in ours.parameters())
+    print(describe_machine())
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {os.cpu_count()} CPUs, "
           f"{torch.get_num_threads()} threads; {args.preset} shapes, vocab {ours.config.vocab_size}, "
           f"{params / 1e6:.1f}M parameters, {args.dtype}; greedy, prompts of {args.prompt_len // 2}-"

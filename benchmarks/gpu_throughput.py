@@ -19,6 +19,7 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -56,6 +57,9 @@ def model_config(case: Case) -> ModelConfig:
     return config
 
 
+SCRATCH = tempfile.mkdtemp(prefix="gpu_throughput-")  # the run's out_dir: a compiled case keeps its graphs there
+
+
 def train_config(case: Case):
     """The TrainConfig of a case: the preset at the case's sequence length, one micro-batch per step."""
     return load_config(None, [
@@ -64,7 +68,7 @@ def train_config(case: Case):
         f"batch.micro_batch_size={case.batch}", f"parallel.compile={case.compile}",
         f"parallel.activation_checkpointing={case.activation_checkpointing}",
         f"parallel.loss_chunk_size={case.loss_chunk}", f"run.dtype={case.dtype}", f"run.device={case.device}",
-        "run.out_dir=unused", "schedule.kind=constant"])
+        f"run.out_dir={SCRATCH}", "schedule.kind=constant"])
 
 
 def run_case(case: Case) -> dict:
@@ -157,7 +161,13 @@ def print_table(rows: list[tuple[Case, dict]]) -> None:
         by_preset.setdefault(case.preset, {})[case.compile] = r
     for name, pair in by_preset.items():
         if all(k in pair and "error" not in pair[k] for k in (False, True)):
-            print(f"{name}: compile on / off tokens/s = {pair[True]['tokens_per_s'] / pair[False]['tokens_per_s']:.2f}x")
+            on, off = pair[True], pair[False]
+            print(f"{name}: compile on / off tokens/s = {on['tokens_per_s'] / off['tokens_per_s']:.2f}x")
+            # the break-even parallel.compile: auto weighs (train/distributed.py COMPILE_COSTS): the compile time is
+            # what the compiled warm-up took beyond the eager one
+            compile_s, saved_s = on["warmup_s"] - off["warmup_s"], off["step_s"] - on["step_s"]
+            pays = f"pays after {compile_s / saved_s:,.0f} steps" if saved_s > 0 else "never pays"
+            print(f"{name}: compiling costs ~{compile_s:.0f} s and saves {saved_s:.3f} s a step: {pays}")
 
 
 def main(argv: list[str] | None = None) -> int:

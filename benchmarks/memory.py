@@ -2,12 +2,17 @@
 
     python benchmarks/memory.py                 # vocab 122,753, seq 4096, 2 layers of width 512, batch 1
 
-The three cases are the same shapes (same vocabulary, width, depth, heads, tied embedding, same tokens):
+The cases are the same shapes (same vocabulary, width, depth, heads, tied embedding, same tokens):
   - ours, chunked loss: MiniCPM.hidden_states + lm_loss(chunk_size=...), the (tokens x vocab) logits never exist;
+  - ours, chunked loss with selective activation checkpointing (parallel.activation_checkpointing: selective: the
+    matmul and attention outputs kept, the norms, RoPE, SiLU and products recomputed in the backward), and with
+    block checkpointing (each block recomputed whole);
   - ours, plain loss: the same model with the logits materialised (shows what chunking alone buys);
   - transformers LlamaForCausalLM (SDPA attention) with labels=..., its own loss.
 A step is forward, backward and one AdamW step (so the optimizer state is allocated inside the step, equally
-for all three: the parameter counts are equal).
+for all: the parameter counts are equal), each side with its AdamW as it runs by default: ours fused where the
+device has the kernel (as the trainer builds it: no per-parameter temporaries), the peer torch.optim.AdamW's
+defaults (a loop over the parameters on CPU, whose temporaries for the embedding are a quarter GiB here).
 
 How memory is measured, honestly: each case runs in a fresh subprocess. On GPU the figure is
 torch.cuda.max_memory_allocated over the step plus the weights (tensors only, no allocator cache). On CPU it is
@@ -27,7 +32,11 @@ import sys
 
 import torch
 
-CASES = ("ours-chunked", "ours-plain", "transformers-llama")
+from machine import describe as describe_machine
+
+CASES = ("ours-chunked", "ours-selective", "ours-block", "ours-plain", "transformers-llama")
+CHECKPOINTING = {"ours-selective": "selective", "ours-block": "block"}
+"""parallel.activation_checkpointing of the cases that recompute (the others keep every activation)."""
 
 
 def _rss_bytes() -> int:
@@ -51,7 +60,11 @@ def build(case: str, args: argparse.Namespace, device: torch.device):
                              num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
                              max_position_embeddings=args.seq, tie_word_embeddings=True)
         model = build_model(config, device=device, seed=0)
-        chunk = args.chunk if case == "ours-chunked" else None
+        if case in CHECKPOINTING:
+            from minicpm.train.distributed import apply_activation_checkpointing
+
+            apply_activation_checkpointing(model, CHECKPOINTING[case])
+        chunk = None if case == "ours-plain" else args.chunk
 
         def forward_backward(ids, labels):
             loss = lm_loss(model.hidden_states(ids), model.head_weight, labels, chunk) / labels.numel()
@@ -81,7 +94,12 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     model, forward_backward = build(case, args, device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=False)
+    fused = None
+    if case.startswith("ours"):
+        from minicpm.train.distributed import fused_adamw_supported
+
+        fused = fused_adamw_supported(device) or None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen).to(device)
     inputs, labels = ids[:, :-1], ids[:, 1:]
@@ -102,7 +120,8 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Peak memory of one training step, chunked loss vs transformers.")
+    parser = argparse.ArgumentParser(description="Peak memory of one training step, chunked loss (and activation "
+                                                 "checkpointing) vs transformers.")
     parser.add_argument("--vocab", type=int, default=122753, help="vocabulary size")
     parser.add_argument("--seq", type=int, default=4096, help="sequence length")
     parser.add_argument("--width", type=int, default=512, help="hidden size (heads of 64)")
@@ -138,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"one training step (forward, backward, AdamW): vocab {args.vocab:,}, seq {args.seq}, batch {args.batch}, "
           f"{args.layers} layers of width {args.width}, {args.dtype}, chunk {args.chunk} tokens, {args.device}")
     print(f"memory: {how}")
+    print(describe_machine())
     peer = results.get("transformers-llama")
     header = f"{'case':<20}{'params':>12}{'loss':>9}{'peak GiB':>10}{'step growth GiB':>17}{'peak ratio':>12}{'growth ratio':>14}"
     print(header)

@@ -5,7 +5,10 @@ as MixtralForCausalLM, so both compute the same function and route the same way.
 plus 0.01 × the balance loss (ours through the aux channel, the peer's with output_router_logits), backward. Two
 peers: transformers' `eager` experts (a Python loop over the experts, each selecting its tokens with a mask: the
 peer the MoE issue names) and its `grouped_mm` experts (stacked weights, one grouped matmul; transformers' default).
-Runs alternate ours/peers; the table gives the median step time and tokens/s of each and the ratios.
+Runs alternate ours/peers; the table gives the median step time and tokens/s of each and the ratios, for each
+--dtype: `auto` (the default, first) is what the trainer runs here, bf16 autocast over fp32 weights where the CPU
+has native bf16 (both sides under the same autocast: Mixtral's grouped_mm experts then cast their input to the fp32
+weights, since grouped_mm is not an autocast op; ours cast to bf16), then both in fp32.
 
 --clock cpu measures the process's CPU time instead of wall time: on a shared, loaded machine the wall time mostly
 measures the other processes; CPU time (with --threads 1) is what the step itself costs.
@@ -23,6 +26,8 @@ import time
 import warnings
 
 import torch
+
+from machine import describe as describe_machine
 import torch.nn.functional as F
 
 
@@ -118,6 +123,7 @@ def main() -> None:
         ours.train(), [peer.train() for peer in peers.values()]
     runs = [("ours", step_ours, ours)] + [(f"peer {impl}", step_peer, peer) for impl, peer in peers.items()]
     tokens = args.batch * args.seq
+    print(describe_machine())
     print(f"MoE training step, CPU, {torch.get_num_threads()} threads, {args.clock} clock: d={args.d} L={args.layers} "
           f"E={args.experts} top-{args.top_k} vocab={args.vocab} batch {args.batch}x{args.seq}; "
           f"max |logit difference| {error:.2e}")

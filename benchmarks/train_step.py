@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from machine import describe as describe_machine
+
 
 from minicpm.train.config import config_to_yaml, load_config, model_config
 from minicpm.demos.quickstart import quickstart_config
@@ -69,6 +71,7 @@ def our_config(args, out_dir: str):
 def ours(cfg, rows: torch.Tensor):
     """The trainer's own step: TrainModule.build from the TrainConfig, timed through its public train_step."""
     module = TrainModule.build(cfg, model_config(cfg), init_distributed(cfg.run.device))
+    print(f"ours: blocks {module.compile_choice.reason}", flush=True)
     data = FixedRows(rows, cfg.batch.tokens_per_step // cfg.batch.seq_len)
     mb = cfg.batch.micro_batch_size
     lr = cfg.optim.lr * cfg.schedule.resolve()(100)  # a step past the warmup
@@ -179,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     flops = config.flops_per_token(args.seq)
     speed = {k: args.tokens_per_step / statistics.median(v) for k, v in times.items()}
     mfu = {k: v * flops / peak for k, v in speed.items()}
+    print(describe_machine())
     print(f"model: {ours_params / 1e6:.2f}M parameters (d={config.hidden_size}, L={config.num_hidden_layers}, "
           f"vocab {config.vocab_size}); {args.tokens_per_step} tokens/step = {sequences} x {args.seq}, micro-batch "
           f"{args.micro}; {args.dtype} on {device} ({torch.get_num_threads()} threads); {args.steps} timed steps each, "

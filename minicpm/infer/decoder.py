@@ -16,7 +16,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from minicpm.model.compiling import CompileChoice, CompileCosts, choose_compile
+from minicpm.model.compiling import CompileChoice, CompileCosts, can_compile, choose_compile
 from minicpm.model.config import rope_scaling_type
 from minicpm.model.rope import apply_rope, original_length, rotate
 from minicpm.model.transformer import MLP, MiniCPM
@@ -130,7 +130,7 @@ class Decoder:
         self.fused_norm = model.head_weight.dtype == torch.float32
         # the prefill runs eagerly; the decode steps eagerly or as one static compiled graph
         self.slots = torch.arange(max_len, device=device)
-        self.costs = DECODE_COMPILE_COSTS.get(device.type)
+        self.costs = DECODE_COMPILE_COSTS.get(device.type) if can_compile() else None
         self.compile_choice: CompileChoice | None = None
         """Whether the decode step is compiled and why; None while compile="auto" is still timing steps."""
         self._eager_seconds: list[float] = []

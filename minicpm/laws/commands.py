@@ -88,9 +88,10 @@ def _held_out_sizes(table, doc: dict, text: str, *, method: str, law: str, holdo
 
 def fit_curve(curves: Sequence[str], *, law: str, loss_key: str = "loss", delta: float = 1e-3, min_step: int = 0,
               max_points: int = 200, out: str | None = None, plot: str | None = None,
-              method: str = "optimum") -> FitOutput:
+              method: str | None = None) -> FitOutput:
     """Fit a loss-curve law to training curves (metrics.jsonl, run directories or CSVs of step, lr, loss);
-    method: optimum (the objective's deepest optimum) or luo (mpl by Luo et al.'s early-stopped AdamW)."""
+    method: optimum (the objective's deepest optimum) or luo (mpl by Luo et al.'s early-stopped AdamW); None: luo
+    for mpl, optimum for the others (laws.curves.default_fit_method)."""
     from minicpm.laws import curves as curve_laws
     from minicpm.laws import tables as fit_data
     from minicpm.laws import report as fit_report

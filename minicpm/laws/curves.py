@@ -338,18 +338,33 @@ FIT_METHODS = ("optimum", "luo")
 for the multi-power law, which stops early (fit_mpl_as_luo)."""
 
 
+def default_fit_method(law: str) -> str:
+    """luo for the multi-power law, optimum for the others. On the authors' logged training curves (25M-400M) their
+    early-stopped fit predicts the held-out schedules better (test mean 0.110/0.142/0.168%) than the objective's
+    optimum (0.138/0.165/0.216%); the optimum wins only on noise-free curves the law itself generates."""
+    return "luo" if law == "mpl" else "optimum"
+
+
+def _require_a_decay(law: str, data) -> None:
+    if all(not np.any((d.terms.dk if law == "mpl" else d.terms.delta) > 0) for d in data):
+        raise MiniCPMError(f"no curve's LR decreases after warmup, so the annealing part of law {law!r} cannot be "
+                           f"fitted: add a curve with a decay (cosine or WSD)")
+
+
 @single_threaded_blas
 def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min_step: int = 0,
                   max_points: int = 200, n_starts: int = 4, screen_points: int = 60,
-                  method: str = "optimum") -> CurveFit:
+                  method: str | None = None) -> CurveFit:
     """Fit a loss-curve law to one or more curves: Huber (scale delta) on relative residuals, trust-region
     least squares with analytic Jacobians, from the best points of a variable-projection grid over each
     parameter's plausible range (screened on `screen_points` points per curve), keeping the deepest optimum.
-    method="luo" fits the multi-power law by Luo et al.'s procedure instead (fit_mpl_as_luo).
+    method="luo" fits the multi-power law by Luo et al.'s procedure instead (fit_mpl_as_luo); None takes
+    default_fit_method(law).
 
     Points up to the end of warmup (and before min_step) are left out: both laws describe the curve after it.
     """
     names = _check_law(law)
+    method = method or default_fit_method(law)
     if method not in FIT_METHODS:
         raise MiniCPMError(f"unknown loss-curve fit method {method!r}; choose {' or '.join(FIT_METHODS)}")
     if method == "luo":
@@ -361,9 +376,7 @@ def fit_curve_law(law: str, curves: Sequence[Curve], *, delta: float = 1e-3, min
     if n <= len(names):
         raise MiniCPMError(f"{n} loss points after warmup; law {law!r} has {len(names)} parameters: "
                            f"give longer or more curves")
-    if all(not np.any((d.terms.dk if law == "mpl" else d.terms.delta) > 0) for d in data):
-        raise MiniCPMError(f"no curve's LR decreases after warmup, so the annealing part of law {law!r} cannot be "
-                           f"fitted: add a curve with a decay (cosine or WSD)")
+    _require_a_decay(law, data)
     obs = np.concatenate([d.loss for d in data])
 
     def residuals(theta):
@@ -447,6 +460,7 @@ def fit_mpl_as_luo(curves: Sequence[Curve], *, min_step: int = 0, max_points: in
     data, _, _ = _prepare("mpl", curves, min_step, max_points, centre=False)
     if sum(len(d.loss) for d in data) <= len(LAWS["mpl"]):
         raise MiniCPMError("too few loss points after warmup for the 7 parameters of the multi-power law")
+    _require_a_decay("mpl", data)
     kept = []
     for cv in curves:  # the same steps _prepare kept, for the initialisation's log-log line
         lr = lr_per_step(cv.lr_steps, cv.lr, int(max(cv.lr_steps[-1], cv.loss_steps[-1])))

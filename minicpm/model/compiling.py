@@ -5,6 +5,8 @@ work and device (train/distributed.py COMPILE_COSTS, infer/decoder.py DECODE_COM
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 
 from minicpm.errors import MiniCPMError
@@ -44,7 +46,8 @@ def choose_compile(setting: bool | str, *, steps: int, step_seconds: float, cost
     if setting != "auto":
         return CompileChoice(setting, f"{'compiled' if setting else 'eager'} ({what}: {str(setting).lower()})")
     if costs is None:
-        return CompileChoice(False, "eager (auto: compiling is not measured on this device)")
+        return CompileChoice(False, "eager (auto: compiling is not measured on this device, or there is no C++ "
+                                    "compiler for it)")
     saving = steps * step_seconds * (1.0 - 1.0 / costs.speedup)
     cost = costs.cached_compile_seconds if cached else costs.compile_seconds
     pays = saving > cost
@@ -52,3 +55,9 @@ def choose_compile(setting: bool | str, *, steps: int, step_seconds: float, cost
                                f"eager, {costs.speedup:g}x faster compiled, save ~{saving:.0f} s "
                                f"{'>' if pays else '<'} ~{cost:.0f} s to compile"
                                f"{' from the run' + chr(39) + 's cache' if cached else ''})")
+
+
+def can_compile() -> bool:
+    """Whether torch.compile's code generation has a C++ compiler to call (inductor builds its CPU kernels, and on
+    CUDA Triton's launchers, with one): `auto` never picks a compile that would fail for want of it."""
+    return any(shutil.which(name) for name in filter(None, (os.environ.get("CXX"), "g++", "c++", "clang++")))

@@ -15,10 +15,14 @@ Checkpoints keep the official MiniCPM-MoE keys, `mlp.gate.weight` (E×d, no bias
 edges that read and write checkpoints map between the two (`per_expert_state`, `stacked_state`).
 
 What the layer reports through the model's auxiliary channel (`aux_losses`, see transformer.MiniCPM):
-  load_balance        E·Σ_e f_e·P_e with f_e the fraction of the top-k assignments and P_e the mean router
-                      probability of expert e, both pooled over all the MoE layers before the product (transformers'
-                      `load_balancing_loss_func` for Mixtral); uniform routing gives k. Each layer leaves its own
-                      routing counts under a scratch key; the model pools them after its last layer
+  load_balance        Switch's loss (Fedus et al. 2021) per layer, summed over the layers (`balance_loss`,
+                      form "per_layer", the default): Σ_l E·Σ_e f_le·P_le with f_le the fraction of layer l's top-k
+                      assignments to expert e and P_le its mean router probability; uniform routing gives k per
+                      layer. Form "pooled" pools f and P over all layers before the product (transformers'
+                      `load_balancing_loss_func` for Mixtral), so that imbalances of different layers cancel and
+                      each router gets ~1/L of the gradient. (MiniCPM-MoE, paper §6: "the load balancing loss" of
+                      Fedus et al. x 0.01; the paper does not say whether it pools over layers.) Each layer leaves its
+                      own routing counts under a scratch key; the model turns them into the loss after its last layer
                       (`pool_router_losses`), outside any activation-checkpointed block. Over whose tokens f is
                       counted: the forward's own (a bare forward, Mixtral's) or the whole optimizer step's
                       (`StepBalance`, set by the train module: the same loss for any accumulation and process count).
@@ -100,12 +104,14 @@ class Experts(nn.Module):
 
 def grouped_mm_serves(device: torch.device, dtype: torch.dtype, hidden_size: int, intermediate_size: int) -> bool:
     """Whether torch's F.grouped_mm runs the experts here: on CUDA in bf16; on CPU in any float dtype (torch >= 2.10),
-    where its kernel needs rows of whole 16-byte multiples (hidden and intermediate sizes)."""
-    if not hasattr(F, "grouped_mm"):
+    where its kernel needs rows of whole 16-byte multiples (hidden and intermediate sizes); under torch.compile in
+    bf16 only (the op's meta function, which tracing runs, accepts nothing else)."""
+    if not hasattr(F, "grouped_mm") or (torch.compiler.is_compiling() and dtype != torch.bfloat16):
         return False
     if device.type == "cuda":
         return dtype == torch.bfloat16
-    return device.type == "cpu" and (hidden_size * dtype.itemsize) % 16 == 0 and (intermediate_size * dtype.itemsize) % 16 == 0
+    whole_rows = (hidden_size * dtype.itemsize) % 16 == 0 and (intermediate_size * dtype.itemsize) % 16 == 0
+    return device.type == "cpu" and whole_rows
 
 
 class MoE(nn.Module):
@@ -220,33 +226,53 @@ class StepBalance:
             self.all_reduce(self.counts)
 
     def fraction(self, assigned: torch.Tensor, rows: int) -> torch.Tensor:
-        """f_e of the step, given this forward's own top-k assignments and router rows (pooled over its layers)."""
-        own = torch.cat([assigned.detach().float(), assigned.new_tensor([float(rows)])])
+        """f of the step, given this forward's own top-k assignments (per expert, or per layer and expert) and the
+        router rows they came from."""
+        own = torch.cat([assigned.detach().float().reshape(-1), assigned.new_tensor([float(rows)])])
         if self.counting:  # the pre-pass: add this forward's routing to the step's
             self.counts = own if self.counts is None else self.counts + own
-            return own[:-1] / own[-1]
-        if self.counts is None:  # no pre-pass: this forward is the process's whole step
-            if self.all_reduce is not None:
-                self.all_reduce(own)
-            return own[:-1] / own[-1]
-        return self.counts[:-1] / self.counts[-1]
+        elif self.counts is None and self.all_reduce is not None:  # no pre-pass: this forward is the whole step
+            self.all_reduce(own)
+        counts = own if self.counting or self.counts is None else self.counts
+        return (counts[:-1] / counts[-1]).reshape(assigned.shape)
 
 
-def pool_router_losses(aux: dict, step: StepBalance | None = None) -> None:
+BALANCE_FORMS = ("per_layer", "pooled")
+"""per_layer: Switch's loss in each layer, summed (the default); pooled: transformers' Mixtral form."""
+
+
+def balance_loss(routing: list[_Routing], step: StepBalance | None = None, form: str = "per_layer") -> torch.Tensor:
+    """The load-balancing loss of a forward's MoE layers, f over this forward's tokens or, with `step`, over the
+    whole optimizer step's (StepBalance).
+
+    per_layer  Σ_l E·Σ_e f_le·P_le (Fedus et al. 2021's Switch loss in each layer, summed over layers): every
+               router is pushed to balance its own layer with the full gradient.
+    pooled     E·Σ_e f_e·P_e with f and P pooled over all layers' tokens first (transformers'
+               `load_balancing_loss_func` for Mixtral): one layer's surplus offsets another's shortfall."""
+    if form not in BALANCE_FORMS:
+        raise MiniCPMError(f"balance loss form {form!r}: expected one of {', '.join(BALANCE_FORMS)}")
+    if form == "pooled":
+        rows = sum(r.tokens for r in routing)
+        assigned = torch.stack([r.assigned for r in routing]).sum(dim=0)
+        fraction = assigned / rows if step is None else step.fraction(assigned, rows)
+        mean_prob = torch.stack([r.prob_sums for r in routing]).sum(dim=0) / rows
+        return fraction.shape[-1] * (fraction * mean_prob).sum()
+    rows = routing[0].tokens  # every layer routes the same tokens
+    assigned = torch.stack([r.assigned for r in routing])  # (layers, experts)
+    fraction = assigned / rows if step is None else step.fraction(assigned, rows)
+    mean_prob = torch.stack([r.prob_sums for r in routing]) / rows
+    return fraction.shape[-1] * (fraction * mean_prob).sum()
+
+
+def pool_router_losses(aux: dict, step: StepBalance | None = None, form: str = "per_layer") -> None:
     """After the layers of a forward: turn their routing into the aux losses (added to any already there).
 
-    load_balance = E·Σ_e f_e·P_e with f and P pooled over every layer's tokens before the product, as transformers'
-    `load_balancing_loss_func` for Mixtral computes it, f over this forward's tokens or, with `step`, over the
-    whole optimizer step's (StepBalance); router_z = the mean over layers of each layer's z-loss.
+    load_balance = balance_loss of the `form` asked for; router_z = the mean over layers of each layer's z-loss.
     Also the statistics over all layers: the largest and smallest expert load of any layer, the mean entropy."""
     routing: list[_Routing] = aux.pop(ROUTING_SCRATCH, [])
     if not routing:
         return
-    rows = sum(r.tokens for r in routing)
-    assigned = torch.stack([r.assigned for r in routing]).sum(dim=0)
-    fraction = assigned / rows if step is None else step.fraction(assigned, rows)
-    mean_prob = torch.stack([r.prob_sums for r in routing]).sum(dim=0) / rows
-    aux["load_balance"] = aux.get("load_balance", 0.0) + len(fraction) * (fraction * mean_prob).sum()
+    aux["load_balance"] = aux.get("load_balance", 0.0) + balance_loss(routing, step, form)
     with torch.no_grad():
         loads = torch.stack([r.assigned / r.assigned.sum() for r in routing])
         aux["stat/moe/load_max"], aux["stat/moe/load_min"] = loads.max(), loads.min()

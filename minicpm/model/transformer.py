@@ -193,6 +193,8 @@ class MiniCPM(nn.Module):
         self.step_balance = None
         """MoE: over whose tokens the balance loss counts its f (a moe.StepBalance the train module sets for the
         length of an optimizer step); None: each forward's own, as Mixtral."""
+        self.balance_form = "per_layer"
+        """MoE: the balance loss per layer, summed (Switch's) or pooled over layers (Mixtral's); moe.balance_loss."""
 
     def mup_roles(self) -> dict[str, str]:
         # the vocabulary matrices; every other parameter's role is declared by its own module
@@ -222,8 +224,8 @@ class MiniCPM(nn.Module):
         if aux_losses is not None and cfg.num_experts:
             from minicpm.model.moe import pool_router_losses
 
-            # the balance loss pools the routing of all layers (Mixtral's), f over the step's tokens when set
-            pool_router_losses(aux_losses, self.step_balance)
+            # the balance loss from every layer's routing, f over the step's tokens when set
+            pool_router_losses(aux_losses, self.step_balance, self.balance_form)
         # paper Table 7: logits divided by the width multiplier d/dim_model_base
         return self.model.norm(h) / cfg.width_multiplier
 

@@ -294,7 +294,8 @@ def _predicted_curve(plan: Plan, curves: list, campaign_batch: int, schedule_lr:
     to end at L(N, D); the band is the L(N, D) interval widened by the curve fit's RMSE."""
     from minicpm.laws.curves import fit_curve_law, predict_loss
 
-    fit = fit_curve_law("mpl", curves)
+    # optimum, not luo: Luo et al.'s step sizes are set for their scale (~3 nats, peak LR ~3e-4), not a campaign's
+    fit = fit_curve_law("mpl", curves, method="optimum")
     steps_c = int(round(plan.d / campaign_batch))
     if steps_c > 5_000_000:
         raise MiniCPMError(f"the plan is {steps_c} steps of the campaign's batch: too long to predict its curve")

@@ -120,13 +120,17 @@ def training_memory(config: ModelConfig, *, seq_len: int, micro_batch_size: int,
     processes). Per token and layer the backward keeps, with h = hidden_size, r = intermediate/h and a = 2 bytes
     (bf16 autocast) or 4: fp32 residual and norm inputs (12h), q and k rotated in fp32 (8h), and in a bytes q, k, v,
     the attention output and the o_proj input (5h) and the MLP's gate, up, silu and product (4rh) plus its input
-    (h). Block checkpointing keeps only each block's fp32 input (4h) and recomputes one block at a time."""
+    (h). Block checkpointing keeps only each block's fp32 input (4h) and recomputes one block at a time; selective
+    keeps that input and the outputs of the matmuls and attention (q, k, v, attention, o_proj, down: 6h; gate and
+    up: 2rh, in a bytes), and recomputes the norms, RoPE, SiLU and products, one block at a time."""
     h, layers = config.hidden_size, config.num_hidden_layers
     a = 2 if dtype == "bf16" else 4
     per_block = h * (12 + 8 + a * (6 + 4 * config.intermediate_size / h))
     tokens = seq_len * micro_batch_size
     if activation_checkpointing == "block":
         activations = tokens * (layers * 4 * h + per_block)
+    elif activation_checkpointing == "selective":
+        activations = tokens * (layers * h * (4 + a * (6 + 2 * config.intermediate_size / h)) + per_block)
     else:
         activations = tokens * layers * per_block
     activations += tokens * h * 4 * 3  # embedding output, final norm input and output
@@ -162,12 +166,28 @@ def check_memory(config: ModelConfig, *, seq_len: int, micro_batch_size: int, me
                                activation_checkpointing=activation_checkpointing, loss_chunk_size=loss_chunk_size)
     if estimate.total > 0.9 * memory:
         gib = 2 ** 30
+        fits = lightest_checkpointing(config, seq_len=seq_len, micro_batch_size=micro_batch_size, memory=memory,
+                                      dtype=dtype, loss_chunk_size=loss_chunk_size)
+        advice = (f"--activation-checkpointing {fits} would fit" if fits
+                  else "shorten the length or the micro-batch, or shard")
         raise MiniCPMError(
             f"--to-length {seq_len} with --micro-batch-size {micro_batch_size}: training needs about "
             f"{estimate.total / gib:.1f} GiB (weights+optimizer {estimate.weights_and_optimizer / gib:.1f}, "
             f"activations {estimate.activations / gib:.1f}, logits {estimate.logits / gib:.1f}; computed), more "
-            f"than 90% of {where} ({memory / gib:.1f} GiB); shorten the length or the micro-batch, or shard")
+            f"than 90% of {where} ({memory / gib:.1f} GiB); {advice}")
     return estimate
+
+
+def lightest_checkpointing(config: ModelConfig, *, seq_len: int, micro_batch_size: int, memory: int,
+                           dtype: str = "bf16", loss_chunk_size: int | None = 2048) -> str | None:
+    """The activation checkpointing that recomputes least (none, then selective, then block) whose estimate fits
+    in 90% of `memory`; None when even block does not."""
+    for mode in ("none", "selective", "block"):
+        estimate = training_memory(config, seq_len=seq_len, micro_batch_size=micro_batch_size, dtype=dtype,
+                                   activation_checkpointing=mode, loss_chunk_size=loss_chunk_size)
+        if estimate.total <= 0.9 * memory:
+            return mode
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -259,10 +279,12 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
     from minicpm.data.synthetic_long import TASKS, write_synthetic_dataset
     from minicpm.files import check_output, output_directory, write_atomic
     from minicpm.infer.tokenizer import find_tokenizer
-    from minicpm.interop.hf import read_checkpoint, save_state
-    from minicpm.rundir import is_sharded, resolve_weights
+    from minicpm.checkpoints.verify import resolve_verified_weights, warn_on_stderr
+    from minicpm.checkpoints.weights import consolidate
+    from minicpm.interop.hf import save_state
+    from minicpm.rundir import is_sharded
 
-    source = resolve_weights(checkpoint)
+    source = resolve_verified_weights(checkpoint, warn_on_stderr)  # a run directory: its newest that verifies
     out = check_output(Path(out).resolve(), inputs=[checkpoint, source, tokenizer, *long_data, *(short_data or {})],
                        overwrite=overwrite)
     if is_sharded(source):
@@ -315,7 +337,7 @@ def extend_checkpoint(checkpoint: str | Path, out: str | Path, *, to_length: int
         tokens_per_step = tokens_per_step or max(8 * to_length, 8192)
         if tokens_per_step % to_length:
             raise MiniCPMError(f"--tokens-per-step {tokens_per_step}: must be a multiple of --to-length {to_length}")
-    _, state = read_checkpoint(source)
+    _, state = consolidate(source)  # one of our checkpoints is checked against its manifest first
 
     inputs = [checkpoint, source, tokenizer_file, *long_data, *(short_data or {})]
     with output_directory(out, inputs=inputs, overwrite=overwrite) as tmp:
@@ -450,7 +472,9 @@ def stage_config(path: Path, data: CurriculumFile, stage: Stage, start: Path, ov
     (micro_batch_tokens / seq_len sequences), run directory and weights-only start."""
     from minicpm.train.config import load_config, validate
 
-    base = load_config(path.parent / data.train, [*stage.overrides, *overrides])
+    # the stage's length first: a stage's model.max_position_embeddings (abf-ntk's ABF stages) may lie below the
+    # train config's full length
+    base = load_config(path.parent / data.train, [f"batch.seq_len={stage.seq_len}", *stage.overrides, *overrides])
     micro_tokens = data.micro_batch_tokens or base.batch.micro_batch_size * base.batch.seq_len
     sequences = base.batch.tokens_per_step // stage.seq_len
     micro = max(1, min(sequences, micro_tokens // stage.seq_len))

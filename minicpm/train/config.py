@@ -222,6 +222,10 @@ class ObjectiveConfig:
     balancing: the same loss for any accumulation and process count; costs one no-grad forward per step when
     accumulating) | micro_batch (f of each micro-batch on its own process, as Mixtral's code; free, but the loss
     depends on the micro-batch size)."""
+    balance_loss: str = "per_layer"
+    """MoE balance loss form: per_layer (Switch's E·Σ f·P in each layer, summed over layers: Fedus et al. 2021, the
+    loss the paper's MiniCPM-MoE names) | pooled (f and P pooled over all layers first, transformers' Mixtral form,
+    where imbalances of different layers cancel)."""
 
 
 def _default_evaluators() -> list:
@@ -374,6 +378,8 @@ def validate(cfg: TrainConfig) -> None:
            "are two ways to start; give one")
     _check(cfg.objective.balance_over in ("step", "micro_batch"),
            f"objective.balance_over: expected step or micro_batch, got {cfg.objective.balance_over!r}")
+    _check(cfg.objective.balance_loss in ("per_layer", "pooled"),
+           f"objective.balance_loss: expected per_layer or pooled, got {cfg.objective.balance_loss!r}")
     for name, weight in cfg.objective.aux_loss_weights.items():
         _check(math.isfinite(weight) and weight >= 0,
                f"objective.aux_loss_weights.{name} must be a finite number >= 0, got {weight}")

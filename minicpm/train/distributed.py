@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from minicpm.errors import MiniCPMError
-from minicpm.model.compiling import CompileChoice, CompileCosts, choose_compile
+from minicpm.model.compiling import CompileChoice, CompileCosts, can_compile, choose_compile
 
 
 @dataclass(frozen=True)
@@ -95,11 +95,11 @@ def _let_gloo_threads_finish() -> None:
 
 ACTIVATION_CHECKPOINTING = ("none", "block", "selective")
 
-# Selective mode saves what is expensive to recompute (matmuls, attention) and recomputes the cheap pointwise ops
-# between them (RMSNorm, SiLU·up, RoPE, the residual scaling, GQA repeats), whose outputs are most of a block's
-# saved activations by count.
+# Selective mode saves what is expensive to recompute (matmuls, an MoE's grouped matmuls, attention) and recomputes
+# the cheap pointwise ops between them (RMSNorm, SiLU·up, RoPE, the residual scaling, GQA repeats), whose outputs
+# are most of a block's saved activations by count.
 _SAVED_OPS = frozenset(getattr(torch.ops.aten, name).default for name in (
-    "mm", "addmm", "bmm",
+    "mm", "addmm", "bmm", "_grouped_mm",
     "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
     "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
 ) if hasattr(torch.ops.aten, name))
@@ -168,7 +168,7 @@ def compile_choice(setting: bool | str, *, step_flops: float, steps: int, device
                    cache_dir: str | os.PathLike | None = None) -> CompileChoice:
     """choose_compile on this device: the eager step time estimated from its FLOPs, the device's peak
     (train/metrics.py) and COMPILE_COSTS; cache_dir is where a compiled run keeps its graphs (found on a resume)."""
-    costs = COMPILE_COSTS.get(device.type)
+    costs = COMPILE_COSTS.get(device.type) if can_compile() else None
     step_seconds = 0.0
     if setting == "auto" and costs is not None:
         from minicpm.train.metrics import device_peak_flops

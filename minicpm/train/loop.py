@@ -124,10 +124,11 @@ class Trainer:
         return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=lr))
 
     def _weights_source_config(self):
-        """For a weights-only start whose config names no model: the source's own architecture."""
+        """For a weights-only start whose config names no model preset: the source's own architecture, under the
+        model.* fields the config does give (abf-ntk's NTK stages set only rope_scaling and max_position_embeddings
+        on top of the ABF weights)."""
         source = self.cfg.run.init_weights_from
-        if not source or any(getattr(self.cfg.model, f.name) is not None
-                             for f in dataclasses.fields(self.cfg.model)):
+        if not source or self.cfg.model.preset is not None:
             return None
         return source_model_config(resolve_verified_weights(source, strict=self.cfg.run.strict_checkpoints))
 

@@ -66,6 +66,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = (peak + sums.log()).squeeze(1)
             total += torch.where(valid, lse - target_logit, 0.0).sum()
             if grad_hidden is None and grad_weight is None:
+                del logits, exps  # freed before the next chunk's logits exist: one chunk of them alive at a time
                 continue
             probs = exps.div_(sums)  # softmax, in place of the logits
             probs[torch.arange(len(y), device=y.device), target] -= valid.to(probs.dtype)
@@ -73,7 +74,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_size] = grad_logits @ weight.to(compute_dtype)
             if grad_weight is not None:
-                grad_weight += grad_logits.T @ h.to(compute_dtype)
+                if grad_weight.dtype == compute_dtype:  # accumulated in place: no (vocab x d) temporary per chunk
+                    grad_weight.addmm_(grad_logits.T, h.to(compute_dtype))
+                else:
+                    grad_weight += grad_logits.T @ h.to(compute_dtype)
+            del logits, exps, probs, grad_logits  # as above: one chunk of logits alive at a time
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

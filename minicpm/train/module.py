@@ -64,6 +64,7 @@ class TrainModule:
         # parallel.compile resolved (auto: where the run earns the compile time back); `minicpm train` prints why
         compiled = run_compile_choice(cfg, model_config, dist_info)
         model = _wrapped_model(cfg, model_config, dist_info, compiled=compiled.compile)
+        model.balance_form = cfg.objective.balance_loss  # MoE: per layer (Switch) or pooled (Mixtral), model/moe.py
         reference = None
         if objective.needs_reference:
             if not cfg.run.init_weights_from:

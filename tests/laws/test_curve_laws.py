@@ -56,7 +56,7 @@ def test_multi_power_fit_reaches_its_optimum_and_predicts_held_out_schedules(see
     truth = published_range_law(seed)
     rng = np.random.default_rng(100 + seed)
     curves = [noisy_curve(name, make(), truth, rng) for name, make in TRAIN.items()]
-    fit = fit_curve_law("mpl", curves, max_points=1000)
+    fit = fit_curve_law("mpl", curves, max_points=1000, method="optimum")
     # the optimum found is at least as deep as the generating parameters: not a nearby local optimum
     assert fit.cost <= fit_objective("mpl", curves, truth, max_points=1000) * (1 + 1e-9)
     for name, make in HELD_OUT.items():

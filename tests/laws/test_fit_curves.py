@@ -97,7 +97,7 @@ def test_law_fitted_on_constant_and_cosine_curves_predicts_a_held_out_wsd_curve(
 
     constant = lr_of(constant_schedule, total, peak, warmup_steps=warmup)
     cosine = lr_of(cosine_schedule, total, peak, warmup_steps=warmup, period=total)
-    fit = fit_curve_law(law, [synthetic("constant", constant), synthetic("cosine", cosine)])
+    fit = fit_curve_law(law, [synthetic("constant", constant), synthetic("cosine", cosine)], method="optimum")
     assert max(c.rmse_rel for c in fit.curves) < 1e-3
     # WSD with a 20% decay to 10% of the peak (paper §6.2 ends its decay near lr/10)
     for decay, extra in (("linear", {"floor": 0.1}), ("exp", {"half_life": 200 / 3.32})):

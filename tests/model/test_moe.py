@@ -1,6 +1,7 @@
 """MiniCPM-MoE layers: routing order, dropless dispatch, the stacked experts against the per-expert layer they
-replaced and the official per-expert layout, the balance loss as transformers pools it, the router z-loss, the
-statistics the layers report, μP roles and the preset's parameter counts."""
+replaced and the official per-expert layout, the pooled balance loss as transformers computes it, the router z-loss, the
+statistics the layers report, μP roles and the preset's parameter counts. (The per-layer balance loss, the default:
+tests/model/test_balance_loss.py.)"""
 
 import math
 
@@ -59,8 +60,9 @@ def test_moe_output_is_the_renormalised_top_k_mix_of_its_experts():
     torch.testing.assert_close(out.reshape(-1, 64), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_balance_loss_is_transformers_mixtral_loss_pooled_over_layers():
+def test_pooled_balance_loss_is_transformers_mixtral_loss_pooled_over_layers():
     model = build_model(moe_config(num_hidden_layers=3), seed=2)
+    model.balance_form = "pooled"
     logits, aux = router_logits(model, torch.randint(0, 96, (2, 12)))
     expected = load_balancing_loss_func(tuple(logits), num_experts=4, top_k=2)
     assert aux["load_balance"].item() == pytest.approx(expected.item(), rel=1e-6)

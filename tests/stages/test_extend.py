@@ -154,28 +154,29 @@ def test_abf_ntk_writes_abf_stages_then_ntk_stages(source, data, tmp_path):
     """MiniCPM-128K's path in one call: ABF (default base 50 x theta, Xiong et al.'s 10,000 -> 500,000) to M = N/4,
     then NTK by N/M on the ABF base, each through its own curriculum stages."""
     _, code, prose = data
-    result = extend_checkpoint(source, tmp_path / "ext", to_length=512, method="abf-ntk", steps_per_stage=3,
-                               tokens_per_step=512, short_data={str(code): 1.0, str(prose): 1.0},
-                               synthetic_documents=24)
+    result = extend_checkpoint(source, tmp_path / "ext", to_length=1024, method="abf-ntk", steps_per_stage=3,
+                               tokens_per_step=1024, short_data={str(code): 1.0, str(prose): 1.0},
+                               synthetic_documents=24, stages=[256, 512, 1024])
     written = json.loads((result.model / "config.json").read_text())
     assert written["rope_theta"] == 50 * tiny_config().rope_theta and written.get("rope_scaling") is None
-    assert written["max_position_embeddings"] == 128  # the ABF step: 32 -> 512 / 4
+    assert written["max_position_embeddings"] == 256  # the ABF step: 32 -> 1024 / 4
     data_file, stages = curriculum_stages(result.curriculum)
-    assert [s.seq_len for s in stages] == [64, 128, 256, 512]  # ABF 32 -> 64 -> 128, then NTK 128 -> 256 -> 512
+    assert [s.seq_len for s in stages] == [256, 512, 1024]
     configs = [stage_config(result.curriculum, data_file, s, result.model) for s in stages]
-    for cfg in configs[:2]:
-        assert cfg.model.rope_scaling is None and cfg.model.max_position_embeddings == 128
-    for cfg in configs[2:]:
+    for cfg in configs[:1]:  # ABF: up to M, no rope_scaling
+        assert cfg.model.rope_scaling is None and cfg.model.max_position_embeddings == 256
+    for cfg in configs[1:]:  # then NTK by N/M = 4 on the ABF base
         assert cfg.model.rope_scaling == {"rope_type": "ntk", "factor": 4.0}
-        assert cfg.model.max_position_embeddings == 512
+        assert cfg.model.max_position_embeddings == 1024
     whole = yaml.safe_load(result.train_config.read_text())  # the one run at N: NTK on the ABF weights
-    assert whole["model"] == {"rope_scaling": {"rope_type": "ntk", "factor": 4.0}, "max_position_embeddings": 512}
+    assert whole["model"] == {"rope_scaling": {"rope_type": "ntk", "factor": 4.0}, "max_position_embeddings": 1024}
+    assert [cfg.batch.seq_len for cfg in configs] == [256, 512, 1024]
 
 
 def test_abf_defaults_to_xiong_et_al_base_ratio(source, data, tmp_path):
     _, code, _ = data
-    result = extend_checkpoint(source, tmp_path / "ext", to_length=64, method="abf", steps_per_stage=3,
-                               tokens_per_step=512, short_data={str(code): 1.0}, synthetic_documents=12)
+    result = extend_checkpoint(source, tmp_path / "ext", to_length=256, method="abf", steps_per_stage=3,
+                               tokens_per_step=512, short_data={str(code): 1.0}, synthetic_documents=12, stages=[256])
     assert result.config.rope_theta == 50 * tiny_config().rope_theta
 
 
