@@ -36,7 +36,7 @@ def main() -> None:
 
     from minicpm.data.stdlib_corpus import write_corpus
     from minicpm.stages.upcycle import upcycle
-    from minicpm.demos.quickstart import Recipe, _datasets, _tokenizer, quickstart_config
+    from minicpm.demos.quickstart import Recipe, quickstart_config, quickstart_datasets, quickstart_tokenizer
     from minicpm.train.loop import train
 
     out = Path(args.out)
@@ -46,8 +46,8 @@ def main() -> None:
                                                               f"run.checkpoint_every={args.stable_steps}",
                                                               f"run.eval_every={args.stable_steps}"))
     corpus = write_corpus(out / "corpus", recipe.file_stride)
-    tokenizer = _tokenizer(corpus, out / "tokenizer", recipe.vocab_size)
-    _datasets(corpus, tokenizer, out / "data")
+    tokenizer = quickstart_tokenizer(corpus, out / "tokenizer", recipe.vocab_size)
+    quickstart_datasets(corpus, tokenizer, out / "data")
     stable_cfg = quickstart_config(out, args.device, recipe)
     stable = Path(stable_cfg.run.out_dir)
     if not (stable / "checkpoints").is_dir():

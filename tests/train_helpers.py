@@ -48,6 +48,23 @@ class PatternData:
         self.drawn = dict(state)
 
 
+class Crash(Exception):
+    pass
+
+
+class CrashingData(PatternData):
+    """Fails when asked for the batch of `crash_step`, like a process killed during that step."""
+
+    def __init__(self, schedule, crash_step):
+        super().__init__(schedule)
+        self.crash_step = crash_step
+
+    def next_batch(self, step, sequences):
+        if step == self.crash_step:
+            raise Crash(step)
+        return super().next_batch(step, sequences)
+
+
 def metrics_without_timing(run_dir):
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]

@@ -78,7 +78,7 @@ def _say(line: str) -> None:
     print(f"[quickstart] {line}", flush=True)
 
 
-def _tokenizer(corpus: dict[str, Path], out: Path, vocab_size: int) -> Path:
+def quickstart_tokenizer(corpus: dict[str, Path], out: Path, vocab_size: int) -> Path:
     from minicpm.data.tokenizer import train_tokenizer
 
     path = out / "tokenizer.json"
@@ -87,7 +87,7 @@ def _tokenizer(corpus: dict[str, Path], out: Path, vocab_size: int) -> Path:
     return train_tokenizer([str(corpus["sample"])], vocab_size, out)
 
 
-def _datasets(corpus: dict[str, Path], tokenizer: Path, out: Path) -> dict[str, Path]:
+def quickstart_datasets(corpus: dict[str, Path], tokenizer: Path, out: Path) -> dict[str, Path]:
     from minicpm.data.prepare import prepare
     from minicpm.data.stdlib_corpus import VAL_FRACTION
 
@@ -130,9 +130,9 @@ def run_quickstart(out: str | Path = "quickstart", *, device: str = "auto", reci
     _say(f"writing everything under {out}/")
     corpus = timer.run("corpus", write_corpus, out / "corpus", recipe.file_stride)
     _say(f"corpus: {', '.join(f'{p} ({p.stat().st_size / 1e6:.1f} MB)' for p in corpus.values())}")
-    tokenizer = timer.run("tokenizer", _tokenizer, corpus, out / "tokenizer", recipe.vocab_size)
+    tokenizer = timer.run("tokenizer", quickstart_tokenizer, corpus, out / "tokenizer", recipe.vocab_size)
     _say(f"tokenizer: {tokenizer} ({recipe.vocab_size} tokens)")
-    datasets = timer.run("data", _datasets, corpus, tokenizer, out / "data")
+    datasets = timer.run("data", quickstart_datasets, corpus, tokenizer, out / "data")
     _say(f"datasets: {', '.join(str(p) for p in datasets.values())}")
 
     cfg = quickstart_config(out, device, recipe)

@@ -46,8 +46,8 @@ def choose_compile(setting: bool | str, *, steps: int, step_seconds: float, cost
     if setting != "auto":
         return CompileChoice(setting, f"{'compiled' if setting else 'eager'} ({what}: {str(setting).lower()})")
     if costs is None:
-        return CompileChoice(False, "eager (auto: compiling is not measured on this device, or there is no C++ "
-                                    "compiler for it)")
+        return CompileChoice(False, "eager (auto: compiling is not measured to pay on this device in this dtype, "
+                                    "or there is no C++ compiler for it)")
     saving = steps * step_seconds * (1.0 - 1.0 / costs.speedup)
     cost = costs.cached_compile_seconds if cached else costs.compile_seconds
     pays = saving > cost

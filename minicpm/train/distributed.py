@@ -169,6 +169,10 @@ def compile_choice(setting: bool | str, *, step_flops: float, steps: int, device
     """choose_compile on this device: the eager step time estimated from its FLOPs, the device's peak
     (train/metrics.py) and COMPILE_COSTS; cache_dir is where a compiled run keeps its graphs (found on a resume)."""
     costs = COMPILE_COSTS.get(device.type) if can_compile() else None
+    if device.type == "cpu" and dtype != torch.bfloat16:
+        # measured only in bf16 autocast; in fp32 the quickstart's compiled steps ran ~4x slower than eager (2-core
+        # AVX-512 CPU, shared), so auto stays eager there
+        costs = None
     step_seconds = 0.0
     if setting == "auto" and costs is not None:
         from minicpm.train.metrics import device_peak_flops
@@ -178,13 +182,26 @@ def compile_choice(setting: bool | str, *, step_flops: float, steps: int, device
     return choose_compile(setting, steps=steps, step_seconds=step_seconds, costs=costs, cached=cached)
 
 
+def steps_to_train(cfg) -> int:
+    """The steps left from where this start begins: the run's latest checkpoint (a resume), else the checkpoint it
+    branches from (run.init_from), else step 0."""
+    from minicpm.rundir import RunDir, checkpoint_step
+
+    latest = RunDir(cfg.run.out_dir).latest_checkpoint()
+    source = latest if latest is not None else cfg.run.init_from
+    start = (checkpoint_step(source) or 0) if source else 0
+    return max(cfg.schedule.total_steps - start, 0)
+
+
 def run_compile_choice(cfg, model_config, dist_info: DistInfo) -> CompileChoice:
     """compile_choice for a training run (a TrainConfig with run.dtype resolved): one process's share of each step's
-    tokens, schedule.total_steps steps, the cache in RUN/compile_cache (kept there when the run compiles)."""
+    tokens, the steps this start will train (a resume or a branch has only the rest of schedule.total_steps left:
+    a decay of 24 steps branched at step 240 does not earn a compile back), the cache in RUN/compile_cache (kept
+    there when the run compiles)."""
     cache = os.path.join(cfg.run.out_dir, "compile_cache")
     tokens = cfg.batch.tokens_per_step / dist_info.world_size
     choice = compile_choice(cfg.parallel.compile, step_flops=model_config.flops_per_token(cfg.batch.seq_len) * tokens,
-                            steps=cfg.schedule.total_steps, device=dist_info.device,
+                            steps=steps_to_train(cfg), device=dist_info.device,
                             dtype=torch.bfloat16 if cfg.run.dtype == "bf16" else torch.float32, cache_dir=cache)
     if choice.compile:
         keep_compile_cache(cache)

@@ -2,7 +2,7 @@
 ramp's boundary that is bitwise the uninterrupted run."""
 
 import pytest
-from train_helpers import PatternData, metrics_without_timing, tiny_config
+from train_helpers import Crash, CrashingData, PatternData, metrics_without_timing, tiny_config
 
 from minicpm.checkpoints.verify import read_trainer_state
 from minicpm.cli import main
@@ -52,21 +52,6 @@ def test_the_cli_rejects_a_bad_ramp_with_exit_2_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "batch.ramp[0].until_tokens" in err[0]
     assert not (tmp_path / "run").exists()
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashingData(PatternData):
-    def __init__(self, schedule, crash_step):
-        super().__init__(schedule)
-        self.crash_step = crash_step
-
-    def next_batch(self, step, sequences):
-        if step == self.crash_step:
-            raise Crash(step)
-        return super().next_batch(step, sequences)
 
 
 def test_the_ramp_sets_each_step_batch_and_counts_its_tokens(tmp_path):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import PatternData, metrics_without_timing, tiny_config
+from train_helpers import Crash, CrashingData, PatternData, metrics_without_timing, tiny_config
 
 from minicpm.rundir import RunDir
 from minicpm.train import checkpoint as ckpt
@@ -28,21 +28,6 @@ MOE = ("model.num_experts=4", "model.num_experts_per_tok=2", "model.router_z_los
 SETTINGS = (*MOE, "schedule.total_steps=6", "schedule.decay_start=4", "run.log_every=1", "run.checkpoint_every=3",
             "batch.micro_batch_size=2", "parallel.activation_checkpointing=selective")
 STEP3 = "checkpoints/step_00000003"
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashingData(PatternData):
-    def __init__(self, schedule, crash_step):
-        super().__init__(schedule)
-        self.crash_step = crash_step
-
-    def next_batch(self, step, sequences):
-        if step == self.crash_step:
-            raise Crash(step)
-        return super().next_batch(step, sequences)
 
 
 def run(cfg, *, resume=False, data=None):

@@ -4,7 +4,7 @@ import random
 
 import pytest
 import torch
-from train_helpers import PatternData, metrics_without_timing, tiny_config
+from train_helpers import Crash, CrashingData, PatternData, metrics_without_timing, tiny_config
 
 from minicpm.checkpoints.verify import read_trainer_state
 from minicpm.errors import MiniCPMError
@@ -24,23 +24,6 @@ pytestmark = pytest.mark.auto_dtype
 def run(cfg, *, resume=False, data=None):
     data = data or PatternData(cfg.schedule.resolve())
     return train(cfg, resume=resume, data=data)
-
-
-class Crash(Exception):
-    pass
-
-
-class CrashingData(PatternData):
-    """Fails when asked for the batch of `crash_step`, like a process killed during that step."""
-
-    def __init__(self, schedule, crash_step):
-        super().__init__(schedule)
-        self.crash_step = crash_step
-
-    def next_batch(self, step, sequences):
-        if step == self.crash_step:
-            raise Crash(step)
-        return super().next_batch(step, sequences)
 
 
 def tree_digest(path):
