@@ -57,6 +57,8 @@ def our_config(args, out_dir: str):
     overrides = [f"batch.seq_len={args.seq}", f"batch.tokens_per_step={args.tokens_per_step}",
                  f"batch.micro_batch_size={args.micro}", f"run.device={args.device}", f"run.dtype={args.dtype}",
                  f"run.out_dir={out_dir}/run", f"schedule.total_steps={10 ** 6}", "schedule.kind=constant",
+                 # the package's default for a long run (the quickstart's recipe pins eager for its 240 steps)
+                 "parallel.compile=auto",
                  "run.progress=false", "data.stable={}", "data.decay=null", "data.tokenizer=null",
                  f"model.vocab_size={args.vocab}", *args.set]
     recipe = None
