@@ -94,6 +94,14 @@ def check_rope_scaling(scaling: dict | None, head_dim: int, max_position_embeddi
 MOE_FIELDS = ("num_experts", "num_experts_per_tok", "router_z_loss", "router_jitter_noise")
 """Fields that only an MoE model uses (left out of a dense model's config.json and summary)."""
 
+DEPTH_SCALINGS = ("minicpm", "completep")
+DEPTH_FIELDS = ("depth_scaling", "depth_base")
+"""Fields of a depth scaling other than MiniCPM's (left out of config.json and the summary under "minicpm", so that the
+official layout round-trips unchanged)."""
+COMPLETEP_ALPHA = 1.0
+"""CompleteP's depth exponent α (Dey et al. 2025, "Don't be lazy", arXiv:2505.01618): residual branches × (L_base/L)^α,
+α = 1; its authors' reference (EleutherAI/nanoGPT-mup, branch completep) takes α in [0.5, 1]."""
+
 
 @dataclass
 class ModelConfig:
@@ -123,7 +131,12 @@ class ModelConfig:
     scale_emb: float = 12.0
     """muP: the embedding output is multiplied by this (paper Table 7)."""
     scale_depth: float = 1.4
-    """muP: each residual branch is multiplied by scale_depth/sqrt(L) (paper Table 7)."""
+    """muP: each residual branch is multiplied by scale_depth/sqrt(L) (paper Table 7; depth_scaling minicpm)."""
+    depth_scaling: str = "minicpm"
+    """How the residual branches scale with depth L: "minicpm" (× scale_depth/√L, paper Table 7) or "completep"
+    (× depth_base/L, Dey et al. 2025, with AdamW's epsilon × depth_base/L; optim/mup.py)."""
+    depth_base: Optional[int] = None
+    """depth_scaling completep: the depth L_base the base hyperparameters were tuned at (its multiplier is 1 there)."""
     dim_model_base: int = 256
     """muP: base width; logits are divided by hidden_size/dim_model_base."""
     initializer_range: float = 0.1
@@ -169,6 +182,14 @@ class ModelConfig:
             raise MiniCPMError(f"model config: torch_dtype must be a string, got {self.torch_dtype!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise MiniCPMError(f"model config: rope_scaling must be null or an object, got {self.rope_scaling!r}")
+        if self.depth_scaling not in DEPTH_SCALINGS:
+            raise MiniCPMError(f"model config: depth_scaling must be one of {', '.join(DEPTH_SCALINGS)}, "
+                               f"got {self.depth_scaling!r}")
+        if self.depth_scaling == "completep" and (not _is_int(self.depth_base) or self.depth_base <= 0):
+            raise MiniCPMError(f"model config: depth_scaling completep needs depth_base, the depth the base "
+                               f"hyperparameters were tuned at (a positive integer), got {self.depth_base!r}")
+        if self.depth_scaling == "minicpm" and self.depth_base is not None:
+            raise MiniCPMError(f"model config: depth_base {self.depth_base!r} is only for depth_scaling completep")
         if self.hidden_size % self.num_attention_heads:
             raise MiniCPMError(f"model config: hidden_size {self.hidden_size} is not divisible by "
                                f"num_attention_heads {self.num_attention_heads}")
@@ -189,8 +210,18 @@ class ModelConfig:
         return self.hidden_size / self.dim_model_base
 
     @property
+    def depth_multiplier(self) -> float:
+        """L / L_base under completep; 1 under minicpm (whose depth rule is in residual_scale alone)."""
+        return self.num_hidden_layers / self.depth_base if self.depth_scaling == "completep" else 1.0
+
+    @property
     def residual_scale(self) -> float:
-        return self.scale_depth / math.sqrt(self.num_hidden_layers)
+        """The multiplier of every residual branch."""
+        if self.depth_scaling == "completep":
+            # Dey et al. 2025 (CompleteP): (L/L_base)^-α with α = 1, so L·(1/L) branch contributions stay O(1)
+            # in the update as well as at init
+            return self.depth_multiplier ** -COMPLETEP_ALPHA
+        return self.scale_depth / math.sqrt(self.num_hidden_layers)  # paper Table 7
 
     # --- parameter counts (the paper's N excludes the embedding) ---
     def embedding_params(self) -> int:
@@ -226,6 +257,9 @@ class ModelConfig:
                  bos_token_id=1, eos_token_id=2, use_cache=True, attention_bias=False, attention_dropout=0.0)
         if not self.num_experts:
             for key in MOE_FIELDS:
+                d.pop(key)
+        if self.depth_scaling == "minicpm":
+            for key in DEPTH_FIELDS:
                 d.pop(key)
         return d
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from minicpm.model.config import MOE_FIELDS, ModelConfig
+from minicpm.model.config import DEPTH_FIELDS, MOE_FIELDS, ModelConfig
 
 
 def _rows(rows: list[tuple[str, str]]) -> list[str]:
@@ -21,7 +21,8 @@ def describe(config: ModelConfig, *, seq_len: int | None = None, title: str = "m
     """The config as a table, then parameters (total / embedding / non-embedding), μP constants and FLOPs/token."""
     seq_len = seq_len or config.max_position_embeddings
     fields = [(f.name, repr(getattr(config, f.name))) for f in dataclasses.fields(config)
-              if f.name not in MOE_FIELDS or config.num_experts]
+              if (f.name not in MOE_FIELDS or config.num_experts)
+              and (f.name not in DEPTH_FIELDS or config.depth_scaling != "minicpm")]
     fields.append(("head_dim", str(config.head_dim)))
     params = [("total", _count(config.total_params())),
               ("embedding", _count(config.embedding_params())),
@@ -37,7 +38,8 @@ def describe(config: ModelConfig, *, seq_len: int | None = None, title: str = "m
            ("2-D init std  initializer_range/√m", f"{config.initializer_range / math.sqrt(m):.4g}"),
            ("2-D learning rate", f"base lr × {1 / m:.4g}"),
            ("embedding output ×", f"{config.scale_emb:g}"),
-           ("residual branches ×  scale_depth/√L", f"{config.residual_scale:.4g}"),
+           ("residual branches ×  " + ("L_base/L" if config.depth_scaling == "completep" else "scale_depth/√L"),
+            f"{config.residual_scale:.4g}"),
            ("logits ÷", f"{m:g}")]
     flops = config.flops_per_token(seq_len)
     lines = [title, *_rows(fields), "parameters", *_rows(params), "muP", *_rows(mup),

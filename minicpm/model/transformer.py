@@ -120,7 +120,8 @@ class DecoderLayer(nn.Module):
             self.mlp = MoE(config, layer_index)
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size)
-        # paper Table 7: each residual branch is scaled by scale_depth/sqrt(L)
+        # model.depth_scaling: each residual branch × scale_depth/√L (minicpm, paper Table 7) or × L_base/L
+        # (completep, Dey et al. 2025)
         self.residual_scale = config.residual_scale
 
     def forward(self, x, cos, sin, cache: KVCache | None = None, start_pos: int = 0,

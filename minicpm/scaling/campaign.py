@@ -50,21 +50,29 @@ class Recipe:
     warmup_steps: int
 
 
-def prepare_recipe(spec: CampaignSpec, out: Path) -> Recipe:
-    """Write DIR/recipe.yaml (base config + overrides + the spec's data) and DIR/spec.json; a DIR made from a
-    different spec is an error (its runs would not belong to one campaign)."""
-    from minicpm.train.config import config_to_yaml, load_config
+def recipe_config(spec: CampaignSpec):
+    """The training recipe every run of the spec starts from: base config + overrides + the spec's data keys."""
+    from minicpm.train.config import load_config
 
-    fingerprint = spec.fingerprint()
-    recorded = out / "spec.json"
-    if recorded.is_file() and recorded.read_text(encoding="utf-8").strip() != fingerprint:
-        raise MiniCPMError(f"{out} holds a campaign made from a different spec ({recorded}); use another --out")
     cfg = load_config(spec.config, spec.overrides)
     if spec.data:
         for key, value in spec.data.items():
             setattr(cfg.data, key, dict(value) if isinstance(value, dict) else value)
     if not cfg.data.stable:
         raise MiniCPMError(f"{spec.path}: no data: set data.stable in the spec or in base.config")
+    return cfg
+
+
+def prepare_recipe(spec: CampaignSpec, out: Path, cfg=None) -> Recipe:
+    """Write DIR/recipe.yaml (`cfg`, default recipe_config(spec)) and DIR/spec.json; a DIR made from a different
+    spec is an error (its runs would not belong to one campaign)."""
+    from minicpm.train.config import config_to_yaml
+
+    fingerprint = spec.fingerprint()
+    recorded = out / "spec.json"
+    if recorded.is_file() and recorded.read_text(encoding="utf-8").strip() != fingerprint:
+        raise MiniCPMError(f"{out} holds a campaign made from a different spec ({recorded}); use another --out")
+    cfg = recipe_config(spec) if cfg is None else cfg
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(recorded, fingerprint + "\n")
     path = write_atomic(out / "recipe.yaml", config_to_yaml(cfg))

@@ -5,6 +5,9 @@ For each size and run length D (multiples of N tokens), at equal tokens:
     wsd-10%      a decay over the last 10% of D, branched from the size's one stable run (and 2.5%, or any fraction)
     constant     the stable run itself at D (the LR never decays)
 
+Every arm trains on the same data: a recipe whose data.decay differs from data.stable is refused (the WSD arms alone
+would see it) unless the spec sets allow_different_data: true.
+
     DIR/runs/SIZE/stable/, cosine-20N/, wsd-10%-20N/ ...   the runs
     DIR/schedules.csv    size,N,D,schedule,loss,bpb,run
     DIR/schedules.png    training loss against tokens per size, the final held-out losses marked
@@ -22,9 +25,10 @@ from minicpm.errors import MiniCPMError
 from minicpm.jobs.job import Job
 from minicpm.jobs.launchers import build_launcher
 from minicpm.jobs.pool import run_jobs
-from minicpm.scaling.campaign import (FINAL_ONLY, branch_job, is_stable, label, prepare_recipe, stable_job,
-                                      stages_done, steps_for)
+from minicpm.scaling.campaign import (FINAL_ONLY, branch_job, is_stable, label, prepare_recipe, recipe_config,
+                                      stable_job, stages_done, steps_for)
 from minicpm.scaling.spec import load_campaign_spec
+from minicpm.specs import spec_error
 from minicpm.files import write_atomic
 from minicpm.rundir import RunDir
 
@@ -70,8 +74,22 @@ class ScheduleComparison:
         return "\n".join(out)
 
 
+def check_same_data(spec, cfg) -> None:
+    """A fair comparison: every arm trains on the same data. The WSD arms decay on the recipe's data.decay while
+    cosine and constant train on data.stable throughout, so a decay mixture other than the stable one is refused
+    unless the spec sets allow_different_data."""
+    decay = cfg.data.decay
+    if decay is None or decay == cfg.data.stable or spec.allow_different_data:
+        return
+    raise spec_error(spec.path, "data.decay", f"the WSD arms would decay on {decay} while cosine and constant train "
+                                              f"on {cfg.data.stable}: the arms' data differ; set data.decay to null "
+                                              f"(one mixture in every arm) or allow_different_data: true")
+
+
 def plan_comparison(spec, out: Path) -> tuple[list[Job], list[Entry]]:
-    recipe = prepare_recipe(spec, out)
+    cfg = recipe_config(spec)
+    check_same_data(spec, cfg)
+    recipe = prepare_recipe(spec, out, cfg)
     jobs: list[Job] = []
     entries: list[Entry] = []
     for size in spec.sizes:

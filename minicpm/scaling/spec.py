@@ -12,6 +12,8 @@
     decay_fraction: 0.1                         # campaign: decay tokens = this x the tokens at the branch point
     tokens: [20, 40]                            # compare-schedules: run lengths D in multiples of N
     decay_fractions: [0.1, 0.025]               # compare-schedules: the WSD decays compared (paper Fig. 5/6)
+    allow_different_data: false                 # compare-schedules: true lets the WSD arms decay on data.decay
+                                                # while cosine and constant train on data.stable (an unfair test)
     decay: exp                                  # decay shape: exp | linear | cosine | 1-sqrt
     half_life: 0.2                              # exp decay half-life as a fraction of the decay (default 1/5)
     workers: 2                                  # runs trained at once, each in its own process (0: in this one)
@@ -93,6 +95,9 @@ class CampaignSpec:
     # compare-schedules
     tokens: list[float] = field(default_factory=list)
     decay_fractions: list[float] = field(default_factory=list)
+    allow_different_data: bool = False
+    """Whether the arms may train on different data (the WSD decays on data.decay); not part of the fingerprint: it
+    permits a comparison, it changes no run."""
 
     def fingerprint(self) -> str:
         """What must not change between the runs of one campaign directory (its runs would not fit together)."""
@@ -193,6 +198,8 @@ class SchedulesFile(ScalingFile):
     tokens: Multiples
     decay_fractions: Annotated[List[Fraction], Accepts("a non-empty list of fractions in (0, 1)", bool)] = field(
         default_factory=lambda: [0.1, 0.025])
+    allow_different_data: bool = False
+    """The arms must see the same data (one mixture throughout) unless this says otherwise."""
 
 
 def load_campaign_spec(path: str | Path, kind: str = "campaign") -> CampaignSpec:
@@ -232,6 +239,7 @@ def load_campaign_spec(path: str | Path, kind: str = "campaign") -> CampaignSpec
     else:
         spec.tokens = _multiples(given.tokens, "tokens", fail)
         spec.decay_fractions = given.decay_fractions
+        spec.allow_different_data = given.allow_different_data
     return spec
 
 

@@ -74,7 +74,7 @@ class TrainModule:
             ckpt.load_weights_only(cfg.run.init_weights_from, reference)
         o = cfg.optim
         groups = param_groups(model, lr=o.lr, weight_decay=o.weight_decay, embedding_in_2d_group=o.embedding_in_2d_group,
-                              mup_lr_scaling=o.mup_lr_scaling)
+                              mup_lr_scaling=o.mup_lr_scaling, eps=o.eps)
         fused = fused_adamw_supported(dist_info.device)
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused or None)
         module = cls(model, optimizer, objective, dist_info, config=cfg, reference=reference)

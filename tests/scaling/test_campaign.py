@@ -303,7 +303,9 @@ def test_a_different_spec_in_the_same_directory_is_refused(campaign):
 
 def test_compare_schedules_trains_every_schedule_at_equal_tokens(tmp_path, recipe):
     spec = tmp_path / "schedules.yaml"
-    spec.write_text(yaml.safe_dump({"base": {"config": "recipe.yaml"}, "shape": {"head_dim": 16},
+    # data.decay=null: every arm on the one mixture (scaling/schedules.py refuses arms whose data differ)
+    spec.write_text(yaml.safe_dump({"base": {"config": "recipe.yaml", "overrides": ["data.decay=null"]},
+                                    "shape": {"head_dim": 16},
                                     "sizes": [{"name": "w16", "width": 16, "depth": 1}], "tokens": [8],
                                     "decay_fractions": [0.1, 0.25], "workers": 0}))
     result = compare_schedules(spec, tmp_path / "out", echo=lambda line: None)
