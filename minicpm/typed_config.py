@@ -49,8 +49,10 @@ def load_typed(cls: type[T], path: str | Path | None = None, overrides: list[str
                 raise MiniCPMError(f"{path}: {key} must be a mapping of its keys, got {value!r}") from None
             raise omegaconf_error(str(path), e) from None
         except (TypeError, ValueError) as e:  # OmegaConf: a list where a mapping belongs, e.g. data.stable
-            raise MiniCPMError(f"{path}: {_list_for_mapping(merged, loaded) or 'a value'} is a list where the "
-                               f"config expects a mapping ({str(e).splitlines()[0]})") from None
+            where = _list_for_mapping(merged, loaded)
+            what = (f"{where} is a list where the config expects a mapping" if where else
+                    "a list stands where the config expects a mapping, or a mapping where it expects a list")
+            raise MiniCPMError(f"{path}: {what} ({str(e).splitlines()[0]})") from None
     for item in overrides:
         if "=" not in item:
             raise MiniCPMError(f"override {item!r}: expected key=value, e.g. optim.lr=0.02")
@@ -80,8 +82,9 @@ def _list_for_mapping(default, loaded, prefix: str = "") -> str | None:
     none)."""
     for key, value in loaded.items_ex(resolve=False) if isinstance(loaded, DictConfig) else ():
         name = f"{prefix}{key}"
-        known = default.get(key) if isinstance(default, DictConfig) and key in default else None
-        if isinstance(known, DictConfig) or (known is None and isinstance(default, DictConfig)
+        in_default = isinstance(default, DictConfig) and key in default  # an unknown key: OmegaConf names it itself
+        known = default.get(key) if in_default else None
+        if isinstance(known, DictConfig) or (in_default and known is None
                                              and OmegaConf.get_type(default, str(key)) is dict):
             if not isinstance(value, DictConfig):
                 return name

@@ -251,7 +251,9 @@ def test_load_config_raises_only_minicpm_errors(scratch, text):
     only_minicpm_errors(load_config, path)
 
 
-@pytest.mark.parametrize("text", ["- a\n- b\n", "data:\n  stable: [a, b]\n"])
+@pytest.mark.parametrize("text", ["- a\n- b\n", "data:\n  stable: [a, b]\n",
+                                  # a mapping where a list belongs, beside an unknown key (found by the fuzz test)
+                                  "batch:\n  ramp: {a: 1}\n  unknown: 1\n", "evaluators: {a: 1}\nunknown: 1\n"])
 def test_config_yaml_with_a_list_where_a_mapping_belongs_is_one_line(scratch, text):
     from minicpm.train.config import load_config
 
