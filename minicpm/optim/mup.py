@@ -108,15 +108,8 @@ def coord_check(widths: Sequence[int], *, steps: int, mup: bool, base_width: int
         scales: dict[str, list[float]] = {}
         hooks = _record_scales(model, scales)
         try:
-            for t in range(steps + 1):
-                logits = model(inputs)
-                scales.setdefault("logits", []).append(logits.detach().abs().mean().item())
-                if t == steps:
-                    break
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            train_steps(model, optimizer, inputs, labels, steps,
+                        lambda logits: scales.setdefault("logits", []).append(logits.detach().abs().mean().item()))
         finally:
             for hook in hooks:
                 hook.remove()
@@ -174,14 +167,7 @@ def depth_coord_check(depths: Sequence[int], *, steps: int, depth_scaling: str, 
                  model.model.embed_tokens.register_forward_hook(
                      lambda module, args, output: embedded.append(output.detach() * config.scale_emb))]
         try:
-            for t in range(steps + 1):
-                logits = model(inputs)
-                if t == steps:
-                    break
-                loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+            train_steps(model, optimizer, inputs, labels, steps)
         finally:
             for hook in hooks:
                 hook.remove()
@@ -194,3 +180,18 @@ def depth_spread(result: dict[int, dict[str, float]], key: str) -> float:
     """max/min over depths of one size ("init" or "update"): 1 is perfectly flat in depth."""
     values = [sizes[key] for sizes in result.values()]
     return max(values) / min(values)
+
+
+def train_steps(model, optimizer, inputs: torch.Tensor, labels: torch.Tensor, steps: int, observe=None) -> None:
+    """`steps` plain next-token steps of a coordinate check, then one more forward (the state after the last
+    update); `observe(logits)` sees every forward's logits."""
+    for t in range(steps + 1):
+        logits = model(inputs)
+        if observe is not None:
+            observe(logits)
+        if t == steps:
+            return
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
