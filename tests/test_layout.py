@@ -35,6 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sweep",),
     ("windtunnel", "scaling"),
     ("report",),
+    ("reproduce",),  # the paper's findings: parts built on the wind tunnel, scaling and laws
     ("demos",),
     ("cli",),
     ("__main__",),

@@ -18,6 +18,7 @@ from minicpm.cli.infer import register_infer_commands
 from minicpm.cli.interop import register_interop_commands
 from minicpm.cli.parser import CommandParser
 from minicpm.cli.report import register_report_commands
+from minicpm.cli.reproduce import register_reproduce_command
 from minicpm.cli.scaling import register_scaling_commands
 from minicpm.cli.stages import register_stage_commands
 from minicpm.cli.sweep import register_sweep_commands
@@ -41,6 +42,7 @@ REGISTER = [
     register_windtunnel_commands,
     register_scaling_commands,
     register_dpo_commands,
+    register_reproduce_command,
 ]
 
 
