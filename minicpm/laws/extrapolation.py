@@ -35,6 +35,8 @@ class SizePrediction:
     """Signed: below 0 the law predicts a lower loss than measured."""
     coverage: Optional[float] = None
     """Fraction of the held rows whose measured loss lies inside the prediction band (law and scatter)."""
+    rel_errs: Optional[list[float]] = None
+    """Each held row's signed relative error, in the table's order."""
     skipped: Optional[str] = None
 
     def to_json(self) -> dict:
@@ -77,6 +79,7 @@ def predict_sizes(table: RunTable, fitted_on: np.ndarray, law: str, *, method: s
                           for ni, di in zip(n, d)])
         row.mean_abs_rel_err, row.max_abs_rel_err = float(np.abs(rel).mean()), float(np.abs(rel).max())
         row.mean_rel_err = float(rel.mean())
+        row.rel_errs = [float(e) for e in rel]
         row.coverage = float(np.mean((bands[:, 0] <= actual) & (actual <= bands[:, 1])))
     return rows
 

@@ -118,9 +118,8 @@ def reproduce(out: str | Path, *, quick: bool = False, scale: float = 1.0, data:
     findings = [transfer.width_finding(the_plan, widths, out), transfer.depth_finding(the_plan, depths, out),
                 schedules.schedules_finding(the_plan, comparison, tuned, out),
                 scaling_law.law_finding(the_plan, law_sizes, out, tuned["wsd"] if tuned else None),
-                batch_size.batch_finding(the_plan, batch_runs, out) if tuned else _waiting(5),
-                dynamics.dynamics_finding(the_plan, pairs, out) if tuned else _waiting(6),
-                two_stage.two_stage_finding(the_plan, arms, out) if tuned else _waiting(7),
+                batch_size.batch_finding(the_plan, batch_runs, out), dynamics.dynamics_finding(the_plan, pairs, out),
+                two_stage.two_stage_finding(the_plan, arms, out),
                 schedules.curves_finding(the_plan, comparison, out)]
     results = write_json(out / "results.json", {"plan": the_plan.name, "scale": scale,
                                                 "findings": [f.to_json() for f in findings],
@@ -130,12 +129,3 @@ def reproduce(out: str | Path, *, quick: bool = False, scale: float = 1.0, data:
     write_json(out / "timing.json", {"last_invocation_seconds": round(time.monotonic() - started, 1)})
     return Reproduction(out, findings, results, report, failed)
 
-
-def _waiting(part: int) -> Finding:
-    from minicpm.reproduce.findings import not_measured
-
-    titles = {5: ("batch", "The batch-size law", batch_size.PAPER_BATCH),
-              6: ("dynamics", "Decay dynamics", dynamics.PAPER_DYNAMICS),
-              7: ("two_stage", "Two-stage pretraining: chat data in the decay", two_stage.PAPER_TWO_STAGE)}
-    key, title, paper = titles[part]
-    return not_measured(part, key, title, paper, "the learning-rate tuning runs did not finish")

@@ -72,7 +72,8 @@ def law_finding(plan: Plan, sizes: dict, out: Path, lr_log2: int | None) -> Find
         return not_measured(4, "law", title, PAPER_LAW, "the learning-rate tuning runs did not finish")
     missing = [f"{size}/{Path(r.run_dir).name}" for size, (_, branches) in sizes.items() for r, _ in branches
                if final_loss(r.run_dir, r.final_step) is None]
-    complete = {s for s, (_, branches) in sizes.items() if all(final_loss(r.run_dir, r.final_step) for r, _ in branches)}
+    complete = {s for s, (_, branches) in sizes.items()
+                if all(np.isfinite(final_loss(r.run_dir, r.final_step) or np.nan) for r, _ in branches)}
     if len(complete) < 4:
         return not_measured(4, "law", title, PAPER_LAW, f"{len(complete)} sizes finished; the law needs 4", missing)
     folder = out / "law"
@@ -93,9 +94,7 @@ def law_finding(plan: Plan, sizes: dict, out: Path, lr_log2: int | None) -> Find
     paper = docs.get("paper")
     ours = docs["ours"]
     held = ours["holdout"]
-    held_rows = [r for r in ours["residuals"] if r["params"] == max(x["params"] for x in ours["residuals"])]
-    # the held-out size's errors come from the law fitted without it: recompute them from the holdout fit
-    largest_errors = _holdout_errors(folder, sizes, plan)
+    largest_errors = held.get("rel_errs") or []  # the law fitted without the largest size, on its points
     verdicts = []
     if largest_errors:
         verdicts.append(at_most([abs(e) for e in largest_errors], [0.0] * len(largest_errors), margin=HOLDOUT_ERROR,
@@ -117,7 +116,7 @@ def law_finding(plan: Plan, sizes: dict, out: Path, lr_log2: int | None) -> Find
                        "rmse_log_loss": paper["fit"]["rmse_log_loss"]} if paper else {"failed": failures["paper"]},
         "cost_tokens": {"wsd": stable_tokens + decay_tokens, "one_cosine_run_per_point": cosine_tokens,
                         "ratio": cosine_tokens / (stable_tokens + decay_tokens)},
-        "held_out_relative_errors": largest_errors, "fitted_points": len(ours["residuals"]) - len(held_rows)})
+        "held_out_relative_errors": largest_errors, "fitted_points": len(ours["residuals"]) - held["rows"]})
     low, high = budget["intervals"]["tokens_per_param"]
     paper_ratio = f"{paper['compute_optimal']['budgets'][-1]['tokens_per_param']:.3g}" if paper else "no fit"
     finding.notes += [
@@ -137,18 +136,3 @@ def law_finding(plan: Plan, sizes: dict, out: Path, lr_log2: int | None) -> Find
     finding.figure = str(figure.relative_to(out)) if figure.is_file() else None
     return finding
 
-
-def _holdout_errors(folder: Path, sizes: dict, plan: Plan) -> list[float]:
-    """Signed relative errors of the largest size's points under the law (ours) fitted on the other sizes."""
-    from minicpm.laws.chinchilla import fit_law
-    from minicpm.laws.tables import load_table
-
-    table = load_table(folder / "table-eval_loss.csv")
-    largest = table.params.max()
-    keep = table.params < largest
-    if keep.sum() < 8 or (~keep).sum() == 0:
-        return []
-    fit = fit_law(FITS["ours"]["method"], table.params[keep], table.tokens[keep], table.loss[keep],
-                  variant=FITS["ours"]["law"])
-    predicted = fit.law.loss(table.params[~keep], table.tokens[~keep])
-    return [float(e) for e in predicted / table.loss[~keep] - 1]

@@ -54,27 +54,25 @@ def _schedule(plan: Plan) -> list[str]:
 def width_grids(plan: Plan, out: Path, recipe: Path) -> list[Grid]:
     base = plan.base_width
     grids = {arm: Grid(arm, {}) for arm in WIDTH_ARMS}
-    base_runs: dict[tuple[int, int], Run] = {}
+    base_runs: dict[tuple[int, int], Run] = {}  # m = 1 at the base width: one model under every rule, trained once
+
+    def train(arm: str, width: int, seed: int, k: int) -> Run:
+        name = f"width/{arm}/w{width}/lr{k}-s{seed}"
+        extra = ["optim.embedding_in_2d_group=true"] if arm == "mup-embedding-2d" else []
+        return single_run(name, out / name, recipe, [
+            *shape(width, plan.transfer_depth, base_width=width if arm == "sp" else base), *extra, lr(k),
+            f"run.seed={seed}", *_schedule(plan)], plan.transfer_steps)
+
     for width in plan.widths:
         for arm in WIDTH_ARMS:
             if arm == "mup-embedding-2d" and width not in (base, *plan.embedding_widths):
                 continue
             for seed in plan.transfer_seeds:
                 for k in plan.arm_log2_lrs(arm):
-                    if width == base:  # m = 1: the same model under every rule, trained once (as mup)
-                        name = f"width/mup/w{width}/lr{k}-s{seed}"
-                        arm_of_run, base_width = "mup", base
+                    if width == base:
+                        run = base_runs.get((seed, k)) or base_runs.setdefault((seed, k), train("mup", base, seed, k))
                     else:
-                        name = f"width/{arm}/w{width}/lr{k}-s{seed}"
-                        arm_of_run, base_width = arm, width if arm == "sp" else base
-                    extra = ["optim.embedding_in_2d_group=true"] if arm_of_run == "mup-embedding-2d" else []
-                    run = base_runs.get((seed, k)) if width == base else None
-                    if run is None:
-                        run = single_run(name, out / name, recipe, [
-                            *shape(width, plan.transfer_depth, base_width=base_width), *extra, lr(k),
-                            f"run.seed={seed}", *_schedule(plan)], plan.transfer_steps)
-                        if width == base:
-                            base_runs[seed, k] = run
+                        run = train(arm, width, seed, k)
                     grids[arm].runs.setdefault(width, {}).setdefault(seed, {})[k] = run
     return list(grids.values())
 
